@@ -1,0 +1,126 @@
+"""Adapters that give ordered, sliceable batches of a user's data.
+
+Attribution is about *which* example did what, so the order of examples is part of the result:
+row ``i`` of every training-side array is training example ``i``. Every data source is therefore
+read by index ranges, which also lets a resumed run recompute exactly the chunk it lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
+
+DataLike = Any
+"""A torch ``Dataset``, a ``DataLoader`` without shuffling, a tuple of tensors or arrays
+``(X, y, ...)`` with equal first dimensions, or a mapping of such columns (e.g. tokenizer output
+with labels)."""
+
+
+class Examples:
+    """A fixed, ordered collection of examples that can be read in index ranges.
+
+    Args:
+        data: see :data:`DataLike`.
+
+    Attributes:
+        n: number of examples.
+    """
+
+    def __init__(self, data: DataLike):
+        self._read: Callable[[int, int], Any]
+        if isinstance(data, Examples):
+            self.n, self._read = data.n, data._read
+        elif isinstance(data, DataLoader):
+            self._init_loader(data)
+        elif isinstance(data, Mapping):
+            self._init_columns(dict(data))
+        elif isinstance(data, (tuple, list)) and data and all(_is_array(c) for c in data):
+            self._init_columns(list(data))
+        elif isinstance(data, Dataset) or (
+            hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        ):
+            self._init_dataset(data, default_collate)
+        else:
+            raise TypeError(
+                f"cannot read examples from a {type(data).__name__}: pass a torch Dataset, a "
+                "DataLoader with shuffle=False, a tuple of tensors (X, y) or a dict of tensors"
+            )
+
+    def _init_columns(self, columns: list | dict) -> None:
+        values = list(columns.values()) if isinstance(columns, dict) else columns
+        values = [torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for v in values]
+        lengths = {len(v) for v in values}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"the columns of the data have different lengths {sorted(lengths)}: every column "
+                "must have one row per example"
+            )
+        self.n = lengths.pop()
+        if isinstance(columns, dict):
+            keys = list(columns)
+            self._read = lambda start, stop: {k: v[start:stop] for k, v in zip(keys, values)}
+        else:
+            self._read = lambda start, stop: tuple(v[start:stop] for v in values)
+
+    def _init_dataset(self, dataset: Sequence, collate: Callable) -> None:
+        self.n = len(dataset)
+        self._read = lambda start, stop: collate([dataset[i] for i in range(start, stop)])
+
+    def _init_loader(self, loader: DataLoader) -> None:
+        if not isinstance(loader.sampler, SequentialSampler) or loader.batch_sampler is None:
+            raise ValueError(
+                "the DataLoader does not read its dataset in order (shuffle=True or a custom "
+                "sampler): attribution needs a fixed order of examples. Pass a DataLoader with "
+                "shuffle=False, or the dataset itself"
+            )
+        self._init_dataset(loader.dataset, loader.collate_fn or default_collate)
+
+    def read(self, start: int, stop: int) -> Any:
+        """The batch of examples ``start`` to ``stop - 1``."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"examples {start}:{stop} are outside 0:{self.n}")
+        return self._read(start, stop)
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[Any]:
+        """Consecutive batches of at most ``batch_size`` examples covering ``start:stop``."""
+        for lo in range(start, stop, batch_size):
+            yield self.read(lo, min(lo + batch_size, stop))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _is_array(value: Any) -> bool:
+    return torch.is_tensor(value) or isinstance(value, np.ndarray)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """Apply ``fn`` to every tensor of a batch nested in tuples, lists and dicts."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: map_tensors(fn, value) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(map_tensors(fn, value) for value in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, value) for value in batch)
+    return batch
+
+
+def batch_to(batch: Any, device: torch.device | str) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    return map_tensors(lambda tensor: tensor.to(device), batch)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of examples in a batch: the first dimension of its first tensor."""
+    sizes: list[int] = []
+    map_tensors(lambda tensor: sizes.append(tensor.shape[0]), batch)
+    if not sizes:
+        raise ValueError("the batch holds no tensor, so its number of examples is unknown")
+    return sizes[0]

@@ -1,0 +1,108 @@
+"""Per-example gradients of a task's output, with ``torch.func``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from datatrace.data import map_tensors
+from datatrace.tasks.base import Task
+
+
+class _Bound(nn.Module):
+    """Calls ``fn(model, batch)`` as a module, so that ``functional_call`` can swap the
+    parameters of ``model`` for the whole task computation (not only ``model.forward``)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self._fn = fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._fn(self.model, batch)
+
+
+class PerExampleGradients:
+    """Gradients of ``task.output`` for each example of a batch, one checkpoint at a time.
+
+    Only the parameters named in ``param_names`` are differentiated; every other parameter and
+    buffer enters as a constant, so no memory or compute is spent on its gradient.
+
+    Args:
+        model: the module; its own parameters are never modified.
+        task: defines the output and out-to-loss weight.
+        param_names: names (as in ``model.named_parameters()``) of the parameters to differentiate.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, param_names: list[str]):
+        self.model = model
+        self.task = task
+        self.param_names = list(param_names)
+        self._output = _Bound(model, task.output)
+        self._out_to_loss = _Bound(model, task.out_to_loss)
+
+    def _split(self, state: Mapping[str, torch.Tensor]):
+        selected = {name: state[name].detach() for name in self.param_names}
+        frozen = {
+            "model." + name: tensor.detach()
+            for name, tensor in state.items()
+            if name not in selected
+        }
+        return selected, frozen
+
+    def gradients(self, state: Mapping[str, torch.Tensor], batch: Any) -> dict[str, torch.Tensor]:
+        """Per-example gradients of the output.
+
+        Args:
+            state: every parameter and buffer of the model, by name (a state dict).
+            batch: a batch of examples as the task reads it; every tensor has the examples
+                along its first dimension.
+
+        Returns:
+            ``{name: (batch_size, *param.shape)}`` for each selected parameter.
+        """
+        selected, frozen = self._split(state)
+
+        def output_of_one(selected_params, example):
+            one = map_tensors(lambda tensor: tensor.unsqueeze(0), example)
+            params = {**frozen, **{"model." + k: v for k, v in selected_params.items()}}
+            return functional_call(self._output, params, (one,)).sum()
+
+        with _eval_mode(self.model):
+            return vmap(grad(output_of_one), in_dims=(None, 0))(selected, batch)
+
+    @torch.no_grad()
+    def outputs(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """``task.output`` of each example, ``(batch_size,)``."""
+        return self._evaluate(self._output, state, batch)
+
+    @torch.no_grad()
+    def out_to_loss(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """``task.out_to_loss`` of each example, ``(batch_size,)``."""
+        return self._evaluate(self._out_to_loss, state, batch)
+
+    def _evaluate(self, bound: nn.Module, state: Mapping[str, torch.Tensor], batch: Any):
+        params = {"model." + name: tensor for name, tensor in state.items()}
+        with _eval_mode(self.model):
+            return functional_call(bound, params, (batch,))
+
+
+class _eval_mode:
+    """Puts a module in eval mode for the duration and restores each submodule's mode after:
+    attribution differentiates the deterministic function (no dropout, batch-norm statistics
+    from the checkpoint), which is also what ``vmap`` requires."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for module, training in self.modes:
+            module.training = training

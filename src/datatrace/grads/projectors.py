@@ -1,0 +1,281 @@
+"""Random projections of per-example gradients: ``φ = Pᵀ g``.
+
+Every projection matrix ``P`` (``p × k``) is a pure function of an integer seed and the sizes of the
+parameter blocks it projects. It is generated on the CPU in fixed canonical blocks of rows, each
+from its own generator seeded by a hash of ``(seed, parameter index, block index)``, and then moved
+to the device. So the matrix is the same on every machine and device, does not depend on batch
+size or memory settings, and is never materialised whole: a model with 10⁸ parameters only ever
+holds a few blocks at a time.
+
+All random projections are scaled so that ``E[P Pᵀ] = I``: inner products of projected vectors
+are unbiased estimates of the inner products of the gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+# Rows of P generated from one seeded generator. Part of the definition of each matrix: changing
+# it changes every projection (and invalidates stored features), so it is fixed, not a setting.
+DENSE_GENERATION_ROWS = 256
+SPARSE_GENERATION_ROWS = 65_536
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of integers and strings, identical in every process.
+
+    Python's ``hash`` is salted per process, so a cryptographic hash of the parts is used instead.
+    """
+    text = ":".join(str(part) for part in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def _generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derive_seed(*parts))
+
+
+class Projector(ABC):
+    """Maps per-example gradients, given as per-parameter blocks, to ``k`` features.
+
+    Subclasses store settings only; the matrix is determined by ``seed`` and the block sizes at
+    each call, and cached when it fits in ``max_cache_bytes``.
+    """
+
+    def __init__(self, max_cache_bytes: int = 1 << 30):
+        self.max_cache_bytes = max_cache_bytes
+        self._cache: dict[Any, Any] = {}
+
+    @abstractmethod
+    def output_dim(self, sizes: Sequence[int]) -> int:
+        """Number of features ``k`` for parameter blocks of the given sizes."""
+
+    @abstractmethod
+    def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+        """Project a batch of per-example gradients.
+
+        Args:
+            grads: one tensor per parameter block, each ``(batch_size, *block_shape)``.
+            seed: determines ``P`` together with the block sizes.
+
+        Returns:
+            ``(batch_size, k)`` float32 features ``Pᵀ g`` on the gradients' device.
+        """
+
+    def config(self) -> dict[str, Any]:
+        """Settings that determine the matrix (for a store's provenance)."""
+        return {"name": type(self).__name__}
+
+    def matrix(self, sizes: Sequence[int], seed: int) -> torch.Tensor:
+        """The whole ``(p, k)`` matrix, for tests and small models, built by projecting the
+        identity block by block."""
+        columns = []
+        for index, size in enumerate(sizes):
+            eye = torch.eye(size)
+            grads = [torch.zeros(size, other) for other in sizes]
+            grads[index] = eye
+            columns.append(self.project(grads, seed))
+        return torch.cat(columns, dim=0)
+
+    def _cached(self, key: Any, nbytes: int, make):
+        if key in self._cache:
+            return self._cache[key]
+        value = make()
+        if nbytes <= self.max_cache_bytes:
+            self._cache = {key: value}  # one matrix at a time: checkpoints use different seeds
+        return value
+
+
+def _flat(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if not grads:
+        raise ValueError("no gradient blocks to project")
+    batch = grads[0].shape[0]
+    return [g.reshape(batch, -1).float() for g in grads]
+
+
+class IdentityProjector(Projector):
+    """No projection: the features are the flattened gradients (``k = p``).
+
+    For tests and small models only: the kernel is ``p × p``.
+    """
+
+    def output_dim(self, sizes: Sequence[int]) -> int:
+        return int(sum(sizes))
+
+    def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+        return torch.cat(_flat(grads), dim=1)
+
+
+class DenseProjector(Projector):
+    """Dense random projection with i.i.d. Gaussian or Rademacher entries scaled by ``1/√k``.
+
+    Costs ``p·k`` multiply-adds per example (plus generating ``P`` unless it is cached): the
+    reference projection, exact in distribution, slow for large models.
+
+    Args:
+        proj_dim: ``k``.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        max_cache_bytes: keep ``P`` in memory between batches when it is at most this large.
+        work_bytes: size of the blocks of ``P`` generated at a time when it is not cached.
+    """
+
+    def __init__(
+        self,
+        proj_dim: int,
+        distribution: str = "gaussian",
+        max_cache_bytes: int = 1 << 30,
+        work_bytes: int = 64 << 20,
+    ):
+        super().__init__(max_cache_bytes)
+        if proj_dim < 1:
+            raise ValueError(f"proj_dim must be a positive integer, got {proj_dim}")
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(
+                f"unknown distribution {distribution!r}: use 'gaussian' or 'rademacher'"
+            )
+        self.proj_dim = proj_dim
+        self.distribution = distribution
+        self.work_bytes = work_bytes
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "dense", "proj_dim": self.proj_dim, "distribution": self.distribution}
+
+    def output_dim(self, sizes: Sequence[int]) -> int:
+        return self.proj_dim
+
+    def _rows(self, seed: int, block: int, first_row: int, stop_row: int) -> torch.Tensor:
+        """Rows ``first_row:stop_row`` of parameter block ``block``'s part of ``P`` (CPU)."""
+        parts = []
+        for gen_block in range(
+            first_row // DENSE_GENERATION_ROWS, -(-stop_row // DENSE_GENERATION_ROWS)
+        ):
+            lo = gen_block * DENSE_GENERATION_ROWS
+            generator = _generator(seed, block, gen_block)
+            shape = (DENSE_GENERATION_ROWS, self.proj_dim)
+            if self.distribution == "gaussian":
+                rows = torch.randn(shape, generator=generator)
+            else:
+                rows = torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
+            parts.append(rows[max(first_row - lo, 0) : stop_row - lo])
+        return torch.cat(parts).div_(math.sqrt(self.proj_dim))
+
+    def _row_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        step = max(1, self.work_bytes // (4 * self.proj_dim))
+        step = max(DENSE_GENERATION_ROWS, step - step % DENSE_GENERATION_ROWS)
+        for lo in range(0, size, step):
+            yield lo, min(lo + step, size)
+
+    def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+        flat = _flat(grads)
+        device = flat[0].device
+        sizes = tuple(g.shape[1] for g in flat)
+        total_bytes = 4 * sum(sizes) * self.proj_dim
+        if total_bytes <= self.max_cache_bytes:
+            blocks = self._cached(
+                (seed, sizes, str(device)),
+                total_bytes,
+                lambda: [self._rows(seed, t, 0, size).to(device) for t, size in enumerate(sizes)],
+            )
+            return sum(g @ block for g, block in zip(flat, blocks))
+        out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device)
+        for t, g in enumerate(flat):
+            for lo, hi in self._row_ranges(g.shape[1]):
+                out.addmm_(g[:, lo:hi], self._rows(seed, t, lo, hi).to(device))
+        return out
+
+
+class SparseJLProjector(Projector):
+    """Sparse Johnson–Lindenstrauss projection: each gradient coordinate is added, with a random
+    sign and weight ``1/√s``, into ``s`` output coordinates, one in each of ``s`` equal slices
+    of the ``k`` outputs (so the ``s`` are distinct and ``E[P Pᵀ] = I`` exactly).
+
+    Costs ``s`` multiply-adds per coordinate and example, whatever ``k``: the default projector.
+
+    Args:
+        proj_dim: ``k``; must be a multiple of ``nnz``.
+        nnz: ``s``, the number of output coordinates each input coordinate reaches.
+        max_cache_bytes: keep the hash tables in memory when they are at most this large.
+    """
+
+    def __init__(self, proj_dim: int, nnz: int = 4, max_cache_bytes: int = 1 << 30):
+        super().__init__(max_cache_bytes)
+        if proj_dim < 1 or nnz < 1:
+            raise ValueError(f"proj_dim and nnz must be positive, got {proj_dim} and {nnz}")
+        if proj_dim % nnz:
+            raise ValueError(
+                f"proj_dim={proj_dim} is not a multiple of nnz={nnz}: each input coordinate is "
+                f"hashed into one of {nnz} equal slices of the output, so choose a proj_dim "
+                f"divisible by {nnz} (e.g. {proj_dim - proj_dim % nnz + nnz})"
+            )
+        self.proj_dim = proj_dim
+        self.nnz = nnz
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "sparse_jl", "proj_dim": self.proj_dim, "nnz": self.nnz}
+
+    def output_dim(self, sizes: Sequence[int]) -> int:
+        return self.proj_dim
+
+    def _tables(self, seed: int, block: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(buckets, signs)``, each ``(nnz, size)``, for parameter block ``block`` (CPU)."""
+        width = self.proj_dim // self.nnz
+        offsets = (torch.arange(self.nnz) * width).unsqueeze(1)
+        buckets, signs = [], []
+        for gen_block in range(-(-size // SPARSE_GENERATION_ROWS)):
+            rows = min(SPARSE_GENERATION_ROWS, size - gen_block * SPARSE_GENERATION_ROWS)
+            generator = _generator(seed, block, gen_block)
+            buckets.append(torch.randint(0, width, (self.nnz, rows), generator=generator) + offsets)
+            signs.append(torch.randint(0, 2, (self.nnz, rows), generator=generator))
+        scale = 1.0 / math.sqrt(self.nnz)
+        sign = torch.cat(signs, dim=1).float().mul_(2 * scale).sub_(scale)
+        return torch.cat(buckets, dim=1), sign
+
+    def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+        flat = _flat(grads)
+        device = flat[0].device
+        sizes = tuple(g.shape[1] for g in flat)
+        tables = self._cached(
+            (seed, sizes, str(device)),
+            12 * self.nnz * sum(sizes),
+            lambda: [
+                tuple(t.to(device) for t in self._tables(seed, index, size))
+                for index, size in enumerate(sizes)
+            ],
+        )
+        out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device)
+        for g, (buckets, signs) in zip(flat, tables):
+            signed = torch.empty_like(g)
+            for j in range(self.nnz):
+                torch.mul(g, signs[j], out=signed)
+                out.index_add_(1, buckets[j], signed)
+        return out
+
+
+PROJECTORS = {"sparse": SparseJLProjector, "dense": DenseProjector, "identity": IdentityProjector}
+
+
+def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:
+    """A projector named ``"sparse"``, ``"dense"``, ``"rademacher"`` or ``"identity"``, or as given.
+
+    Raises:
+        ValueError: unknown name, or ``proj_dim`` missing for a random projection.
+    """
+    if isinstance(projector, Projector):
+        return projector
+    if projector == "identity":
+        return IdentityProjector()
+    if projector not in ("sparse", "dense", "gaussian", "rademacher"):
+        raise ValueError(
+            f"unknown projector {projector!r}: use 'sparse' (default), 'dense' (Gaussian), "
+            "'rademacher', 'identity', or a Projector object"
+        )
+    if proj_dim is None:
+        raise ValueError(f"the {projector!r} projector needs proj_dim")
+    if projector == "sparse":
+        return SparseJLProjector(proj_dim)
+    return DenseProjector(proj_dim, "rademacher" if projector == "rademacher" else "gaussian")

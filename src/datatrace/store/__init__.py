@@ -1,0 +1,5 @@
+"""On-disk (or in-memory) storage of features, kernels, masks, outputs and scores."""
+
+from datatrace.store.store import CheckpointFeatures, Store, StoreMismatchError
+
+__all__ = ["CheckpointFeatures", "Store", "StoreMismatchError"]

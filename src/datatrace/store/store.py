@@ -1,0 +1,311 @@
+"""The datatrace store: a Zarr v3 group holding everything a run computes.
+
+Layout::
+
+    <root>/                          attrs["datatrace"]: format version and provenance by section
+      features/<c>/                  one group per checkpoint c; attrs["identity"]: its fingerprint
+                                     and projection seed
+        features     (n_train, k)    float32, chunked along training examples
+        out_to_loss  (n_train,)      float32, same row chunks
+        done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
+        gram         (k, k)          float64 ΦᵀΦ, written when every row chunk is done
+      scores/<name>/                 saved Attributions (see attributions.py)
+
+A row chunk's completion mark is written after its data, and every chunk is its own object, so a
+crash at any point loses at most the chunks in flight, and independent processes (or machines, on
+object storage) can each write their own chunks of one store. Provenance is checked before any
+write: opening a store with a different model, task, projector, seed or training set raises
+:class:`StoreMismatchError` and leaves the store untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from datatrace.store.provenance import json_normalise
+
+if TYPE_CHECKING:
+    from datatrace.attributions import Attributions
+
+FORMAT_VERSION = 1
+# Rows of the stored ΦᵀΦ per chunk: keeps chunks under ~130 MB even for k = 32768.
+GRAM_CHUNK_ROWS = 512
+# Chunks of saved score matrices: (targets, training examples), ~4 MB of float32.
+SCORE_CHUNK = (256, 4096)
+
+
+class StoreMismatchError(ValueError):
+    """The store holds results of a different run than the one being asked for."""
+
+
+class Store:
+    """A datatrace store on local disk, in memory, or on any fsspec filesystem.
+
+    Args:
+        location: ``None`` for an in-memory store; a local directory path; an fsspec URL such as
+            ``"s3://bucket/run.zarr"`` (needs ``pip install "datatrace[remote]"``); or a
+            ``zarr.abc.store.Store``.
+        read_only: open without permission to write.
+    """
+
+    def __init__(
+        self, location: str | Path | zarr.abc.store.Store | None = None, read_only: bool = False
+    ):
+        if isinstance(location, Store):
+            location = location.zarr_store
+        if location is None:
+            zarr_store = zarr.storage.MemoryStore()
+        elif isinstance(location, zarr.abc.store.Store):
+            zarr_store = location
+        elif "://" in str(location):
+            zarr_store = zarr.storage.FsspecStore.from_url(str(location), read_only=read_only)
+        else:
+            if read_only and not Path(location).exists():
+                raise FileNotFoundError(f"no datatrace store at {location}")
+            zarr_store = zarr.storage.LocalStore(str(location), read_only=read_only)
+        self.location = None if location is None else str(location)
+        self.zarr_store = zarr_store
+        self.root = zarr.open_group(store=zarr_store, mode="r" if read_only else "a")
+        if not read_only and "datatrace" not in self.root.attrs:
+            self.root.attrs["datatrace"] = {"format": FORMAT_VERSION}
+        found = self.root.attrs.get("datatrace", {}).get("format")
+        if found is not None and found != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"the store at {self.where} has format version {found}, but this datatrace "
+                f"reads version {FORMAT_VERSION}: recompute into a new store"
+            )
+
+    @property
+    def where(self) -> str:
+        return self.location or "<memory>"
+
+    def provenance(self, section: str) -> dict[str, Any] | None:
+        """The provenance recorded for ``section`` (e.g. ``"features"``), or ``None``."""
+        return self.root.attrs.get("datatrace", {}).get(section)
+
+    def check_provenance(
+        self, section: str, provenance: dict[str, Any], adopt: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Record ``provenance`` for ``section``, or check it against what is recorded.
+
+        Args:
+            section: name of the part of the store the provenance covers.
+            provenance: JSON-serialisable description of what produces the section.
+            adopt: keys whose recorded value wins over the given one (storage layout choices such
+                as chunk sizes, which do not change results).
+
+        Returns:
+            The provenance in force (recorded values for ``adopt`` keys).
+
+        Raises:
+            StoreMismatchError: a key differs from what is recorded; nothing is written.
+        """
+        provenance = json_normalise(provenance)
+        recorded = self.provenance(section)
+        if recorded is None:
+            attrs = dict(self.root.attrs["datatrace"])
+            attrs[section] = provenance
+            self.root.attrs["datatrace"] = attrs
+            return provenance
+        adopted = {**provenance, **{key: recorded[key] for key in adopt if key in recorded}}
+        differences = [
+            f"  {key}: stored {recorded.get(key)!r}, now {adopted.get(key)!r}"
+            for key in sorted(set(recorded) | set(adopted))
+            if recorded.get(key) != adopted.get(key)
+        ]
+        if differences:
+            raise StoreMismatchError(
+                f"the store at {self.where} holds {section} of a different run:\n"
+                + "\n".join(differences)
+                + "\nUse a new store location for this run (or delete the old one to recompute)."
+            )
+        return adopted
+
+    def checkpoint_features(
+        self, checkpoint: int, n_rows: int, dim: int, chunk_rows: int, attrs: dict[str, Any]
+    ) -> CheckpointFeatures:
+        """The feature arrays of one checkpoint, created on first use.
+
+        Raises:
+            StoreMismatchError: the stored checkpoint has different ``attrs`` (e.g. another
+                checkpoint's fingerprint was featurized at this index).
+        """
+        return CheckpointFeatures(self, checkpoint, n_rows, dim, chunk_rows, json_normalise(attrs))
+
+    def save_attributions(self, name: str, attributions: Attributions) -> None:
+        """Write ``attributions`` under ``scores/<name>``, replacing what was there.
+
+        The data is written first and the group's ``complete`` attribute last, so a crash while
+        saving never leaves something that :meth:`load_attributions` would read as finished.
+        """
+        path = f"scores/{name}"
+        if path in self.root:
+            del self.root[path]
+        group = self.root.create_group(path, attributes={"complete": False})
+        scores = group.create_array(
+            "scores",
+            shape=attributions.scores.shape,
+            dtype=attributions.scores.dtype,
+            chunks=(
+                min(attributions.n_targets, SCORE_CHUNK[0]),
+                min(attributions.n_train, SCORE_CHUNK[1]),
+            ),
+        )
+        scores[:] = attributions.scores
+        if attributions.out_to_loss is not None:
+            out_to_loss = group.create_array(
+                "out_to_loss", shape=(attributions.n_train,), dtype=attributions.out_to_loss.dtype
+            )
+            out_to_loss[:] = attributions.out_to_loss
+        group.attrs.update(
+            {
+                "method": attributions.method,
+                "info": json_normalise(attributions.info),
+                "complete": True,
+            }
+        )
+
+    def load_attributions(self, name: str) -> Attributions:
+        """Read the attributions saved under ``scores/<name>``.
+
+        Raises:
+            KeyError: nothing complete is saved under that name (the message lists what is).
+        """
+        from datatrace.attributions import Attributions
+
+        path = f"scores/{name}"
+        if path not in self.root or not self.root[path].attrs.get("complete"):
+            saved = ", ".join(self.groups("scores")) or "none"
+            raise KeyError(
+                f"no attributions named {name!r} in the store at {self.where} (saved: {saved})"
+            )
+        group = self.root[path]
+        out_to_loss = group["out_to_loss"][:] if "out_to_loss" in group else None
+        return Attributions(
+            group["scores"][:],
+            group.attrs.get("method", ""),
+            out_to_loss,
+            dict(group.attrs.get("info", {})),
+        )
+
+    def groups(self, path: str) -> list[str]:
+        """Names of the subgroups at ``path`` (empty if it does not exist)."""
+        if path not in self.root:
+            return []
+        return sorted(name for name, _ in self.root[path].groups())
+
+
+class CheckpointFeatures:
+    """Row-chunked features and out-to-loss weights of the training set under one checkpoint."""
+
+    def __init__(
+        self,
+        store: Store,
+        checkpoint: int,
+        n_rows: int,
+        dim: int,
+        chunk_rows: int,
+        attrs: dict[str, Any],
+    ):
+        self.store = store
+        self.checkpoint = checkpoint
+        self.n_rows = n_rows
+        self.chunk_rows = chunk_rows
+        self.n_chunks = -(-n_rows // chunk_rows)
+        path = f"features/{checkpoint}"
+        if path in store.root:
+            group = store.root[path]
+            recorded = dict(group.attrs.get("identity", {}))
+            if recorded != attrs:
+                differences = [
+                    f"  {key}: stored {recorded.get(key)!r}, now {attrs.get(key)!r}"
+                    for key in sorted(set(recorded) | set(attrs))
+                    if recorded.get(key) != attrs.get(key)
+                ]
+                raise StoreMismatchError(
+                    f"checkpoint {checkpoint} in the store at {store.where} was featurized "
+                    "differently:\n" + "\n".join(differences) + "\nPass the same checkpoints "
+                    "in the same order, or use a new store location."
+                )
+        else:
+            group = store.root.create_group(path, attributes={"identity": attrs})
+        self.group = group
+        self.features = self._array("features", (n_rows, dim), (chunk_rows, dim), "float32")
+        self.out_to_loss = self._array("out_to_loss", (n_rows,), (chunk_rows,), "float32")
+        self.done = self._array("done", (self.n_chunks,), (1,), "uint8")
+
+    def _array(self, name: str, shape: tuple, chunks: tuple, dtype: str) -> zarr.Array:
+        if name in self.group:
+            array = self.group[name]
+            if array.shape != shape or array.chunks != chunks:
+                raise StoreMismatchError(
+                    f"{self.group.path}/{name} in the store at {self.store.where} has shape "
+                    f"{array.shape} in chunks {array.chunks}, expected {shape} in {chunks}"
+                )
+            return array
+        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        """First and past-the-end training rows of ``chunk``."""
+        start = chunk * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_rows)
+
+    def completed(self) -> np.ndarray:
+        """Boolean ``(n_chunks,)``: which row chunks are written."""
+        return self.done[:].astype(bool)
+
+    def pending(self, shard: tuple[int, int] | None = None) -> list[int]:
+        """Row chunks still to compute, restricted to shard ``(index, count)`` if given."""
+        chunks = np.flatnonzero(~self.completed())
+        if shard is not None:
+            index, count = shard
+            chunks = chunks[chunks % count == index]
+        return chunks.tolist()
+
+    def write(self, chunk: int, features: np.ndarray, out_to_loss: np.ndarray) -> None:
+        """Write one row chunk, then its completion mark."""
+        start, stop = self.rows(chunk)
+        self.features[start:stop] = features
+        self.out_to_loss[start:stop] = out_to_loss
+        self.done[chunk] = 1
+
+    def is_complete(self) -> bool:
+        return bool(self.completed().all())
+
+    def iter_chunks(self) -> Iterable[tuple[int, int, np.ndarray]]:
+        """``(start, stop, features)`` for each row chunk, in order."""
+        for chunk in range(self.n_chunks):
+            start, stop = self.rows(chunk)
+            yield start, stop, self.features[start:stop]
+
+    def gram(self) -> np.ndarray:
+        """``ΦᵀΦ`` in float64, ``(k, k)``; computed from the features once and stored."""
+        if "gram" in self.group and self.group.attrs.get("gram_complete"):
+            return self.group["gram"][:]
+        if not self.is_complete():
+            missing = int((~self.completed()).sum())
+            raise RuntimeError(
+                f"checkpoint {self.checkpoint} still has {missing} of {self.n_chunks} row chunks "
+                "to featurize: finish featurizing (every shard) before computing the kernel"
+            )
+        dim = self.features.shape[1]
+        gram = np.zeros((dim, dim))
+        for _, _, block in self.iter_chunks():
+            block = block.astype(np.float64)
+            gram += block.T @ block
+        array = self.group.create_array(
+            "gram",
+            shape=(dim, dim),
+            chunks=(min(dim, GRAM_CHUNK_ROWS), dim),
+            dtype="float64",
+            overwrite=True,
+        )
+        array[:] = gram
+        self.group.attrs["gram_complete"] = True
+        return gram

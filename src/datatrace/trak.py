@@ -1,0 +1,195 @@
+"""TRAK: attribution through randomly projected after-kernels, ensembled over checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datatrace._estimator import check_fitted, checkpoint_list
+from datatrace.attributions import Attributions
+from datatrace.grads.checkpoints import Checkpoint
+from datatrace.grads.featurize import GradientFeatures
+from datatrace.grads.projectors import Projector, make_projector
+from datatrace.grads.selection import ParamSelection
+from datatrace.kernel import (
+    DEFAULT_DAMPING,
+    absolute_damping,
+    checkpoint_scores,
+    cholesky,
+    warn_if_singular,
+)
+from datatrace.store import Store
+from datatrace.tasks.base import Task
+
+
+class TRAK:
+    """TRAK attribution (Park et al. 2023) for any differentiable model.
+
+    For each checkpoint ``c``: ``Φ_c`` holds the projected gradients ``Pᵀ∇_θ f(z_i; θ_c)`` of the
+    training examples, ``K_c = Φ_cᵀΦ_c + λ_c I`` (float64), and a target ``z'`` with projected
+    gradient ``φ'`` gets the scores ``φ' K_c⁻¹ Φ_cᵀ``. The ensemble is
+    ``τ = mean_c(T_c) ⊙ mean_c(Q_c)`` with every checkpoint weighted equally and ``Q_c`` the
+    out-to-loss weights of the training examples.
+
+    Args:
+        model: the module; it is never modified (checkpoints are swapped in functionally).
+        task: what output is attributed (e.g. :class:`~datatrace.tasks.Classification`).
+        proj_dim: projection dimension ``k``.
+        projector: ``"sparse"`` (sparse JL, default: cost independent of ``k``), ``"dense"``
+            (Gaussian), ``"rademacher"``, ``"identity"`` (no projection), or a ``Projector``.
+        damping: ``λ`` relative to the mean diagonal entry of ``ΦᵀΦ`` (see ``DEFAULT_DAMPING``).
+        damping_absolute: if given, the absolute ``λ`` for every checkpoint (overrides ``damping``).
+        params: parameters to differentiate: name patterns or submodules (default: all).
+        store: where features are kept: a directory (resumable, shareable), an fsspec URL, a
+            :class:`~datatrace.store.Store`, or ``None`` for memory.
+        seed: seed of the projections (checkpoint ``c`` uses its own seed derived from it).
+        batch_size: examples per gradient batch (memory grows as ``batch_size ×`` parameters).
+        chunk_size: training examples per stored chunk (a crash loses at most one).
+        device: where gradients are computed (default: the model's device).
+        progress: show progress bars.
+
+    Attributes (after ``fit``):
+        store_: the :class:`~datatrace.store.Store` holding features and kernels.
+        n_train_: number of training examples.
+        feature_dim_: ``k`` (``p`` for the identity projection).
+        out_to_loss_: ``(n_checkpoints, n_train)`` weights ``Q_c`` of the training examples.
+        damping_: ``(n_checkpoints,)`` absolute ``λ_c`` used.
+        kernel_cholesky_: per checkpoint, the Cholesky factor of ``K_c`` (float64 tensors).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        *,
+        proj_dim: int | None = 2048,
+        projector: str | Projector = "sparse",
+        damping: float = DEFAULT_DAMPING,
+        damping_absolute: float | None = None,
+        params: ParamSelection = None,
+        store: str | Path | Store | None = None,
+        seed: int = 0,
+        batch_size: int = 32,
+        chunk_size: int = 512,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ):
+        self.model = model
+        self.task = task
+        self.proj_dim = proj_dim
+        self.projector = projector
+        self.damping = damping
+        self.damping_absolute = damping_absolute
+        self.params = params
+        self.store = store
+        self.seed = seed
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.device = device
+        self.progress = progress
+
+    def _features(self) -> GradientFeatures:
+        return GradientFeatures(
+            self.model,
+            self.task,
+            make_projector(self.projector, self.proj_dim),
+            params=self.params,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            chunk_rows=self.chunk_size,
+            device=self.device,
+            progress=self.progress,
+        )
+
+    def fit(
+        self,
+        train_data: Any,
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
+        *,
+        shard: tuple[int, int] | None = None,
+    ) -> TRAK:
+        """Featurize the training set under each checkpoint and build the kernels.
+
+        Resumes whatever the store already holds. With ``shard=(index, count)`` only that share of
+        the row chunks is computed (for several processes on one store); the kernels are built
+        once every chunk is present, so only a call that finds the store complete is fitted.
+
+        Args:
+            train_data: training examples (Dataset, ordered DataLoader, tuple or dict of tensors).
+            checkpoints: state dicts, modules or file paths; ``None`` for the model as it is.
+            shard: optional ``(index, count)`` share of the featurization work.
+
+        Returns:
+            ``self``.
+        """
+        features = self._features()
+        checkpoints = checkpoint_list(self.model, checkpoints)
+        store = Store(self.store) if not isinstance(self.store, Store) else self.store
+        stored = features.featurize_train(train_data, checkpoints, store, shard)
+        self.store_ = store
+        self.features_ = features
+        self.checkpoints_ = checkpoints
+        if not all(part.is_complete() for part in stored):
+            del self.store_  # not fitted until every shard is written
+            return self
+        self._stored = stored
+        self.n_train_ = stored[0].n_rows
+        self.feature_dim_ = features.dim
+        self.out_to_loss_ = np.stack([part.out_to_loss[:] for part in stored])
+        grams = [part.gram() for part in stored]
+        if self.damping_absolute is not None:
+            self.damping_ = np.full(len(grams), float(self.damping_absolute))
+        else:
+            self.damping_ = np.array([absolute_damping(g, self.damping) for g in grams])
+        warn_if_singular(self.feature_dim_, self.n_train_, float(self.damping_.mean()))
+        self.kernel_cholesky_ = [cholesky(g, lam) for g, lam in zip(grams, self.damping_)]
+        return self
+
+    def score(self, targets: Any, *, name: str | None = None) -> Attributions:
+        """Attribute each target to the training examples.
+
+        Args:
+            targets: target examples, in any form accepted for training data.
+            name: if given, also save the result in the store under ``scores/<name>``.
+
+        Returns:
+            :class:`~datatrace.Attributions` with ``scores`` of shape ``(n_targets, n_train)``.
+        """
+        check_fitted(self, "store_")
+        total = None
+        for index, checkpoint in enumerate(self.checkpoints_):
+            target_features, _ = self.features_.featurize_all(
+                targets,
+                checkpoint,
+                index,
+                f"targets, checkpoint {index + 1}/{len(self.checkpoints_)}",
+            )
+            scores = checkpoint_scores(
+                self.kernel_cholesky_[index],
+                target_features,
+                self._stored[index].iter_chunks(),
+                self.n_train_,
+            )
+            total = scores if total is None else total + scores
+        mean_out_to_loss = self.out_to_loss_.mean(axis=0)
+        scores = total / len(self.checkpoints_) * mean_out_to_loss[None, :].astype(np.float32)
+        attributions = Attributions(scores, "TRAK", mean_out_to_loss, self._info())
+        if name is not None:
+            self.store_.save_attributions(name, attributions)
+        return attributions
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "projector": self.features_.projector.config(),
+            "feature_dim": self.feature_dim_,
+            "n_checkpoints": len(self.checkpoints_),
+            "damping_relative": None if self.damping_absolute is not None else self.damping,
+            "damping_absolute": self.damping_.tolist(),
+            "n_params": int(sum(self.features_.sizes)),
+            "seed": self.seed,
+        }

@@ -1,0 +1,170 @@
+"""Random projections: definition, determinism, E[PPᵀ] = I, JL inner products, blocking."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datatrace.grads.projectors import (
+    DENSE_GENERATION_ROWS,
+    DenseProjector,
+    IdentityProjector,
+    SparseJLProjector,
+    derive_seed,
+    make_projector,
+)
+
+SIZES = [(37, 5), (300,), (7,)]  # several parameter blocks, sizes not multiples of anything
+
+
+def blocks(batch=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape, generator=gen) for shape in SIZES]
+
+
+def sizes():
+    return [math.prod(shape) for shape in SIZES]
+
+
+PROJECTORS = {
+    "gaussian": lambda k: DenseProjector(k, "gaussian"),
+    "rademacher": lambda k: DenseProjector(k, "rademacher"),
+    "sparse": lambda k: SparseJLProjector(k, nnz=4),
+}
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_projection_is_linear_map_by_its_matrix(kind):
+    projector = PROJECTORS[kind](64)
+    grads = blocks()
+    flat = torch.cat([g.reshape(6, -1) for g in grads], dim=1)
+    matrix = projector.matrix(sizes(), seed=3)
+    assert matrix.shape == (sum(sizes()), 64)
+    torch.testing.assert_close(
+        projector.project(grads, seed=3), flat @ matrix, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dense_definition_matches_an_independent_one_shot_generation():
+    """Rows of block t, generation block b come from a generator seeded derive_seed(seed, t, b)."""
+    k, seed = 48, 11
+    reference = []
+    for t, size in enumerate(sizes()):
+        n_blocks = -(-size // DENSE_GENERATION_ROWS)
+        rows = torch.cat(
+            [
+                torch.randn(
+                    DENSE_GENERATION_ROWS,
+                    k,
+                    generator=torch.Generator().manual_seed(derive_seed(seed, t, b)),
+                )
+                for b in range(n_blocks)
+            ]
+        )
+        reference.append(rows[:size] / math.sqrt(k))
+    reference = torch.cat(reference)
+    torch.testing.assert_close(DenseProjector(k).matrix(sizes(), seed), reference)
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_blockwise_equals_cached(kind):
+    """Generating P a few rows at a time (no cache, tiny work blocks) gives the same features."""
+    grads = blocks(batch=5)
+    cached = PROJECTORS[kind](32)
+    streamed = PROJECTORS[kind](32)
+    streamed.max_cache_bytes = 0
+    if isinstance(streamed, DenseProjector):
+        streamed.work_bytes = 1  # one generation block at a time
+    assert torch.equal(cached.matrix(sizes(), 5), streamed.matrix(sizes(), 5))
+    # the same matrix; only the order of float32 additions differs
+    torch.testing.assert_close(
+        cached.project(grads, 5), streamed.project(grads, 5), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_deterministic_across_calls_and_processes(kind):
+    grads = blocks()
+    first = PROJECTORS[kind](32).project(grads, seed=7)
+    again = PROJECTORS[kind](32).project(grads, seed=7)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, PROJECTORS[kind](32).project(grads, seed=8))
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests');"
+        "from test_projectors import PROJECTORS, blocks;"
+        f"out = PROJECTORS[{kind!r}](32).project(blocks(), seed=7);"
+        "sys.stdout.write(out.numpy().tobytes().hex())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=__file__.rsplit("/tests/", 1)[0],
+    ).stdout
+    assert bytes.fromhex(other) == first.numpy().tobytes()
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_expectation_of_p_pt_is_identity(kind):
+    """Average P Pᵀ over many seeds: within 6 standard errors of I entrywise."""
+    k, p, draws = 64, 24, 300
+    projector = PROJECTORS[kind](k)
+    total = torch.zeros(p, p, dtype=torch.float64)
+    for seed in range(draws):
+        matrix = projector.matrix([p], seed).double()
+        total += matrix @ matrix.T
+    mean = total / draws
+    # Per draw, diag entries have variance 2/k (dense Gaussian), off-diagonal ones 1/k.
+    tolerance = 6 * math.sqrt(2 / k / draws)
+    assert (mean - torch.eye(p, dtype=torch.float64)).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("kind", PROJECTORS)
+def test_inner_products_preserved(kind):
+    """JL: ⟨Pᵀg, Pᵀh⟩ within ε‖g‖‖h‖ of ⟨g, h⟩, ε = 5/√k, for pairs of correlated vectors."""
+    k, p = 1024, 4000
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(40, p, generator=gen)
+    vectors = base + 0.7 * base.roll(1, 0)  # correlated neighbours: nonzero inner products
+    projected = PROJECTORS[kind](k).project([vectors], seed=1).double()
+    vectors = vectors.double()
+    exact = vectors @ vectors.T
+    norms = vectors.norm(dim=1)
+    error = ((projected @ projected.T - exact) / torch.outer(norms, norms)).abs()
+    assert error.max().item() < 5 / math.sqrt(k)
+    # and the projection is not trivially exact: errors have the JL size, ~1/√k
+    assert error.mean().item() > 0.1 / math.sqrt(k)
+
+
+def test_identity():
+    grads = blocks()
+    out = IdentityProjector().project(grads, seed=0)
+    torch.testing.assert_close(out, torch.cat([g.reshape(6, -1) for g in grads], 1))
+    assert IdentityProjector().output_dim(sizes()) == sum(sizes())
+
+
+def test_sparse_rows_have_exactly_nnz_entries():
+    matrix = SparseJLProjector(64, nnz=4).matrix([100], seed=0)
+    nonzero = (matrix != 0).sum(1)
+    assert torch.all(nonzero == 4)
+    torch.testing.assert_close(matrix.abs()[matrix != 0], torch.full((400,), 0.5))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple of nnz"):
+        SparseJLProjector(30, nnz=4)
+    with pytest.raises(ValueError, match="unknown projector"):
+        make_projector("fft", 16)
+    with pytest.raises(ValueError, match="distribution"):
+        DenseProjector(16, "uniform")
+
+
+def test_seeds_are_stable():
+    """derive_seed is part of every stored projection: its values must never change."""
+    assert derive_seed(0, "checkpoint", 0) == derive_seed(0, "checkpoint", 0)
+    assert len({derive_seed(s, "checkpoint", c) for s in range(5) for c in range(5)}) == 25
+    # pinned: a change here silently changes every projection and invalidates stored features
+    assert derive_seed(1, 2, 3) == 0x3A2DCC51502C3215
