@@ -2,7 +2,8 @@
 
 Layout::
 
-    <root>/                          attrs["datatrace"]: format version and provenance by section
+    <root>/                          attrs["datatrace"]: {"format": version}
+      features/                      attrs["provenance"]: model, task, projector, seed, data, ...
       features/<c>/                  one group per checkpoint c; attrs["identity"]: its fingerprint
                                      and projection seed
         features     (n_train, k)    float32, chunked along training examples
@@ -86,16 +87,21 @@ class Store:
         return self.location or "<memory>"
 
     def provenance(self, section: str) -> dict[str, Any] | None:
-        """The provenance recorded for ``section`` (e.g. ``"features"``), or ``None``."""
-        return self.root.attrs.get("datatrace", {}).get(section)
+        """The provenance recorded for the group ``section`` (e.g. ``"features"``), or ``None``."""
+        if section not in self.root:
+            return None
+        return self.root[section].attrs.get("provenance")
 
     def check_provenance(
         self, section: str, provenance: dict[str, Any], adopt: Iterable[str] = ()
     ) -> dict[str, Any]:
-        """Record ``provenance`` for ``section``, or check it against what is recorded.
+        """Record ``provenance`` for the group ``section``, or check it against what is recorded.
+
+        Each section keeps its provenance in its own group's attributes, so processes working on
+        different sections of one store never rewrite each other's metadata.
 
         Args:
-            section: name of the part of the store the provenance covers.
+            section: path of the group the provenance covers.
             provenance: JSON-serialisable description of what produces the section.
             adopt: keys whose recorded value wins over the given one (storage layout choices such
                 as chunk sizes, which do not change results).
@@ -109,9 +115,7 @@ class Store:
         provenance = json_normalise(provenance)
         recorded = self.provenance(section)
         if recorded is None:
-            attrs = dict(self.root.attrs["datatrace"])
-            attrs[section] = provenance
-            self.root.attrs["datatrace"] = attrs
+            self.root.require_group(section).attrs["provenance"] = provenance
             return provenance
         adopted = {**provenance, **{key: recorded[key] for key in adopt if key in recorded}}
         differences = [
