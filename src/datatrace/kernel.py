@@ -11,12 +11,14 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-DEFAULT_DAMPING = 0.01
-"""Default damping, relative to the mean diagonal entry of ``ΦᵀΦ`` (``λ = 0.01 · tr(ΦᵀΦ)/k``).
+DEFAULT_DAMPING = 1.0
+"""Default damping, relative to the mean diagonal entry of ``ΦᵀΦ`` (``λ = 1.0 · tr(ΦᵀΦ)/k``).
 
 Relative damping makes the default independent of the gradients' scale (a model's size, its
-projection and its loss scale all change ``ΦᵀΦ`` by orders of magnitude); see docs/trak.md for how
-the value was chosen."""
+projection and its loss scale all change ``ΦᵀΦ`` by orders of magnitude). The value was chosen by
+LDS over 0.01–10 on digits MLPs and CNNs with 1 and 5 checkpoints and k = 512 and 2048: 1.0 was
+best on average (docs/trak.md has the table). Larger values move TRAK towards gradient dot
+products (``K⁻¹ → I/λ``); smaller ones towards the undamped kernel."""
 
 
 class SingularKernelWarning(UserWarning):
