@@ -1,0 +1,62 @@
+"""Data adapters: every accepted form reads the same ordered examples."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from datatrace.data import Examples, batch_size_of, map_tensors
+
+X = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+Y = torch.arange(10)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (X, Y),
+        [X.numpy(), Y.numpy()],
+        TensorDataset(X, Y),
+        DataLoader(TensorDataset(X, Y), batch_size=3),
+    ],
+    ids=["tuple", "numpy", "dataset", "loader"],
+)
+def test_every_form_reads_the_same_batches(data):
+    examples = Examples(data)
+    assert examples.n == 10
+    batches = list(examples.batches(2, 9, batch_size=3))
+    assert [batch_size_of(b) for b in batches] == [3, 3, 1]
+    images = torch.cat([torch.as_tensor(b[0]) for b in batches])
+    labels = torch.cat([torch.as_tensor(b[1]) for b in batches])
+    assert torch.equal(images, X[2:9]) and torch.equal(labels, Y[2:9])
+
+
+def test_mapping_of_columns():
+    examples = Examples({"input_ids": X.long(), "labels": Y})
+    batch = examples.read(3, 5)
+    assert set(batch) == {"input_ids", "labels"} and torch.equal(batch["labels"], Y[3:5])
+
+
+def test_shuffled_loader_is_refused():
+    with pytest.raises(ValueError, match="shuffle=False"):
+        Examples(DataLoader(TensorDataset(X, Y), shuffle=True))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="different lengths"):
+        Examples((X, Y[:5]))
+    with pytest.raises(TypeError, match="cannot read examples"):
+        Examples(42)
+    with pytest.raises(IndexError):
+        Examples((X, Y)).read(5, 11)
+
+
+def test_map_tensors_keeps_structure():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "a b")
+    batch = {"x": (X, [Y]), "pair": Pair(X, Y), "name": "keep"}
+    doubled = map_tensors(lambda t: t * 2, batch)
+    assert isinstance(doubled["pair"], Pair) and doubled["name"] == "keep"
+    assert torch.equal(doubled["x"][1][0], Y * 2)
+    np.testing.assert_array_equal(doubled["pair"].a.numpy(), X.numpy() * 2)

@@ -1,0 +1,219 @@
+"""TRAK against a closed-form computation of DESIGN.md's formulas, and against leave-one-out."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import datatrace as dt
+from datatrace.kernel import SingularKernelWarning
+
+
+def autograd_features(model, X, y):
+    """Reference per-example margin gradients (n, p) and Q = 1 − p_y, float64, in a Python loop."""
+    params = list(model.parameters())
+    rows = []
+    for i in range(len(X)):
+        logits = model(X[i : i + 1])[0]
+        others = torch.cat([logits[: y[i]], logits[y[i] + 1 :]])
+        margin = logits[y[i]] - torch.logsumexp(others, 0)
+        grads = torch.autograd.grad(margin, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    with torch.no_grad():
+        probs = torch.softmax(model(X).double(), 1)
+    q = 1 - probs[torch.arange(len(y)), y]
+    return torch.stack(rows).numpy(), q.numpy()
+
+
+def closed_form(models, train, targets, relative_damping):
+    """τ = mean_c(Φ'_c (Φ_cᵀΦ_c + λ_c I)⁻¹ Φ_cᵀ) ⊙ mean_c(Q_c), λ_c = d · mean diag(Φ_cᵀΦ_c)."""
+    scores, qs = [], []
+    for model in models:
+        phi, q = autograd_features(model, *train)
+        phi_target, _ = autograd_features(model, *targets)
+        gram = phi.T @ phi
+        lam = relative_damping * np.mean(np.diag(gram))
+        kernel = gram + lam * np.eye(gram.shape[0])
+        scores.append(phi_target @ np.linalg.solve(kernel, phi.T))
+        qs.append(q)
+    return np.mean(scores, axis=0) * np.mean(qs, axis=0)[None, :]
+
+
+@pytest.mark.parametrize("n_checkpoints", [1, 3])
+def test_identity_projection_equals_closed_form(trained_mlps, n_checkpoints):
+    models, X, y = trained_mlps
+    models = models[:n_checkpoints]
+    train, targets = (X[:300], y[:300]), (X[1000:1020], y[1000:1020])
+    trak = dt.TRAK(
+        models[0],
+        dt.Classification(),
+        projector="identity",
+        damping=0.05,
+        batch_size=64,
+        chunk_size=128,
+        progress=False,
+    )
+    # p = 64·16 + 16 + 16·10 + 10 = 1210 > n = 300: the kernel is singular without damping
+    with pytest.warns(SingularKernelWarning):
+        trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    got = trak.score(targets).scores
+    want = closed_form(models, train, targets, relative_damping=0.05)
+    assert got.shape == (20, 300)
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-4)
+    # the ensemble weights every checkpoint equally: compare with a plain average of single fits
+    np.testing.assert_allclose(trak.out_to_loss_.mean(0), trak.score(targets).out_to_loss)
+
+
+def test_absolute_damping_and_default(trained_mlps):
+    models, X, y = trained_mlps
+    train = (X[:300], y[:300])
+    trak = dt.TRAK(models[0], dt.Classification(), proj_dim=256, progress=False).fit(train)
+    gram = trak.store_.root["features/0/gram"][:]
+    assert trak.damping_[0] == pytest.approx(dt.DEFAULT_DAMPING * np.mean(np.diag(gram)))
+    fixed = dt.TRAK(
+        models[0], dt.Classification(), proj_dim=256, damping_absolute=0.5, progress=False
+    ).fit(train)
+    assert fixed.damping_.tolist() == [0.5]
+
+
+def test_features_scale_does_not_change_relative_damping_scores(trained_mlps):
+    """Scaling the output by 10 scales Φ by 10: with relative damping, T is unchanged (Q aside)."""
+    models, X, y = trained_mlps
+    train, targets = (X[:300], y[:300]), (X[1000:1010], y[1000:1010])
+
+    class Scaled(dt.Classification):
+        def output(self, model, batch):
+            return 10 * super().output(model, batch)
+
+        def out_to_loss(self, model, batch):
+            return dt.Classification().out_to_loss(model, batch)
+
+    base = dt.TRAK(models[0], dt.Classification(), proj_dim=128, progress=False).fit(train)
+    scaled = dt.TRAK(models[0], Scaled(), proj_dim=128, progress=False).fit(train)
+    np.testing.assert_allclose(
+        scaled.score(targets).scores, base.score(targets).scores, rtol=2e-3, atol=1e-9
+    )
+
+
+# (relative damping, bars). Measured on this setting (n = 300, k = 256, 3 checkpoints): with
+# damping 0.01 the kernel term ranks every example first, and τ (after the Q weighting) 55% first
+# and 92% in its top 10; with the default 1.0: 98.7% first, all in the top 5; τ 24% and 65%.
+DUPLICATE_CASES = [
+    (0.01, {"kernel_first": 1.0, "kernel_top5": 1.0, "first": 0.5, "top10": 0.85}),
+    (dt.DEFAULT_DAMPING, {"kernel_first": 0.95, "kernel_top5": 1.0, "first": 0.2, "top10": 0.6}),
+]
+
+
+@pytest.mark.parametrize(("damping", "bars"), DUPLICATE_CASES, ids=["light", "default"])
+def test_duplicate_of_training_example_is_its_own_top_proponent(trained_mlps, damping, bars):
+    """A training example scored as a target should find itself. The kernel part of its scores,
+    φ'K⁻¹Φᵀ, does so almost always; damping blends in gradient dot products (K⁻¹ → I/λ), where
+    examples with larger gradients can outrank it. After the Q weighting, confidently fit
+    examples (tiny Q) legitimately lose rank, so those bars are lower."""
+    models, X, y = trained_mlps
+    train = (X[:300], y[:300])
+    trak = dt.TRAK(models[0], dt.Classification(), proj_dim=256, damping=damping, progress=False)
+    trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    attributions = trak.score(train)
+
+    def rank_of_self(scores):
+        diagonal = np.arange(len(scores))
+        return (scores > scores[diagonal, diagonal][:, None]).sum(1)
+
+    kernel_rank = rank_of_self(attributions.scores / attributions.out_to_loss[None, :])
+    rank = rank_of_self(attributions.scores)
+    assert (kernel_rank == 0).mean() >= bars["kernel_first"]
+    assert (kernel_rank < 5).mean() >= bars["kernel_top5"]
+    assert (rank == 0).mean() > bars["first"]
+    assert (rank < 10).mean() > bars["top10"]
+
+
+# ---- leave-one-out on a convex model ------------------------------------------------------------
+
+
+def _fit_logistic(X, signs, weight_decay, init=None):
+    """Exact minimiser (Newton's method, float64) of
+    mean log(1 + exp(−s·(wᵀx + b))) + weight_decay/4·‖w‖², returned as [w, b]."""
+    design = np.hstack([X, np.ones((len(X), 1))])
+    penalty = np.full(design.shape[1], weight_decay / 2)
+    penalty[-1] = 0.0  # the bias is not penalised
+    theta = np.zeros(design.shape[1]) if init is None else init.copy()
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-signs * (design @ theta)))  # probability of the true class
+        gradient = -(design.T @ (signs * (1 - p))) / len(X) + penalty * theta
+        hessian = (design.T * (p * (1 - p))) @ design / len(X) + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.abs(step).max() < 1e-13:
+            break
+    return theta
+
+
+def _as_two_logit_model(theta):
+    """The 2-logit linear classifier whose margin is s·(wᵀx + b): logits ±(wᵀx + b)/2. This is
+    also the minimiser of cross-entropy + weight_decay/2·‖W‖² over 2-logit linear models."""
+    model = torch.nn.Linear(len(theta) - 1, 2)
+    with torch.no_grad():
+        half = torch.tensor(theta / 2, dtype=torch.float32)
+        model.weight.copy_(torch.stack([-half[:-1], half[:-1]]))
+        model.bias.copy_(torch.stack([-half[-1], half[-1]]))
+    return model
+
+
+def _noisy_blobs():
+    from sklearn.datasets import make_classification
+
+    return make_classification(
+        n_samples=400, n_features=10, n_informative=5, flip_y=0.2, class_sep=0.5, random_state=0
+    )
+
+
+def _breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    return load_breast_cancer(return_X_y=True)
+
+
+# (dataset, bar on the mean Spearman over targets). Measured: 0.987 and 0.63; the exact
+# Hessian influence function reaches 0.999 and 0.987 on the same leave-one-out ground truth.
+# TRAK's kernel ΦᵀΦ leaves out the Hessian weights R = p(1 − p): where they are nearly uniform
+# (noisy labels, p(1−p) in [0.07, 0.25]) TRAK tracks leave-one-out closely; on the almost
+# separable breast-cancer data (p(1−p) from 3e-10 to 0.25) the approximation is coarse.
+LOO_CASES = [(_noisy_blobs, 0.95), (_breast_cancer, 0.55)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("load", "bar"), LOO_CASES, ids=["noisy-blobs", "breast-cancer"])
+def test_convex_model_scores_rank_like_exact_leave_one_out(load, bar):
+    """Logistic regression: TRAK (identity projection, one checkpoint, default damping) against
+    exact leave-one-out retraining of 150 models, on 40 targets."""
+    data, labels = load()
+    data = (data - data.mean(0)) / data.std(0)
+    order = np.random.default_rng(0).permutation(len(labels))
+    data, labels = data[order], labels[order]
+    signs = 2.0 * labels - 1
+    n_train, n_targets, weight_decay = 150, 40, 1e-2
+    train, target = slice(0, n_train), slice(n_train, n_train + n_targets)
+    full = _fit_logistic(data[train], signs[train], weight_decay)
+    target_design = np.hstack([data[target], np.ones((n_targets, 1))])
+    base = signs[target] * (target_design @ full)
+    effect = np.empty((n_targets, n_train))
+    for i in range(n_train):
+        keep = np.arange(n_train) != i
+        loo = _fit_logistic(data[train][keep], signs[train][keep], weight_decay, init=full)
+        effect[:, i] = base - signs[target] * (target_design @ loo)  # > 0: i pushed it up
+
+    def as_tensors(rows):
+        return (
+            torch.tensor(data[rows], dtype=torch.float32),
+            torch.tensor(labels[rows]),
+        )
+
+    trak = dt.TRAK(
+        _as_two_logit_model(full), dt.Classification(), projector="identity", progress=False
+    )
+    trak.fit(as_tensors(train))
+    scores = trak.score(as_tensors(target)).scores
+    correlations = [spearmanr(scores[j], effect[j])[0] for j in range(n_targets)]
+    assert np.mean(correlations) > bar, np.mean(correlations)
