@@ -7,6 +7,7 @@ The public API is listed in ``__all__``; everything else is reachable through th
 from importlib.metadata import PackageNotFoundError, version
 
 from datatrace.attributions import Attributions, Ranking
+from datatrace.baselines import GradientCosine, GradientDot, RepresentationSimilarity
 from datatrace.kernel import DEFAULT_DAMPING, SingularKernelWarning
 from datatrace.store import Store, StoreMismatchError
 from datatrace.tasks import Classification, Task
@@ -22,7 +23,10 @@ __all__ = [
     "TRAK",
     "Attributions",
     "Classification",
+    "GradientCosine",
+    "GradientDot",
     "Ranking",
+    "RepresentationSimilarity",
     "SingularKernelWarning",
     "Store",
     "StoreMismatchError",
