@@ -1,0 +1,239 @@
+"""The ``datatrace`` command.
+
+Every command is a serialisable config saved beside its results (``datatrace demo`` writes
+``<out>/config.json``; ``datatrace demo --config <file>`` reruns it). User errors (a store of
+another run, a missing path, a bad setting) print one red line and exit with code 1; pass
+``--traceback`` to see where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from datatrace import __version__
+from datatrace.demo.run import DemoConfig, run_demo
+from datatrace.store import Store, StoreMismatchError
+
+# Exceptions that describe a mistake in what the user asked for, not a bug: shown as a message.
+USER_ERRORS = (StoreMismatchError, FileNotFoundError, NotADirectoryError, ValueError, KeyError)
+# Provenance values longer than this are shortened in `datatrace info`.
+MAX_VALUE_CHARS = 80
+ZARR_METADATA = "zarr.json"
+
+app = typer.Typer(
+    name="datatrace",
+    help="Trace a model's predictions back to its training data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+error_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"datatrace {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    context: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="Show the full traceback of errors.")
+    ] = False,
+) -> None:
+    """Trace a model's predictions back to its training data."""
+    context.obj = {"traceback": traceback}
+
+
+@contextmanager
+def user_errors(context: typer.Context) -> Iterator[None]:
+    """Turn user errors into a red message and exit code 1 (unless ``--traceback``)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if (context.obj or {}).get("traceback"):
+            raise
+        # str() of a KeyError quotes its message; its first argument is the message itself.
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        first, *details = message.splitlines() or [type(error).__name__]
+        error_console.print(Text(f"error: {first}", style="bold red"), soft_wrap=True)
+        for line in details:
+            error_console.print(Text(line, style="red"), soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def demo(
+    context: typer.Context,
+    out: Annotated[str | None, typer.Option(help=DemoConfig.help("out"))] = None,
+    model: Annotated[str | None, typer.Option(help=DemoConfig.help("model"))] = None,
+    models: Annotated[int | None, typer.Option(help=DemoConfig.help("n_models"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=DemoConfig.help("epochs"))] = None,
+    proj_dim: Annotated[int | None, typer.Option(help=DemoConfig.help("proj_dim"))] = None,
+    n_train: Annotated[int | None, typer.Option(help=DemoConfig.help("n_train"))] = None,
+    targets: Annotated[int | None, typer.Option(help=DemoConfig.help("n_targets"))] = None,
+    top: Annotated[int | None, typer.Option("--top", "-k", help=DemoConfig.help("k"))] = None,
+    seed: Annotated[int | None, typer.Option(help=DemoConfig.help("seed"))] = None,
+    quick: Annotated[bool, typer.Option("--quick", help=DemoConfig.help("quick"))] = False,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help=DemoConfig.help("progress"))
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help=DemoConfig.help("threads"))] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Start from a saved config.json (options given here override it)."),
+    ] = None,
+) -> None:
+    """Train small digit classifiers, attribute their test predictions with TRAK, and write an
+    HTML report. Rerunning with the same --out reuses the checkpoints and the store."""
+    with user_errors(context):
+        base = DemoConfig.from_json(config) if config is not None else DemoConfig()
+        given = {
+            "out": out,
+            "model": model,
+            "n_models": models,
+            "epochs": epochs,
+            "proj_dim": proj_dim,
+            "n_train": n_train,
+            "n_targets": targets,
+            "k": top,
+            "seed": seed,
+            "quick": quick or None,
+            "progress": progress,
+            "threads": threads,
+        }
+        run_demo(replace(base, **{k: v for k, v in given.items() if v is not None}), console)
+
+
+@app.command()
+def info(
+    context: typer.Context,
+    store: Annotated[str, typer.Argument(help="A datatrace store: a directory or an fsspec URL.")],
+) -> None:
+    """Show what a store holds: provenance, featurized checkpoints, saved scores."""
+    with user_errors(context):
+        opened = _open_store(store)
+        console.print(
+            f"[bold]datatrace store[/] at {escape(opened.where)} · format "
+            f"{opened.root.attrs['datatrace'].get('format')}"
+        )
+        for table in (_provenance_table(opened), _features_table(opened), _scores_table(opened)):
+            console.print(table)
+        beside = Path(store).parent / "config.json"
+        if "://" not in store and beside.is_file():
+            console.print(f"config beside it: {escape(str(beside))}")
+
+
+def _open_store(location: str) -> Store:
+    """Open a store read-only, with a message that says what is wrong if it is not one."""
+    if "://" not in location:
+        path = Path(location)
+        if not path.exists():
+            raise FileNotFoundError(f"no datatrace store at {location}: the path does not exist")
+        if not (path / ZARR_METADATA).is_file():
+            hint = ""
+            if (path / "store" / ZARR_METADATA).is_file():
+                hint = f" (did you mean {path / 'store'}?)"
+            raise FileNotFoundError(f"{location} is not a datatrace store{hint}")
+    store = Store(location, read_only=True)
+    if "datatrace" not in store.root.attrs:
+        raise ValueError(f"{location} is a Zarr group but not a datatrace store")
+    return store
+
+
+def _provenance_table(store: Store) -> Table:
+    table = Table(title="Provenance", title_justify="left")
+    table.add_column("section")
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    # Sections are top-level groups (e.g. "features"); ask the store for each one's provenance
+    # rather than reading where it happens to be kept.
+    candidates = {name for name, _ in store.root.groups()}
+    candidates |= {key for key in store.root.attrs["datatrace"] if key != "format"}
+    for section in sorted(candidates):
+        recorded = store.provenance(section)
+        if not isinstance(recorded, dict):
+            continue
+        for position, (key, value) in enumerate(recorded.items()):
+            text = value if isinstance(value, str) else json.dumps(value)
+            if len(text) > MAX_VALUE_CHARS:
+                text = text[: MAX_VALUE_CHARS - 1] + "…"
+            table.add_row(section if position == 0 else "", key, _plain(text))
+        table.add_section()
+    if not table.rows:
+        table.add_row("(none)", "", "")
+    return table
+
+
+def _features_table(store: Store) -> Table:
+    names = store.groups("features")
+    table = Table(title=f"Features: {len(names)} checkpoints", title_justify="left")
+    for column, justify in (
+        ("checkpoint", "right"),
+        ("chunks done", "right"),
+        ("rows", "right"),
+        ("k", "right"),
+        ("kernel", "left"),
+        ("fingerprint", "left"),
+    ):
+        table.add_column(column, justify=justify)
+    for name in sorted(names, key=_numeric_first):
+        group = store.root[f"features/{name}"]
+        done = group["done"][:] if "done" in group else []
+        features = group["features"] if "features" in group else None
+        complete = len(done) > 0 and bool(all(done))
+        table.add_row(
+            name,
+            Text(f"{int(sum(done))}/{len(done)}", style="green" if complete else "yellow"),
+            str(features.shape[0]) if features is not None else "?",
+            str(features.shape[1]) if features is not None else "?",
+            "built" if group.attrs.get("gram_complete") else "not built",
+            _plain(str(dict(group.attrs.get("identity", {})).get("checkpoint", ""))),
+        )
+    return table
+
+
+def _scores_table(store: Store) -> Table:
+    names = store.groups("scores")
+    table = Table(title=f"Scores: {len(names)} saved", title_justify="left")
+    for column in ("name", "method", "shape (targets × train)", "state"):
+        table.add_column(column)
+    for name in names:
+        group = store.root[f"scores/{name}"]
+        shape = group["scores"].shape if "scores" in group else ()
+        table.add_row(
+            _plain(name),
+            _plain(str(group.attrs.get("method", ""))),
+            " × ".join(str(size) for size in shape),
+            "complete" if group.attrs.get("complete") else Text("incomplete", style="yellow"),
+        )
+    return table
+
+
+def _numeric_first(name: str) -> tuple[int, Any]:
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
+def _plain(text: str) -> Text:
+    """Text printed as is (no rich markup: paths and values may contain brackets)."""
+    return Text(str(text))

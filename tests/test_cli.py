@@ -1,0 +1,133 @@
+"""The `datatrace` command: the quick demo end to end, reruns, `info`, and error messages."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from datatrace import Attributions, __version__
+from datatrace.cli import app
+from datatrace.demo.run import QUICK_PRESET, DemoConfig, choose_targets
+
+runner = CliRunner()
+K = 3
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def file_times(directory: Path) -> dict[Path, int]:
+    """Modification time of every file under ``directory``, in nanoseconds."""
+    return {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick demo run once into a fresh directory: (output directory, CLI result)."""
+    out = tmp_path_factory.mktemp("demo")
+    result = invoke("demo", "--quick", "--out", out, "--top", K, "--targets", 4)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_quick_demo_writes_report_config_and_scores(quick_demo):
+    out, result = quick_demo
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4 * (1 + 2 * K)
+    attributions = Attributions.load(out / "store", "test")
+    n_train = QUICK_PRESET["n_train"]
+    assert attributions.scores.shape == (297, n_train)
+    shown = [int(j) for j in re.findall(r"target (\d+)</div>", report)]
+    assert len(shown) == 4
+    for j in shown:
+        for index in attributions.proponents(j, K).indices:
+            assert f"#{index}<" in report
+            assert f"#{index}" in result.output
+    config = DemoConfig.from_json(out / "config.json")
+    assert config == DemoConfig(out=str(out), k=K, n_targets=4, quick=True).resolved()
+    assert config.n_train == n_train and config.n_models == QUICK_PRESET["n_models"]
+    assert sorted(path.name for path in (out / "checkpoints").glob("*.pt")) == [
+        "model_0.pt",
+        "model_1.pt",
+    ]
+    assert str(out / "report.html") in result.output.replace("\n", "")
+
+
+def test_rerun_reuses_checkpoints_and_store(quick_demo):
+    out, _ = quick_demo
+    before = file_times(out / "checkpoints") | file_times(out / "store" / "features")
+    result = invoke("--traceback", "demo", "--config", out / "config.json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    after = file_times(out / "checkpoints") | file_times(out / "store" / "features")
+    assert after == before  # nothing trained or featurized again
+    assert "reused" in result.output
+
+
+def test_info_describes_the_store(quick_demo):
+    out, _ = quick_demo
+    result = invoke("info", out / "store")
+    assert result.exit_code == 0, result.output
+    assert "Provenance" in result.output and "sparse_jl" in result.output
+    assert "Features: 2 checkpoints" in result.output
+    assert "1/1" in result.output  # 300 rows fit in one chunk
+    assert "test" in result.output and "297 × 300" in result.output
+
+
+def test_info_points_from_the_output_directory_to_its_store(quick_demo):
+    out, _ = quick_demo
+    result = invoke("info", out)
+    assert result.exit_code == 1
+    assert "did you mean" in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_store_is_a_one_line_error(tmp_path):
+    result = invoke("info", tmp_path / "nowhere")
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("error: no datatrace store at")
+    assert "Traceback" not in result.output
+
+
+def test_a_store_of_another_run_is_refused(quick_demo):
+    out, _ = quick_demo
+    saved = (out / "config.json").read_text()
+    result = invoke("demo", "--config", out / "config.json", "--proj-dim", 32, "--no-progress")
+    assert result.exit_code == 1
+    assert "holds features of a different run" in result.output
+    assert "Traceback" not in result.output
+    assert (out / "config.json").read_text() == saved  # still the config of the results there
+
+
+def test_checkpoints_trained_differently_are_refused(quick_demo):
+    out, _ = quick_demo
+    result = invoke("demo", "--config", out / "config.json", "--epochs", 4, "--no-progress")
+    assert result.exit_code == 1
+    assert "trained with other settings" in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"datatrace {__version__}"
+
+
+def test_bad_settings_are_reported(tmp_path):
+    result = invoke("demo", "--out", tmp_path, "--model", "resnet")
+    assert result.exit_code == 1
+    assert "unknown model 'resnet'" in result.output
+    bad = tmp_path / "config.json"
+    bad.write_text('{"epochs": 3, "learning_rate": 0.1}')
+    result = invoke("demo", "--config", bad)
+    assert result.exit_code == 1
+    assert "unknown entries ['learning_rate']" in result.output
+
+
+def test_choose_targets_is_deterministic_and_includes_mistakes():
+    labels = np.array([0, 1, 1, 2, 0, 2, 1, 0])
+    predictions = np.array([0, 1, 0, 2, 0, 2, 1, 0])  # test example 2 is misclassified
+    shown = choose_targets(labels, predictions, 4)
+    assert shown == [0, 1, 3, 2]  # the first correct one of each class, then the mistake
+    assert choose_targets(labels, labels, 4) == [0, 1, 3, 4]
+    assert choose_targets(labels, predictions, 20) == [0, 1, 3, 4, 6, 5, 7, 2]
