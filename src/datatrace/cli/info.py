@@ -1,128 +1,22 @@
-"""The ``datatrace`` command.
-
-Every command is a serialisable config saved beside its results (``datatrace demo`` writes
-``<out>/config.json``; ``datatrace demo --config <file>`` reruns it). User errors (a store of
-another run, a missing path, a bad setting) print one red line and exit with code 1; pass
-``--traceback`` to see where they came from.
-"""
+"""``datatrace info``: what a store holds."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from datatrace import __version__
-from datatrace.demo.run import DemoConfig, run_demo
-from datatrace.store import Store, StoreMismatchError
+from datatrace.cli.app import app, console, user_errors
+from datatrace.store import Store
 
-# Exceptions that describe a mistake in what the user asked for, not a bug: shown as a message.
-USER_ERRORS = (StoreMismatchError, FileNotFoundError, NotADirectoryError, ValueError, KeyError)
-# Provenance values longer than this are shortened in `datatrace info`.
+# Provenance values longer than this are shortened.
 MAX_VALUE_CHARS = 80
 ZARR_METADATA = "zarr.json"
-
-app = typer.Typer(
-    name="datatrace",
-    help="Trace a model's predictions back to its training data.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-console = Console()
-error_console = Console(stderr=True)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        console.print(f"datatrace {__version__}", highlight=False)
-        raise typer.Exit()
-
-
-@app.callback()
-def main(
-    context: typer.Context,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = False,
-    traceback: Annotated[
-        bool, typer.Option("--traceback", help="Show the full traceback of errors.")
-    ] = False,
-) -> None:
-    """Trace a model's predictions back to its training data."""
-    context.obj = {"traceback": traceback}
-
-
-@contextmanager
-def user_errors(context: typer.Context) -> Iterator[None]:
-    """Turn user errors into a red message and exit code 1 (unless ``--traceback``)."""
-    try:
-        yield
-    except USER_ERRORS as error:
-        if (context.obj or {}).get("traceback"):
-            raise
-        # str() of a KeyError quotes its message; its first argument is the message itself.
-        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-        first, *details = message.splitlines() or [type(error).__name__]
-        error_console.print(Text(f"error: {first}", style="bold red"), soft_wrap=True)
-        for line in details:
-            error_console.print(Text(line, style="red"), soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-@app.command()
-def demo(
-    context: typer.Context,
-    out: Annotated[str | None, typer.Option(help=DemoConfig.help("out"))] = None,
-    model: Annotated[str | None, typer.Option(help=DemoConfig.help("model"))] = None,
-    models: Annotated[int | None, typer.Option(help=DemoConfig.help("n_models"))] = None,
-    epochs: Annotated[int | None, typer.Option(help=DemoConfig.help("epochs"))] = None,
-    proj_dim: Annotated[int | None, typer.Option(help=DemoConfig.help("proj_dim"))] = None,
-    n_train: Annotated[int | None, typer.Option(help=DemoConfig.help("n_train"))] = None,
-    targets: Annotated[int | None, typer.Option(help=DemoConfig.help("n_targets"))] = None,
-    top: Annotated[int | None, typer.Option("--top", "-k", help=DemoConfig.help("k"))] = None,
-    seed: Annotated[int | None, typer.Option(help=DemoConfig.help("seed"))] = None,
-    quick: Annotated[bool, typer.Option("--quick", help=DemoConfig.help("quick"))] = False,
-    progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help=DemoConfig.help("progress"))
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help=DemoConfig.help("threads"))] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(help="Start from a saved config.json (options given here override it)."),
-    ] = None,
-) -> None:
-    """Train small digit classifiers, attribute their test predictions with TRAK, and write an
-    HTML report. Rerunning with the same --out reuses the checkpoints and the store."""
-    with user_errors(context):
-        base = DemoConfig.from_json(config) if config is not None else DemoConfig()
-        given = {
-            "out": out,
-            "model": model,
-            "n_models": models,
-            "epochs": epochs,
-            "proj_dim": proj_dim,
-            "n_train": n_train,
-            "n_targets": targets,
-            "k": top,
-            "seed": seed,
-            "quick": quick or None,
-            "progress": progress,
-            "threads": threads,
-        }
-        run_demo(replace(base, **{k: v for k, v in given.items() if v is not None}), console)
 
 
 @app.command()
