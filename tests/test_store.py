@@ -175,3 +175,14 @@ def test_in_memory_store_by_default():
     trak = worker.make_trak(None).fit(data, worker.checkpoints())
     assert trak.store_.location is None
     assert trak.store_.root["features/1/done"][:].all()
+
+
+def test_fsspec_url_store_gives_the_same_scores(tmp_path):
+    """The fsspec path (used for object storage) on the local filesystem: file:// URLs."""
+    data = worker.SlowDigits(0.0)
+    targets = digits_split_targets()
+    url = f"file://{tmp_path}/remote.zarr"
+    remote = worker.make_trak(url).fit(data, worker.checkpoints()).score(targets, name="t")
+    local = worker.make_trak(None).fit(data, worker.checkpoints()).score(targets)
+    assert np.array_equal(remote.scores, local.scores)
+    assert np.array_equal(dt.Attributions.load(url, "t").scores, remote.scores)

@@ -65,7 +65,11 @@ class Store:
         elif isinstance(location, zarr.abc.store.Store):
             zarr_store = location
         elif "://" in str(location):
-            zarr_store = zarr.storage.FsspecStore.from_url(str(location), read_only=read_only)
+            # fsspec's local filesystem does not create parent directories unless asked to
+            options = {"auto_mkdir": True} if str(location).startswith("file://") else None
+            zarr_store = zarr.storage.FsspecStore.from_url(
+                str(location), read_only=read_only, storage_options=options
+            )
         else:
             if read_only and not Path(location).exists():
                 raise FileNotFoundError(f"no datatrace store at {location}")
