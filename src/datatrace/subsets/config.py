@@ -1,0 +1,225 @@
+"""A subset experiment as a config file: what ``datatrace subsets run CONFIG.json`` runs.
+
+The user's code is named by import paths ``"package.module:attribute"``: either a factory
+(``experiment``) whose result has ``train``, ``evaluate``, ``n_train`` and ``n_outputs`` (and
+optionally ``description()``), or a ``train``/``evaluate`` pair with ``n_train``/``n_outputs``.
+The default is the bundled digits (:class:`datatrace.demo.subsets.DigitsSubsets`), so an empty
+config ``{}`` runs out of the box.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
+from datatrace.subsets.experiment import DEFAULT_LEASE_S, SubsetExperiment
+
+DIGITS_FACTORY = "datatrace.demo.subsets:DigitsSubsets"
+BACKENDS = ("local", "processes", "ray")
+
+
+def _help(text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class SubsetRunConfig:
+    """Settings of a subset run; saved in the store beside its results (``config/`` attrs)."""
+
+    store: str = _help("the datatrace store: a directory or an fsspec URL", "datatrace-subsets")
+    name: str = _help("name of the subset experiment in the store", "digits")
+    n_masks: int = _help("random subsets (rows); rerun with more to extend the experiment", 100)
+    alpha: float = _help("fraction of the training set in each subset", 0.5)
+    seed: int = _help("seed of the masks and of the training seeds", 0)
+    n_seeds: int = _help("models trained per subset, each with its own seed", 1)
+    experiment: str | None = _help(
+        "import path 'package.module:factory' of an object with train(train_indices, seed), "
+        "evaluate(model), n_train and n_outputs; null to give train/evaluate instead",
+        DIGITS_FACTORY,
+    )
+    experiment_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": 'keyword arguments of the factory, e.g. {"epochs": 30}'},
+    )
+    train: str | None = _help("import path of train(train_indices, seed) -> model", None)
+    evaluate: str | None = _help("import path of evaluate(model) -> (n_outputs,) outputs", None)
+    n_train: int | None = _help("training-set size (with train/evaluate; else the factory's)")
+    n_outputs: int | None = _help("outputs per model (with train/evaluate; else the factory's)")
+    backend: str = _help("where models train: local (this process), processes, ray", "local")
+    processes: int = _help("worker processes of the 'processes' backend", 2)
+    max_retries: int | None = _help("retries of a failed row (default: local 0, ray 3)", None)
+    ray_address: str | None = _help("Ray cluster address ('auto', 'ray://host:10001'); null: local")
+    ray_num_cpus: float = _help("CPUs requested per Ray task", 1.0)
+    ray_num_gpus: float = _help("GPUs requested per Ray task", 0.0)
+    lease_s: float = _help(
+        "seconds after which a silent runner's claim is taken over", DEFAULT_LEASE_S
+    )
+    threads: int = _help("torch CPU threads of this process (0: leave torch's setting)", 1)
+    progress: bool = _help("show a progress bar", True)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The one-line help text of field ``name``."""
+        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
+
+    def check(self) -> SubsetRunConfig:
+        """``self`` if its settings are consistent, else a ValueError saying what to change."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        pair = (self.train, self.evaluate)
+        if self.experiment is None and None in pair:
+            raise ValueError("give experiment (a factory) or both train and evaluate")
+        if self.experiment is not None and pair != (None, None):
+            raise ValueError("give experiment or train/evaluate, not both (set experiment: null)")
+        if self.experiment is None and (self.n_train is None or self.n_outputs is None):
+            raise ValueError("with train/evaluate, give n_train and n_outputs too")
+        for name in ("n_masks", "n_seeds", "processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        return self
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the config as JSON to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SubsetRunConfig:
+        """Read a config file; missing fields take their defaults.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a JSON object of known fields.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no subset config at {path} (write one with: datatrace subsets init {path})"
+            )
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            unknown = sorted(set(values) - known) if isinstance(values, dict) else values
+            raise ValueError(f"{path} is not a subset config: unknown entries {unknown}")
+        return cls(**values)
+
+    def make_backend(self) -> Backend:
+        """The backend these settings describe."""
+        retries = {} if self.max_retries is None else {"max_retries": self.max_retries}
+        if self.backend == "ray":
+            return RayBackend(
+                num_cpus=self.ray_num_cpus,
+                num_gpus=self.ray_num_gpus,
+                address=self.ray_address,
+                **retries,
+            )
+        processes = self.processes if self.backend == "processes" else 0
+        return LocalBackend(processes=processes, **retries)
+
+
+def load_object(path: str) -> Any:
+    """The object at import path ``"package.module:attribute"`` (dots after the colon nest).
+
+    Raises:
+        ValueError: the path is malformed, the module cannot be imported, or has no such name.
+    """
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"{path!r} is not an import path of the form 'package.module:name'")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import {module_name!r} (from {path!r}): {error}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{module_name!r} has no attribute {attribute!r} (from {path!r})")
+        target = getattr(target, part)
+    return target
+
+
+@dataclass(frozen=True)
+class ResolvedFunctions:
+    """The user's code a config names, with what the table needs to know about it."""
+
+    train: Any
+    evaluate: Any
+    n_train: int
+    n_outputs: int
+    description: dict[str, Any]
+
+
+def resolve_functions(config: SubsetRunConfig) -> ResolvedFunctions:
+    """Import the functions named by ``config``."""
+    config.check()
+    if config.experiment is not None:
+        factory = load_object(config.experiment)
+        made = factory(**config.experiment_kwargs)
+        missing = [name for name in ("train", "evaluate") if not callable(getattr(made, name, 0))]
+        if missing:
+            raise ValueError(
+                f"{config.experiment} returned {type(made).__name__}, which has no "
+                f"{' or '.join(missing)} method"
+            )
+        n_train = config.n_train if config.n_train is not None else getattr(made, "n_train", None)
+        n_outputs = (
+            config.n_outputs if config.n_outputs is not None else getattr(made, "n_outputs", None)
+        )
+        if n_train is None or n_outputs is None:
+            raise ValueError(
+                f"{config.experiment} does not say n_train and n_outputs: give them in the config"
+            )
+        describe = getattr(made, "description", None)
+        description = (
+            describe()
+            if callable(describe)
+            else {"experiment": config.experiment, "kwargs": config.experiment_kwargs}
+        )
+        return ResolvedFunctions(made.train, made.evaluate, n_train, n_outputs, description)
+    return ResolvedFunctions(
+        load_object(config.train),
+        load_object(config.evaluate),
+        config.n_train,
+        config.n_outputs,
+        {"train": config.train, "evaluate": config.evaluate},
+    )
+
+
+def run_config(config: SubsetRunConfig) -> SubsetExperiment:
+    """Create (or reopen) the experiment a config describes, save the config in it, run it."""
+    import torch
+
+    functions = resolve_functions(config)
+    experiment = SubsetExperiment(
+        config.store,
+        config.name,
+        n_train=functions.n_train,
+        n_outputs=functions.n_outputs,
+        n_masks=config.n_masks,
+        alpha=config.alpha,
+        seed=config.seed,
+        n_seeds=config.n_seeds,
+        description=functions.description,
+    )
+    experiment.save_config(asdict(config))
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return experiment.run(
+            functions.train,
+            functions.evaluate,
+            backend=config.make_backend(),
+            progress=config.progress,
+            lease_s=config.lease_s,
+        )
+    finally:
+        torch.set_num_threads(threads)
