@@ -9,7 +9,7 @@ Each command lives in its own module of this package and registers itself on :da
 importing the package imports them all.
 """
 
-from datatrace.cli import demo, info  # noqa: F401  (each module registers its commands)
+from datatrace.cli import datamodels, demo, info, modeldiff, subsets, unlearn  # noqa: F401  (each module registers its commands)
 from datatrace.cli.app import app
 
 __all__ = ["app"]
