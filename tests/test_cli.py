@@ -58,12 +58,31 @@ def test_quick_demo_writes_report_config_and_scores(quick_demo):
 
 def test_rerun_reuses_checkpoints_and_store(quick_demo):
     out, _ = quick_demo
-    before = file_times(out / "checkpoints") | file_times(out / "store" / "features")
+    cached = ("checkpoints", "store/features", "store/subsets")
+    before = {k: v for path in cached for k, v in file_times(out / path).items()}
     result = invoke("--traceback", "demo", "--config", out / "config.json", "--no-progress")
     assert result.exit_code == 0, result.output
-    after = file_times(out / "checkpoints") | file_times(out / "store" / "features")
-    assert after == before  # nothing trained or featurized again
+    after = {k: v for path in cached for k, v in file_times(out / path).items()}
+    assert after == before  # nothing trained, featurized or retrained for the LDS again
     assert "reused" in result.output
+
+
+def test_quick_demo_scores_every_method_by_lds(quick_demo):
+    """The LDS table lists TRAK and the three baselines, in the terminal and in the report, with
+    values computed against the ground truth of QUICK_PRESET["lds_models"] subset models."""
+    out, result = quick_demo
+    from datatrace.evaluate import lds
+    from datatrace.subsets import SubsetExperiment
+
+    truth = SubsetExperiment.open(out / "store", "lds").results()
+    assert len(truth.masks) == QUICK_PRESET["lds_models"]
+    expected = lds(Attributions.load(out / "store", "test"), truth.masks, truth.outputs).mean
+    report = (out / "report.html").read_text()
+    assert "Linear datamodeling score" in report
+    for method in ("TRAK", "GradientDot", "GradientCosine", "RepresentationSimilarity"):
+        assert method in result.output and method in report
+    assert f"{expected:.3f}" in result.output
+    assert expected > 0.2  # measured 0.60 with 8 models; random scores give ~0
 
 
 def test_info_describes_the_store(quick_demo):

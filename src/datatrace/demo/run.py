@@ -28,6 +28,14 @@ from rich.table import Table
 
 from datatrace.attributions import Attributions
 from datatrace.demo.data import Split, digits_split
+from datatrace.demo.lds import (
+    MethodScore,
+    baseline_attributions,
+    ground_truth,
+    lds_rows,
+    lds_table,
+    score_methods,
+)
 from datatrace.demo.models import MODELS, make_model
 from datatrace.demo.training import accuracy, train_checkpoints
 from datatrace.kernel import SingularKernelWarning
@@ -46,8 +54,12 @@ SCORES_NAME = "test"
 TEST_SIZE = 297
 # Settings left unset (None) take these values: a real run, or ``quick`` for tests and a first
 # look (seconds). The full run keeps k below n_train ≈ 1500, where TRAK's kernel is not singular.
-FULL_PRESET = {"n_models": 3, "epochs": 30, "proj_dim": 1024, "n_train": None}
-QUICK_PRESET = {"n_models": 2, "epochs": 3, "proj_dim": 64, "n_train": 300}
+FULL_PRESET = {"n_models": 3, "epochs": 30, "proj_dim": 1024, "n_train": None, "lds_models": 64}
+QUICK_PRESET = {"n_models": 2, "epochs": 3, "proj_dim": 64, "n_train": 300, "lds_models": 8}
+# Name of the subset experiment (models trained on random halves) in the demo's store.
+GROUND_TRUTH_NAME = "lds"
+# Fraction of the training set each ground-truth model sees.
+GROUND_TRUTH_ALPHA = 0.5
 # Up to this share of the shown test images are misclassified ones (at least one, if any).
 MISCLASSIFIED_SHARE = 1 / 3
 # Examples per gradient batch: the MLP's per-example gradients of 256 examples take ~27 MB.
@@ -76,10 +88,16 @@ class DemoConfig:
     epochs: int | None = _help("training epochs per model (30)")
     proj_dim: int | None = _help("TRAK projection dimension k, a multiple of 4 (1024)")
     n_train: int | None = _help("training examples used, from the shuffled split (all 1500)")
+    lds_models: int | None = _help(
+        "models trained on random halves of the training set, the ground truth of the LDS "
+        "(64; 0 skips the LDS)"
+    )
     n_targets: int = _help("test images shown in the terminal and the report", 6)
     k: int = _help("proponents and opponents shown per test image", 5)
     seed: int = _help("seed of the data split, the models and the projections", 0)
-    quick: bool = _help("tiny settings for tests: 2 models, 3 epochs, k=64, 300 train", False)
+    quick: bool = _help(
+        "tiny settings for tests: 2 models, 3 epochs, k=64, 300 train, 8 LDS models", False
+    )
     progress: bool = _help("show progress bars", True)
     # One thread by default: the demo's models are so small that a second one gains little, and
     # when other processes share the cores, torch's spinning threads run 10-20× slower.
@@ -105,6 +123,8 @@ class DemoConfig:
             raise ValueError(f"unknown model {config.model!r}: choose from {sorted(MODELS)}")
         if config.threads < 0:
             raise ValueError(f"threads must be 0 (torch's default) or more, got {config.threads}")
+        if config.lds_models is not None and config.lds_models < 0:
+            raise ValueError(f"lds_models must be 0 (no LDS) or more, got {config.lds_models}")
         for name in ("n_models", "epochs", "proj_dim", "n_train", "n_targets", "k"):
             value = getattr(config, name)
             if value is not None and value < 1:
@@ -158,6 +178,7 @@ class DemoResult:
         featurized_chunks: row chunks of training features computed by this run (the others were
             already in the store).
         warnings: messages of the warnings TRAK raised (e.g. a singular kernel).
+        lds: LDS of TRAK and the baselines against the ground truth (empty if skipped).
     """
 
     config: DemoConfig
@@ -172,6 +193,7 @@ class DemoResult:
     trained_models: int
     featurized_chunks: int
     warnings: list[str]
+    lds: list[MethodScore]
 
 
 def run_demo(config: DemoConfig | None = None, console: Console | None = None) -> DemoResult:
@@ -262,6 +284,12 @@ def _run(config: DemoConfig, console: Console) -> DemoResult:
     featurized = _completed_chunks(store_path) - done_before
     shown = choose_targets(labels, predictions, config.n_targets)
     console.print(attribution_table(attributions, shown, train, test, predictions, config.k))
+    method_scores = []
+    if config.lds_models:
+        method_scores = _lds(
+            config, model, checkpoints, train, test, trak, attributions, timings, stage
+        )
+        console.print(lds_table(method_scores, config.lds_models))
 
     with stage("report"):
         # Imported here: matplotlib and jinja2 take a second to import, which `datatrace info`
@@ -280,13 +308,14 @@ def _run(config: DemoConfig, console: Console) -> DemoResult:
             k=config.k,
             summary=_summary(config, trak, attributions, accuracies, ensemble_accuracy),
             sections=[
+                *_lds_sections(method_scores, config.lds_models),
                 Section(
                     "Wall time",
                     caption="Seconds per stage of this run, before the report (stages whose "
                     "results were already in the output directory take almost none).",
                     columns=["stage", "seconds"],
                     rows=[[name, round(seconds, 2)] for name, seconds in timings.items()],
-                )
+                ),
             ],
             title="datatrace demo: TRAK on 8×8 digits",
             cmap="gray_r",
@@ -319,7 +348,79 @@ def _run(config: DemoConfig, console: Console) -> DemoResult:
         trained_models=trained,
         featurized_chunks=featurized,
         warnings=messages,
+        lds=method_scores,
     )
+
+
+def _lds(
+    config: DemoConfig,
+    model,
+    checkpoints,
+    train: Split,
+    test: Split,
+    trak: TRAK,
+    attributions: Attributions,
+    timings: dict[str, float],
+    stage,
+) -> list[MethodScore]:
+    """Train (or read) the ground truth, run the baselines, and score every method by LDS."""
+    from datatrace.demo.subsets import DigitsSubsets
+
+    digits = DigitsSubsets(
+        model=config.model,
+        epochs=config.epochs,
+        split_seed=config.seed,
+        max_train=len(train),
+        threads=0,
+    )
+    with stage("ground truth"):
+        truth = ground_truth(
+            trak.store_,
+            GROUND_TRUTH_NAME,
+            digits,
+            len(test),
+            config.lds_models,
+            GROUND_TRUTH_ALPHA,
+            config.seed,
+            config.progress,
+        )
+    with stage("baselines"):
+        baselines = baseline_attributions(
+            model,
+            checkpoints,
+            train,
+            test,
+            trak.store_,
+            config.proj_dim,
+            config.seed,
+            BATCH_SIZE,
+            config.progress,
+        )
+    trak_seconds = timings["featurizing"] + timings["scoring"]
+    return score_methods([(attributions, trak_seconds), *baselines], truth)
+
+
+def _lds_sections(scores: list[MethodScore], n_models: int | None) -> list:
+    from datatrace.report import Section
+
+    if not scores:
+        return []
+    return [
+        Section(
+            "Linear datamodeling score (LDS)",
+            caption=(
+                f"How well each method predicts what models trained on other data do: for "
+                f"{n_models} models trained on random halves of the training set, the Spearman "
+                "correlation, over models, between the sum of the scores of the training "
+                "examples a model saw and its actual margin on the target, averaged over the "
+                "test images (95% interval by resampling test images). Higher is better; "
+                "seconds are the attribution's wall time (the gradient baselines reuse TRAK's "
+                "stored features, so they pay only their scoring)."
+            ),
+            columns=["method", "LDS", "CI low", "CI high", "seconds"],
+            rows=lds_rows(scores),
+        )
+    ]
 
 
 def choose_targets(labels: np.ndarray, predictions: np.ndarray, n: int) -> list[int]:
