@@ -10,7 +10,7 @@ from datatrace.grads.projectors import (
     SparseJLProjector,
     make_projector,
 )
-from datatrace.grads.selection import ParamSelection, select_parameters
+from datatrace.grads.selection import ParamSelection, last_blocks, select_parameters
 
 __all__ = [
     "Checkpoint",
@@ -21,6 +21,7 @@ __all__ = [
     "PerExampleGradients",
     "Projector",
     "SparseJLProjector",
+    "last_blocks",
     "load_checkpoint",
     "make_projector",
     "select_parameters",

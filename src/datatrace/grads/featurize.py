@@ -13,7 +13,7 @@ from torch import nn
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
-from datatrace.grads.per_example import PerExampleGradients
+from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
 from datatrace.grads.projectors import Projector, derive_seed
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.progress import progress_bar
@@ -76,6 +76,8 @@ class GradientFeatures:
         self.progress = progress
         self.param_names = select_parameters(model, params)
         self._gradients = PerExampleGradients(model, task, self.param_names)
+        # (checkpoint, state, gradients) of the checkpoint last prepared (see gradients_for).
+        self._prepared: tuple[int, dict, PerExampleGradients] | None = None
         named = dict(model.named_parameters())
         self.sizes = [named[name].numel() for name in self.param_names]
         self.dim = projector.output_dim(self.sizes)
@@ -103,17 +105,34 @@ class GradientFeatures:
             "chunk_rows": self.chunk_rows,
         }
 
+    def gradients_for(self, state: dict[str, torch.Tensor], checkpoint: int) -> PerExampleGradients:
+        """The gradient computation under checkpoint ``checkpoint`` (whose parameters and buffers
+        are ``state``), with the task that ``Task.for_checkpoint`` gives for it. The last one is
+        kept, so that the task is prepared once per checkpoint, not once per batch."""
+        cached = self._prepared
+        if cached is not None and cached[0] == checkpoint and cached[1] is state:
+            return cached[2]
+        task = task_for_checkpoint(self.model, self.task, state, checkpoint)
+        gradients = (
+            self._gradients
+            if task is self.task
+            else PerExampleGradients(self.model, task, self.param_names)
+        )
+        self._prepared = (checkpoint, state, gradients)
+        return gradients
+
     def featurize(
         self, state: dict[str, torch.Tensor], batch: Any, checkpoint: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(batch_size, k)`` and out-to-loss weights ``(batch_size,)`` of one batch,
         on the CPU in float32."""
+        gradients = self.gradients_for(state, checkpoint)
         batch = batch_to(batch, self.device)
-        grads = self._gradients.gradients(state, batch)
+        grads = gradients.gradients(state, batch)
         features = self.projector.project(
             [grads[name] for name in self.param_names], self.projection_seed(checkpoint)
         )
-        out_to_loss = self._gradients.out_to_loss(state, batch)
+        out_to_loss = gradients.out_to_loss(state, batch)
         return features.float().cpu(), out_to_loss.float().cpu()
 
     def featurize_all(
@@ -130,6 +149,7 @@ class GradientFeatures:
                 features.append(batch_features)
                 weights.append(batch_weights)
                 advance(hi - lo)
+        self._prepared = None  # let the checkpoint's tensors go
         return torch.cat(features), torch.cat(weights)
 
     def featurize_train(
@@ -181,4 +201,5 @@ class GradientFeatures:
                     )
                     advance(stop - start)
             stored.append(features)
+        self._prepared = None
         return stored

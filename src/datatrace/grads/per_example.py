@@ -26,6 +26,29 @@ class _Bound(nn.Module):
         return self._fn(self.model, batch)
 
 
+def module_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as ``functional_call`` takes it for ``model``: without the second names of tied
+    parameters (a language model's ``lm_head.weight`` tied to its input embeddings), which
+    ``functional_call`` fills from the first name; a state dict holds both, as separate tensors
+    once loaded, and ``functional_call`` refuses two values for one tied parameter."""
+    canonical = {name for name, _ in model.named_parameters()}
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - canonical
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
+
+
+def task_for_checkpoint(
+    model: nn.Module, task: Task, state: Mapping[str, torch.Tensor], checkpoint: int
+) -> Task:
+    """``task.for_checkpoint(model, checkpoint)`` with the parameters and buffers of ``state`` in
+    place of the model's own (in eval mode, without gradients); the model is not modified."""
+    if type(task).for_checkpoint is Task.for_checkpoint:
+        return task
+    bound = _Bound(model, task.for_checkpoint)
+    params = {"model." + name: tensor for name, tensor in module_state(model, state).items()}
+    with torch.no_grad(), _eval_mode(model):
+        return functional_call(bound, params, (checkpoint,))
+
+
 class PerExampleGradients:
     """Gradients of ``task.output`` for each example of a batch, one checkpoint at a time.
 
@@ -46,6 +69,7 @@ class PerExampleGradients:
         self._out_to_loss = _Bound(model, task.out_to_loss)
 
     def _split(self, state: Mapping[str, torch.Tensor]):
+        state = module_state(self.model, state)
         selected = {name: state[name].detach() for name in self.param_names}
         frozen = {
             "model." + name: tensor.detach()
@@ -86,7 +110,9 @@ class PerExampleGradients:
         return self._evaluate(self._out_to_loss, state, batch)
 
     def _evaluate(self, bound: nn.Module, state: Mapping[str, torch.Tensor], batch: Any):
-        params = {"model." + name: tensor for name, tensor in state.items()}
+        params = {
+            "model." + name: tensor for name, tensor in module_state(self.model, state).items()
+        }
         with _eval_mode(self.model):
             return functional_call(bound, params, (batch,))
 

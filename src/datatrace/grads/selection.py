@@ -57,3 +57,56 @@ def _match(model: nn.Module, named: dict[str, nn.Parameter], item: str | nn.Modu
     raise TypeError(
         f"cannot select parameters with a {type(item).__name__}: use name patterns or submodules"
     )
+
+
+def last_blocks(model: nn.Module, n: int = 2, head: bool = True) -> list[str]:
+    """Names of the parameters of the last ``n`` blocks of each block stack, and of the head.
+
+    A block stack is an ``nn.ModuleList`` of at least two modules of one type (a transformer's
+    layers: ``bert.encoder.layer``, ``transformer.h``, T5's ``encoder.block`` and
+    ``decoder.block``, CLIP's two towers). The head is every parameter that comes after the last
+    block of the last stack in ``model.named_parameters()`` order (final norm, pooler,
+    classifier or LM head; a head tied to the input embeddings is shared with them and is only
+    selected through them). Pass the result as ``params=`` to an estimator.
+
+    Args:
+        model: the model.
+        n: blocks kept at the end of each stack.
+        head: also select the parameters after the last stack.
+
+    Raises:
+        ValueError: the model has no block stack, or ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1 block, got {n}")
+    stacks = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) >= 2
+        and len({type(block) for block in module}) == 1
+    ]
+    # A stack nested inside a block of another stack (e.g. the sublayers of a T5 block) is part
+    # of that block, not a stack of its own.
+    stacks = [
+        (name, module)
+        for name, module in stacks
+        if not any(name.startswith(other + ".") for other, _ in stacks if other != name)
+    ]
+    if not stacks:
+        raise ValueError(
+            "the model has no stack of blocks (an nn.ModuleList of modules of one type): "
+            "select parameters with name patterns instead, e.g. params=['encoder.layer.5.*']"
+        )
+    chosen: set[int] = set()
+    for _, stack in stacks:
+        for block in list(stack)[-n:]:
+            chosen |= {id(param) for param in block.parameters()}
+    names = [name for name, param in model.named_parameters() if id(param) in chosen]
+    if head:
+        last_stack = {id(param) for param in stacks[-1][1].parameters()}
+        order = [name for name, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
+        last_index = max(i for i, name in enumerate(order) if id(params[name]) in last_stack)
+        names += order[last_index + 1 :]
+    return [name for name in dict(model.named_parameters()) if name in set(names)]

@@ -35,9 +35,14 @@ def tensors_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         for name in sorted(state):
             tensor = state[name].detach().cpu().contiguous()
             hasher.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-            hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+            hasher.update(_bytes(tensor))
 
     return _digest(update)
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    # Flattened first: a 0-dim tensor (e.g. CLIP's logit_scale) cannot be viewed as bytes.
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def batch_fingerprint(batch: Any) -> str:
@@ -48,7 +53,7 @@ def batch_fingerprint(batch: Any) -> str:
             if torch.is_tensor(value):
                 tensor = value.detach().cpu().contiguous()
                 hasher.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
-                hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+                hasher.update(_bytes(tensor))
             elif isinstance(value, np.ndarray):
                 hasher.update(np.ascontiguousarray(value).tobytes())
             elif isinstance(value, Mapping):

@@ -6,5 +6,36 @@ from datatrace.tasks.classification import (
     classification_margin,
     margin_out_to_loss,
 )
+from datatrace.tasks.clip import CLIPContrastive, CLIPNegatives, contrastive_margins
+from datatrace.tasks.language_model import (
+    IGNORE_INDEX,
+    CausalLM,
+    Seq2SeqLM,
+    TokenRows,
+    causal_lm_examples,
+    per_token_targets,
+    score_per_token,
+    seq2seq_examples,
+    token_margins,
+)
+from datatrace.tasks.text import TextClassification
 
-__all__ = ["Classification", "Task", "classification_margin", "margin_out_to_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "CLIPContrastive",
+    "CLIPNegatives",
+    "CausalLM",
+    "Classification",
+    "Seq2SeqLM",
+    "Task",
+    "TextClassification",
+    "TokenRows",
+    "causal_lm_examples",
+    "classification_margin",
+    "contrastive_margins",
+    "margin_out_to_loss",
+    "per_token_targets",
+    "score_per_token",
+    "seq2seq_examples",
+    "token_margins",
+]

@@ -33,6 +33,17 @@ class Task(ABC):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The out-to-loss weight ``Q`` of each example of ``batch``, shape ``(batch_size,)``."""
 
+    def for_checkpoint(self, model: nn.Module, checkpoint: int) -> Task:
+        """The task to use while featurizing under checkpoint number ``checkpoint``.
+
+        Called once per checkpoint (in eval mode, without gradients) with that checkpoint's
+        parameters in place in ``model``, before any example is featurized under it. A task whose
+        output depends on quantities computed from the model itself (e.g. CLIP's pool of negative
+        embeddings) returns a new task holding them; the task it is called on is left unchanged,
+        so one task object still serves every checkpoint. The default returns ``self``.
+        """
+        return self
+
     def config(self) -> dict[str, Any]:
         """Settings that identify this task in a store's provenance (JSON-serialisable)."""
         return {"name": type(self).__name__}

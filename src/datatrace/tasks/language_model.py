@@ -1,0 +1,327 @@
+"""Language modelling: attribute the continuation of a prompt, token by token or as a whole.
+
+The output of a (prompt, continuation) pair is the sum over its continuation tokens of the
+per-token margin ``m_t = log p_t/(1 − p_t) = logit_{y_t} − logsumexp_{v≠y_t} logit_v``, with
+``p_t`` the model's probability of the token ``y_t`` that actually follows. Prompt and padding
+tokens carry the label ``ignore_index`` (−100, as in Hugging Face ``labels``) and count for
+nothing.
+
+Out-to-loss weight. The training loss of a sequence is ``L = Σ_t −log p_t = Σ_t softplus(−m_t)``,
+so ``∂L/∂m_t = −(1 − p_t)``: every token has its own weight. A single ``Q`` with
+``∂L/∂f = −Q`` for ``f = Σ_t m_t`` exists when the margins move together (``dm_t = df/T``), and
+then ``dL = −Σ_t (1 − p_t) df/T``, i.e. ``Q = mean_t (1 − p_t)`` over the continuation tokens.
+That is the weight used here (each ``1 − p_t`` computed as ``sigmoid(−m_t)``, without cancellation).
+With one target token per row (:func:`per_token_targets`) the weight is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from datatrace.attributions import Attributions
+from datatrace.tasks._inputs import (
+    BIDIRECTIONAL_MASKS,
+    call_model,
+    check_columns,
+    model_dtype,
+    model_inputs,
+    output_field,
+)
+from datatrace.tasks.base import Task
+from datatrace.tasks.classification import classification_margin
+
+IGNORE_INDEX = -100
+"""Label of tokens that are not attributed (prompt and padding), as in Hugging Face ``labels``."""
+
+TOKEN_POSITION = "token_position"
+"""Column that restricts each row to one labelled token (its position in ``labels``); added by
+:func:`per_token_targets`. The labels themselves stay whole, so that a seq2seq decoder still
+reads the true previous tokens."""
+
+
+def token_margins(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token margins ``logit_y − logsumexp_{v≠y} logit_v`` of the labelled tokens.
+
+    Args:
+        logits: ``(batch_size, seq_len, vocab_size)``; position ``t`` predicts ``labels[:, t]``.
+        labels: ``(batch_size, seq_len)`` token ids, ``ignore_index`` where not attributed.
+
+    Returns:
+        ``(margins, counted)``, both ``(batch_size, seq_len)``: the margins (0 where ignored)
+        and a float mask of the attributed tokens.
+    """
+    counted = labels != ignore_index
+    safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
+    margins = classification_margin(logits.flatten(0, 1), safe_labels.flatten()).view_as(labels)
+    counted = counted.to(margins.dtype)
+    return margins * counted, counted
+
+
+def sequence_output(margins: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``f = Σ_t m_t`` over attributed tokens, ``(batch_size,)``."""
+    return (margins * counted).sum(-1)
+
+
+def sequence_out_to_loss(margins: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``Q = mean_t (1 − p_t) = mean_t sigmoid(−m_t)`` over attributed tokens (0 if none)."""
+    weights = torch.sigmoid(-margins) * counted
+    return weights.sum(-1) / counted.sum(-1).clamp_min(1)
+
+
+class _LanguageModel(Task):
+    """Shared by the causal and seq2seq tasks: the margins of the labelled tokens."""
+
+    bidirectional_masks: tuple[str, ...] = ()
+
+    # Positions by which the logits lag the labels they predict.
+    label_shift = 0
+
+    def __init__(
+        self,
+        label_key: str = "labels",
+        logits_key: str = "logits",
+        ignore_index: int = IGNORE_INDEX,
+        ignore: Sequence[str] = (),
+        position_key: str = TOKEN_POSITION,
+    ):
+        self.label_key = label_key
+        self.logits_key = logits_key
+        self.ignore_index = ignore_index
+        self.ignore = tuple(ignore)
+        self.position_key = position_key
+
+    def _inputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict:
+        excluded = (self.label_key, self.position_key, *self.ignore)
+        return model_inputs(batch, excluded, model_dtype(model), self.bidirectional_masks)
+
+    def _aligned(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, T, V)`` and the labels ``(B, T)`` they predict."""
+        raise NotImplementedError
+
+    def token_margins(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(margins, counted)`` of every label position, each ``(batch_size, seq_len)``.
+
+        With a ``position_key`` column, only the token at that position of ``labels`` counts.
+        """
+        batch = check_columns(batch, [self.label_key], type(self).__name__)
+        logits, labels = self._aligned(model, batch)
+        if self.position_key in batch:
+            position = batch[self.position_key] - self.label_shift
+            only = torch.arange(labels.shape[1], device=labels.device)[None, :] == position[:, None]
+            labels = torch.where(only, labels, torch.full_like(labels, self.ignore_index))
+        return token_margins(logits, labels, self.ignore_index)
+
+    def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return sequence_output(*self.token_margins(model, batch))
+
+    def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return sequence_out_to_loss(*self.token_margins(model, batch))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": type(self).__name__,
+            "label_key": self.label_key,
+            "logits_key": self.logits_key,
+            "ignore_index": self.ignore_index,
+            "ignore": list(self.ignore),
+            "position_key": self.position_key,
+        }
+
+
+class CausalLM(_LanguageModel):
+    """Attribute a decoder-only (GPT-style) model's continuation of a prompt.
+
+    Batches are dicts of tensors: ``input_ids`` (prompt then continuation, padded), the model's
+    other inputs (``attention_mask``, ...) and ``labels``: the same token ids where a token is
+    attributed and ``ignore_index`` on prompt and padding tokens (:func:`causal_lm_examples`
+    builds them). As in Hugging Face, ``labels[t]`` is predicted by the logits at ``t − 1``.
+    The model must use eager attention (``attn_implementation="eager"``): transformers builds
+    causal masks for SDPA with a branch on tensor values that ``vmap`` cannot take.
+
+    Args:
+        label_key: the column of labels.
+        logits_key: the field of the model's output holding ``(B, T, V)`` logits.
+        ignore_index: label of tokens that are not attributed.
+        ignore: other columns that are not model inputs.
+    """
+
+    label_shift = 1
+
+    def _aligned(self, model, batch):
+        logits = output_field(call_model(model, self._inputs(model, batch)), self.logits_key)
+        return logits[:, :-1], batch[self.label_key][:, 1:]
+
+
+class Seq2SeqLM(_LanguageModel):
+    """Attribute an encoder-decoder (T5-style) model's output sequence given its input.
+
+    Batches are dicts of tensors: the encoder's ``input_ids`` and ``attention_mask`` (the prompt)
+    and ``labels``, the target token ids padded with ``ignore_index`` (:func:`seq2seq_examples`
+    builds them). ``decoder_input_ids`` are the labels shifted right behind the model's
+    ``decoder_start_token_id`` (padding as ``pad_token_id``), as in the model's own training,
+    unless the batch holds a ``decoder_input_ids`` column. Logits at ``t`` predict ``labels[t]``.
+    The decoder's causal masks need eager attention (``attn_implementation="eager"``).
+
+    Args: as :class:`CausalLM`.
+    """
+
+    bidirectional_masks = BIDIRECTIONAL_MASKS
+
+    def _aligned(self, model, batch):
+        labels = batch[self.label_key]
+        inputs = self._inputs(model, batch)
+        if "decoder_input_ids" not in inputs:
+            inputs["decoder_input_ids"] = self._shift_right(model, labels)
+        logits = output_field(call_model(model, inputs), self.logits_key)
+        return logits, labels
+
+    def _shift_right(self, model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        # Written without in-place writes so that it runs under vmap (T5's own version does not).
+        config = getattr(model, "config", None)
+        start = getattr(config, "decoder_start_token_id", None)
+        pad = getattr(config, "pad_token_id", None)
+        if start is None or pad is None:
+            raise ValueError(
+                "cannot build decoder_input_ids: the model's config has no "
+                "decoder_start_token_id or pad_token_id. Add a decoder_input_ids column to the "
+                "batch (the labels shifted right behind the start token)"
+            )
+        first = torch.full_like(labels[:, :1], start)
+        shifted = torch.cat([first, labels[:, :-1]], dim=1)
+        return torch.where(shifted == self.ignore_index, torch.full_like(shifted, pad), shifted)
+
+
+def causal_lm_examples(
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_token_id: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, torch.Tensor]:
+    """A causal-LM batch of (prompt, continuation) pairs of token ids, right-padded.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "labels"}``, each ``(n, max_len)``; ``labels`` holds
+        the continuation's ids and ``ignore_index`` on prompt and padding.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError("prompts and continuations must have the same length")
+    sequences = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), ignore_index, dtype=torch.long)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        if not continuation:
+            raise ValueError(f"continuation {row} is empty: there is nothing to attribute")
+        n_prompt, n_total = len(prompt), len(prompt) + len(continuation)
+        input_ids[row, :n_total] = torch.tensor(sequences[row])
+        attention_mask[row, :n_total] = 1
+        labels[row, n_prompt:n_total] = torch.tensor(list(continuation))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def seq2seq_examples(
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_token_id: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, torch.Tensor]:
+    """A seq2seq batch: prompts as encoder inputs, continuations as labels (right-padded).
+
+    Returns:
+        ``{"input_ids", "attention_mask"}`` ``(n, max_prompt_len)`` and ``labels``
+        ``(n, max_continuation_len)`` padded with ``ignore_index``.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError("prompts and continuations must have the same length")
+    n = len(prompts)
+    prompt_width = max(len(p) for p in prompts)
+    label_width = max(len(c) for c in continuations)
+    input_ids = torch.full((n, prompt_width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, prompt_width), dtype=torch.long)
+    labels = torch.full((n, label_width), ignore_index, dtype=torch.long)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        if not continuation:
+            raise ValueError(f"continuation {row} is empty: there is nothing to attribute")
+        input_ids[row, : len(prompt)] = torch.tensor(list(prompt))
+        attention_mask[row, : len(prompt)] = 1
+        labels[row, : len(continuation)] = torch.tensor(list(continuation))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Which target and token each row of a per-token batch stands for.
+
+    Attributes:
+        target: ``(n_rows,)`` row of the original batch.
+        position: ``(n_rows,)`` position of the token in that row's ``labels``.
+        token: ``(n_rows,)`` the token id.
+    """
+
+    target: np.ndarray
+    position: np.ndarray
+    token: np.ndarray
+
+    def as_info(self) -> dict[str, list[int]]:
+        return {
+            "target": self.target.tolist(),
+            "position": self.position.tolist(),
+            "token": self.token.tolist(),
+        }
+
+
+def per_token_targets(
+    batch: Mapping[str, torch.Tensor],
+    label_key: str = "labels",
+    ignore_index: int = IGNORE_INDEX,
+    position_key: str = TOKEN_POSITION,
+) -> tuple[dict[str, torch.Tensor], TokenRows]:
+    """One row per attributed token: each row repeats its sequence, and a ``position_key``
+    column says which of its labelled tokens the row attributes.
+
+    Attributing these rows with :class:`CausalLM` or :class:`Seq2SeqLM` gives per-token
+    attributions: row ``r`` explains the margin of token ``rows.token[r]`` at
+    ``rows.position[r]`` of ``labels`` in target ``rows.target[r]``.
+
+    Returns:
+        ``(rows_batch, rows)``: the expanded batch (``n_rows`` rows, every column repeated, plus
+        ``position_key``) and the :class:`TokenRows` that say which target and token each row is.
+    """
+    labels = batch[label_key]
+    targets, positions = torch.nonzero(labels != ignore_index, as_tuple=True)
+    expanded = {name: column[targets] for name, column in batch.items()}
+    expanded[position_key] = positions
+    tokens = labels[targets, positions]
+    return expanded, TokenRows(targets.numpy(), positions.numpy(), tokens.numpy())
+
+
+def score_per_token(
+    estimator: Any,
+    batch: Mapping[str, torch.Tensor],
+    label_key: str = "labels",
+    ignore_index: int = IGNORE_INDEX,
+    position_key: str = TOKEN_POSITION,
+) -> Attributions:
+    """Per-token attributions of a fitted estimator (e.g. ``TRAK``) for a batch of sequences.
+
+    Returns:
+        :class:`~datatrace.Attributions` with one row per attributed token, ``(n_rows, n_train)``;
+        ``info["token_rows"]`` holds the ``target``, ``position`` and ``token`` of each row.
+    """
+    expanded, rows = per_token_targets(batch, label_key, ignore_index, position_key)
+    result = estimator.score(expanded)
+    return Attributions(
+        result.scores,
+        result.method,
+        result.out_to_loss,
+        {**result.info, "token_rows": rows.as_info()},
+    )
