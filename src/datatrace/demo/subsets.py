@@ -100,7 +100,10 @@ class DigitsSubsets:
 
     def description(self) -> dict:
         """What produces the outputs, for the experiment's provenance."""
-        return {"task": "datatrace.demo.subsets:DigitsSubsets", **asdict(self)}
+        settings = asdict(self)
+        if settings["max_train"] is None:  # all training images: as recorded before the option
+            del settings["max_train"]
+        return {"task": "datatrace.demo.subsets:DigitsSubsets", **settings}
 
     def train(self, train_indices: np.ndarray, seed: int) -> nn.Module:
         """A model trained on training images ``train_indices`` ``(n_subset,)``; deterministic."""
