@@ -1,17 +1,44 @@
 """datatrace: trace a model's predictions back to its training data.
 
 The public API is listed in ``__all__``; everything else is reachable through the subpackages
-(``datatrace.tasks``, ``datatrace.grads``, ``datatrace.store``).
+(``datatrace.tasks``, ``datatrace.grads``, ``datatrace.store``, ``datatrace.subsets``,
+``datatrace.diffusion``). Optional dependencies (transformers, diffusers, Ray) are imported only
+by the pieces that need them.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from datatrace.attributions import Attributions, Ranking
 from datatrace.baselines import GradientCosine, GradientDot, RepresentationSimilarity
+from datatrace.counterfactual import (
+    BrittlenessResult,
+    CounterfactualResult,
+    brittleness,
+    counterfactual_removal,
+)
+from datatrace.datamodels import Datamodels
+from datatrace.evaluate import LDSResult, lds, predict_outputs
 from datatrace.kernel import DEFAULT_DAMPING, SingularKernelWarning
+from datatrace.lasso import LassoConvergenceWarning
 from datatrace.store import Store, StoreMismatchError
-from datatrace.tasks import Classification, Task
+from datatrace.subsets import (
+    LocalBackend,
+    RayBackend,
+    SubsetExperiment,
+    SubsetResults,
+    random_masks,
+)
+from datatrace.tasks import (
+    CausalLM,
+    Classification,
+    CLIPContrastive,
+    CLIPNegatives,
+    Seq2SeqLM,
+    Task,
+    TextClassification,
+)
 from datatrace.trak import TRAK
+from datatrace.tuning import DampingSelection, select_damping
 
 try:
     __version__ = version("datatrace")
@@ -22,14 +49,35 @@ __all__ = [
     "DEFAULT_DAMPING",
     "TRAK",
     "Attributions",
+    "BrittlenessResult",
+    "CLIPContrastive",
+    "CLIPNegatives",
+    "CausalLM",
     "Classification",
+    "CounterfactualResult",
+    "DampingSelection",
+    "Datamodels",
     "GradientCosine",
     "GradientDot",
+    "LDSResult",
+    "LassoConvergenceWarning",
+    "LocalBackend",
     "Ranking",
+    "RayBackend",
     "RepresentationSimilarity",
+    "Seq2SeqLM",
     "SingularKernelWarning",
     "Store",
     "StoreMismatchError",
+    "SubsetExperiment",
+    "SubsetResults",
     "Task",
+    "TextClassification",
     "__version__",
+    "brittleness",
+    "counterfactual_removal",
+    "lds",
+    "predict_outputs",
+    "random_masks",
+    "select_damping",
 ]
