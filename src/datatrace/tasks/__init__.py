@@ -7,6 +7,7 @@ from datatrace.tasks.classification import (
     margin_out_to_loss,
 )
 from datatrace.tasks.clip import CLIPContrastive, CLIPNegatives, contrastive_margins
+from datatrace.tasks.diffusion import Diffusion
 from datatrace.tasks.language_model import (
     IGNORE_INDEX,
     CausalLM,
@@ -26,6 +27,7 @@ __all__ = [
     "CLIPNegatives",
     "CausalLM",
     "Classification",
+    "Diffusion",
     "Seq2SeqLM",
     "Task",
     "TextClassification",
