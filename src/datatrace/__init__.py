@@ -20,6 +20,7 @@ from datatrace.datamodels import Datamodels
 from datatrace.evaluate import LDSResult, lds, predict_outputs
 from datatrace.kernel import DEFAULT_DAMPING, SingularKernelWarning
 from datatrace.lasso import LassoConvergenceWarning
+from datatrace.modeldiff import DirectionCheck, ModelDiff, verify_direction
 from datatrace.store import Store, StoreMismatchError
 from datatrace.subsets import (
     LocalBackend,
@@ -39,6 +40,16 @@ from datatrace.tasks import (
 )
 from datatrace.trak import TRAK
 from datatrace.tuning import DampingSelection, select_damping
+from datatrace.unlearning import (
+    GradientAscentSettings,
+    MatchingSettings,
+    RetainFinetuneSettings,
+    datamodel_matching,
+    gradient_ascent,
+    klom,
+    oracle_matching,
+    retain_finetune,
+)
 
 try:
     __version__ = version("datatrace")
@@ -57,14 +68,19 @@ __all__ = [
     "CounterfactualResult",
     "DampingSelection",
     "Datamodels",
+    "DirectionCheck",
+    "GradientAscentSettings",
     "GradientCosine",
     "GradientDot",
     "LDSResult",
     "LassoConvergenceWarning",
     "LocalBackend",
+    "MatchingSettings",
+    "ModelDiff",
     "Ranking",
     "RayBackend",
     "RepresentationSimilarity",
+    "RetainFinetuneSettings",
     "Seq2SeqLM",
     "SingularKernelWarning",
     "Store",
@@ -76,8 +92,14 @@ __all__ = [
     "__version__",
     "brittleness",
     "counterfactual_removal",
+    "datamodel_matching",
+    "gradient_ascent",
+    "klom",
     "lds",
+    "oracle_matching",
     "predict_outputs",
     "random_masks",
+    "retain_finetune",
     "select_damping",
+    "verify_direction",
 ]

@@ -71,8 +71,11 @@ class MatchingSettings(_Settings):
 
     The reference (CIFAR-10, ResNet-9) uses Adam, lr 5e-4 decayed by 0.95 per epoch, 5 epochs,
     batch 512, a retain sample of 3·|F|. A forget set of 100 and a retain sample of 300 make one
-    step per epoch at batch 512, so the defaults here use small batches and more epochs; they
-    were chosen on the digits benchmark (benchmarks/unlearning_klom.py, docs/unlearning.md).
+    step per epoch at batch 512, so the defaults here use small batches and more epochs. They
+    are a starting point, not a tuned optimum: on the digits benchmark
+    (benchmarks/unlearning_klom.py, docs/unlearning.md) the best grid point changed with the
+    forget set and the number of subset models (10 epochs at lr 3e-3 to 20 epochs at 1e-3);
+    tune them by KLoM on a forget set of your own.
     """
 
     epochs: int = _help("passes over the forget set plus a fresh retain sample", 10)
@@ -532,7 +535,9 @@ def klom(
     when the histograms agree, and where every margin of both sets is the same value. Even two
     sets of models retrained alike get a positive value from sampling noise (about
     ``(occupied bins − 1) / (2 n)`` for ``n`` models each): measure that floor with a second set
-    of retrained models.
+    of retrained models. The bins span both sets, so a few unlearned models with wild margins
+    on a point (diverged fine-tuning) squeeze every other margin of that point into one or two
+    bins and make its KLoM *smaller*: count such models beside the KLoM (docs/unlearning.md).
 
     Args:
         unlearned_margins: ``(n_unlearned, n_points)`` margins of unlearned models.
