@@ -91,11 +91,17 @@ def test_deterministic_across_calls_and_processes(kind):
     again = PROJECTORS[kind](32).project(grads, seed=7)
     assert torch.equal(first, again)
     assert not torch.equal(first, PROJECTORS[kind](32).project(grads, seed=8))
+    matrix = PROJECTORS[kind](32).matrix([24], seed=7)
+    # The other process multiplies with as many BLAS threads as this one (other tests change
+    # torch's setting): a float32 product blocked differently may round differently, while the
+    # projection matrix itself must be identical bit for bit whatever the threads.
     code = (
         "import torch, sys; sys.path.insert(0, 'tests');"
+        f"torch.set_num_threads({torch.get_num_threads()});"
         "from test_projectors import PROJECTORS, blocks;"
         f"out = PROJECTORS[{kind!r}](32).project(blocks(), seed=7);"
-        "sys.stdout.write(out.numpy().tobytes().hex())"
+        f"matrix = PROJECTORS[{kind!r}](32).matrix([24], seed=7);"
+        "sys.stdout.write(out.numpy().tobytes().hex() + ' ' + matrix.numpy().tobytes().hex())"
     )
     other = subprocess.run(
         [sys.executable, "-c", code],
@@ -104,7 +110,9 @@ def test_deterministic_across_calls_and_processes(kind):
         check=True,
         cwd=__file__.rsplit("/tests/", 1)[0],
     ).stdout
-    assert bytes.fromhex(other) == first.numpy().tobytes()
+    other_out, other_matrix = other.split()
+    assert bytes.fromhex(other_matrix) == matrix.numpy().tobytes()
+    assert bytes.fromhex(other_out) == first.numpy().tobytes()
 
 
 @pytest.mark.parametrize("kind", PROJECTORS)
