@@ -7,7 +7,7 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from datatrace import TRAK
 from datatrace.data import Examples
@@ -25,6 +25,9 @@ from datatrace.tasks import Classification
 from datatrace.tasks.diffusion import Diffusion
 
 INFERENCE_STEPS = 10
+
+# Tiny training sets (k ≥ n) are the point of these tests: the damping decides the kernel.
+pytestmark = pytest.mark.filterwarnings("ignore::datatrace.SingularKernelWarning")
 
 
 @pytest.fixture(scope="module")
@@ -240,36 +243,129 @@ def test_class_conditional_journey(scheduler, digits):
     )
 
 
-def test_latent_diffusion_encodes_training_images(scheduler, digits):
-    images = digits[0]
+def tiny_vae():
+    """A diffusers ``AutoencoderKL``: (b, 1, 8, 8) images ↔ (b, 4, 4, 4) latents."""
     torch.manual_seed(0)
-    encoder = nn.Conv2d(1, 4, kernel_size=2, stride=2)  # (b, 1, 8, 8) -> (b, 4, 4, 4) latents
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=8,
+    ).eval()
+
+
+def test_latent_diffusion_encodes_training_images(tmp_path, scheduler, digits):
+    images, labels = digits
+    vae = tiny_vae()
+    scaling = vae.config.scaling_factor
+
+    def encode(pixels):
+        return vae.encode(pixels).latent_dist.mean * scaling
+
+    def decode(latents):
+        return vae.decode(latents / scaling).sample
+
     model = tiny_unet(sample_size=4, channels=4, block_out_channels=(8, 16)).eval()
-    train = DiffusionTrainingExamples(images, scheduler, n_timesteps=2, encoder=encoder)
+    train = DiffusionTrainingExamples(images, scheduler, n_timesteps=2, encoder=encode)
     with torch.no_grad():
-        latents = encoder(images)
+        latents = encode(images)
+    assert latents.shape == (len(images), 4, 4, 4)
     torch.testing.assert_close(train[3]["x0"], latents[3])
     assert train[3]["noise"].shape == (2, 4, 4, 4)
     assert not train[3]["x0"].requires_grad
     trak = TRAK(model, Diffusion(scheduler), proj_dim=32, progress=False).fit(train)
+    # Attributing the latents directly gives the same scores: the encoder ran once, up front.
+    direct = TRAK(model, Diffusion(scheduler), proj_dim=32, progress=False).fit(
+        DiffusionTrainingExamples(latents, scheduler, n_timesteps=2)
+    )
     trajectory = sample_with_trajectory(
         model, scheduler, 2, seed=0, num_inference_steps=INFERENCE_STEPS, progress=False
     )
     assert trajectory.samples.shape == (2, 4, 4, 4)
     journey = attribute_trajectory(trak, trajectory, [900, 0], n_draws=2)
     assert journey.scores.shape == (2, 2, len(images))
+    np.testing.assert_allclose(
+        attribute_trajectory(direct, trajectory, [900, 0], n_draws=2).scores,
+        journey.scores,
+        rtol=1e-5,
+    )
+    # The report shows latent samples decoded to pixels, and the training images as pixels.
+    path = write_trajectory_report(
+        tmp_path / "latent.html", journey, trajectory, images, train_labels=labels, decode=decode
+    )
+    assert path.read_text().count('alt="predicted clean image at t = 900"') == 2
 
 
-# Memorisation check: a tiny UNet trained on 8 digits until it reproduces them (measured: 11 to 12
-# of 12 samples end within 0.02 mean squared error of a training digit, CPU ~45 s under load).
+TEXT_TOKENS, TEXT_DIM = 3, 8
+
+
+# The CPU attention kernel has no vmap batching rule: torch warns and loops over examples.
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_text_conditional_journey(scheduler, digits):
+    images = digits[0][:6]
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+    captions = torch.randn(len(images), TEXT_TOKENS, TEXT_DIM)
+    train = DiffusionTrainingExamples(
+        images, scheduler, n_timesteps=2, condition={"encoder_hidden_states": captions}
+    )
+    prompts = torch.randn(2, TEXT_TOKENS, TEXT_DIM)
+    trajectory = sample_with_trajectory(
+        model,
+        scheduler,
+        2,
+        seed=0,
+        num_inference_steps=INFERENCE_STEPS,
+        condition={"encoder_hidden_states": prompts},
+        progress=False,
+    )
+    assert torch.equal(trajectory.condition["encoder_hidden_states"], prompts)
+    trak = TRAK(model, Diffusion(scheduler), proj_dim=16, progress=False).fit(train)
+    journey = attribute_trajectory(trak, trajectory, [500], n_draws=2)
+    assert journey.scores.shape == (1, 2, len(images)) and np.isfinite(journey.scores).all()
+    # The prompts are used: the same trajectory attributed under other prompts scores differently.
+    reprompted = type(trajectory)(
+        trajectory.timesteps,
+        trajectory.noisy,
+        trajectory.pred_original,
+        trajectory.samples,
+        {"encoder_hidden_states": prompts.flip(0)},
+    )
+    assert not np.allclose(
+        attribute_trajectory(trak, reprompted, [500], n_draws=2).scores, journey.scores
+    )
+
+
+# Memorisation check: a tiny UNet trained on 8 digits until it reproduces them (measured with
+# sampling seeds 1, 2, 3: 10, 11 and 11 of 12 samples end within 0.02 mean squared error of a
+# training digit). 500 steps of 64 memorise as well as 1,000 steps of 32 for ~60% of the CPU time
+# (24 s against 38 s on one thread): a step's cost is mostly per-call overhead, not batch size.
 MEMORISED_DIGITS = 8
-MEMORISATION_STEPS = 1000
+MEMORISATION_STEPS = 500
+MEMORISATION_BATCH = 64
 CLOSE = 0.02
 LATE_STEPS = [200, 100, 40]
-# Measured with 3 sampling seeds: 64–100% per late step, 82–92% with the late steps' scores
-# summed; chance is 1/8.
-PER_STEP_BAR = 0.6
-SUMMED_BAR = 0.75
+# Measured with sampling seeds 1, 2, 3: the nearest digit is the top proponent in 82–90% of
+# (close sample, late step) pairs (64–100% per step), 91–100% with the late steps' scores summed;
+# chance is 1/8.
+PER_STEP_BAR = 0.7
+SUMMED_BAR = 0.8
 
 
 @pytest.mark.slow
@@ -283,7 +379,7 @@ def test_memorised_images_are_the_top_proponents_at_late_steps(scheduler):
         scheduler,
         train_images,
         steps=MEMORISATION_STEPS,
-        batch_size=32,
+        batch_size=MEMORISATION_BATCH,
         lr=5e-3,
     )
     trajectory = sample_with_trajectory(

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from datatrace.diffusion import DiffusionTargets, DiffusionTrainingExamples
 from datatrace.diffusion.training import digits_images, tiny_unet
@@ -18,6 +19,9 @@ from datatrace.tasks.diffusion import (
 )
 
 N_CLASSES = 10
+# The CPU attention kernel has no vmap batching rule: torch warns ("There is a performance
+# drop") and loops over examples; the tests with attention silence that warning.
+TEXT_TOKENS, TEXT_DIM = 5, 12
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +103,42 @@ def test_draw_weights_average_the_targets_draws(scheduler, images):
             task.output(model, {**batch, "draw_weights": batch["draw_weights"][:, :2]})
 
 
+class PlainDenoiser(nn.Module):
+    """Not a diffusers model: ``model(x_t, t)`` returns a bare tensor, and with
+    ``learned_variance`` twice the channels (the prediction, then the variance)."""
+
+    def __init__(self, learned_variance: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 2 if learned_variance else 1, 3, padding=1)
+        self.time = nn.Linear(1, 1)
+
+    def forward(self, sample, timestep):
+        scale = self.time(timestep.float().reshape(-1, 1) / 1000).reshape(-1, 1, 1, 1)
+        return self.conv(sample) * scale
+
+
+@pytest.mark.parametrize("learned_variance", [False, True])
+def test_any_denoiser_with_the_same_call_signature(scheduler, images, learned_variance):
+    model = PlainDenoiser(learned_variance)
+    examples = DiffusionTrainingExamples(images, scheduler, n_timesteps=3, seed=5)
+    batch = batch_of(examples, range(len(images)))
+    want = []
+    with torch.no_grad():
+        for x0, timesteps, noise in zip(batch["x0"], batch["timesteps"], batch["noise"]):
+            noisy = scheduler.add_noise(x0.expand(3, -1, -1, -1), noise, timesteps)
+            prediction = model(noisy, timesteps)[:, :1]
+            want.append(-((prediction - noise) ** 2).flatten(1).mean(1).sum())
+        got = Diffusion(scheduler).output(model, batch)
+    torch.testing.assert_close(got, torch.stack(want))
+    names = [name for name, _ in model.named_parameters()]
+    task = Diffusion(scheduler, "square_norm")
+    per_example = PerExampleGradients(model, task, names).gradients(model.state_dict(), batch)
+    loop = loop_gradients(model, task, names, batch)
+    for name in names:
+        torch.testing.assert_close(per_example[name], loop[name], rtol=1e-4, atol=1e-6)
+
+
 def loop_gradients(model, task, names, batch):
     params = dict(model.named_parameters())
     rows = []
@@ -109,10 +149,16 @@ def loop_gradients(model, task, names, batch):
     return {n: torch.stack([row[n] for row in rows]) for n in names}
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize(
     ("attention", "conditional", "output"),
-    [(False, False, "loss"), (False, False, "square_norm"), (True, True, "loss")],
-    ids=["unet-loss", "unet-square-norm", "attention-class-conditional"],
+    [
+        (False, False, "loss"),
+        (False, False, "square_norm"),
+        (False, False, "linf_norm"),
+        (True, True, "loss"),
+    ],
+    ids=["unet-loss", "unet-square-norm", "unet-linf-norm", "attention-class-conditional"],
 )
 def test_per_example_gradients_match_autograd_loop(
     scheduler, images, attention, conditional, output
@@ -135,6 +181,48 @@ def test_per_example_gradients_match_autograd_loop(
     for name in names:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
     assert any(want[name].abs().max() > 0 for name in names)
+
+
+def tiny_text_unet(seed: int = 0):
+    """A ``UNet2DConditionModel`` with cross-attention to ``(L, TEXT_DIM)`` text embeddings."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_text_conditional_gradients_match_autograd_loop(scheduler, images):
+    model = tiny_text_unet()
+    embeddings = torch.randn(
+        len(images), TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(0)
+    )
+    examples = DiffusionTrainingExamples(
+        images, scheduler, n_timesteps=2, seed=1, condition={"encoder_hidden_states": embeddings}
+    )
+    batch = batch_of(examples, range(len(images)))
+    assert batch["encoder_hidden_states"].shape == (len(images), TEXT_TOKENS, TEXT_DIM)
+    task = Diffusion(scheduler)
+    # The cross-attention keys see the model only through the text embeddings.
+    names = select_parameters(model, ["conv_in.*", "*attn2.to_k*", "conv_out.*"])
+    got = PerExampleGradients(model, task, names).gradients(model.state_dict(), batch)
+    want = loop_gradients(model, task, names, batch)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    keys = [name for name in names if "attn2.to_k" in name]
+    assert keys and all(want[name].abs().max() > 0 for name in keys)
+    with torch.no_grad():
+        other_text = {**batch, "encoder_hidden_states": batch["encoder_hidden_states"].flip(0)}
+        assert not torch.allclose(task.output(model, batch), task.output(model, other_text))
 
 
 def test_class_conditional_model_needs_its_labels(scheduler, images):

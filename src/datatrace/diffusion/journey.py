@@ -169,8 +169,8 @@ def trajectory_outputs(
 
     With the same ``n_draws`` and ``seed`` as :func:`attribute_trajectory`, these are the
     quantities its scores predict (for ``Diffusion(output="loss")``: the negated denoising loss
-    of ``x̂_0(t)`` at fixed noise), e.g. the outputs of models trained on random subsets for the
-    LDS.
+    of ``x̂_0(t)`` at fixed noise, averaged over the ``n_draws`` draws), e.g. the outputs of
+    models trained on random subsets for the LDS.
 
     Returns:
         ``(n_steps, n_generated)`` float64.

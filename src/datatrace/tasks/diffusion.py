@@ -2,9 +2,10 @@
 
 A denoising model ``ε_θ(x_t, t[, condition])`` is trained on ``x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε``
 to predict ``ε`` (or ``x_0``, or the velocity, as the scheduler's ``prediction_type`` says). Its
-attributed output on one example sums over ``K`` draws ``(t_k, ε_k)`` that the *data* carries (see
-:mod:`datatrace.diffusion.data`): the task itself holds no randomness, so per-example gradients
-run under ``torch.vmap`` and every example gets the same draws in every batch, chunk and run.
+attributed output on one example is a (weighted) sum over ``K`` draws ``(t_k, ε_k)`` that the
+*data* carries (see :mod:`datatrace.diffusion.data`): the task itself holds no randomness, so
+per-example gradients run under ``torch.vmap`` and every example gets the same draws in every
+batch, chunk and run.
 
 Nothing here imports ``diffusers``: any scheduler with ``alphas_cumprod`` (and optionally
 ``config.prediction_type``) and any model called as ``model(x_t, t, **condition)`` works.
@@ -179,7 +180,8 @@ class Diffusion(Task):
         return len(self.alphas_cumprod)
 
     def per_draw(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The output function of every draw, ``(B, K)`` (the output sums it over ``K``)."""
+        """The output function of every draw, ``(B, K)``; :meth:`output` sums it over ``K``,
+        weighted by ``"draw_weights"`` when the batch has them."""
         x0, timesteps, noise = batch[IMAGE_KEY], batch[TIMESTEPS_KEY], batch[NOISE_KEY]
         n_examples, n_draws = timesteps.shape
         sample_shape = x0.shape[1:]
