@@ -7,6 +7,7 @@ from scipy.stats import spearmanr
 
 import datatrace as dt
 from datatrace.kernel import SingularKernelWarning
+from datatrace.tasks import ClassLogit, per_class_targets
 
 
 def autograd_features(model, X, y):
@@ -217,3 +218,58 @@ def test_convex_model_scores_rank_like_exact_leave_one_out(load, bar):
     scores = trak.score(as_tensors(target)).scores
     correlations = [spearmanr(scores[j], effect[j])[0] for j in range(n_targets)]
     assert np.mean(correlations) > bar, np.mean(correlations)
+
+
+def autograd_logit_features(model, X, n_classes):
+    """Reference gradients (n · C, p) of ``logit_c − mean logits``, point-major, in a loop."""
+    params = list(model.parameters())
+    rows = []
+    for i in range(len(X)):
+        for c in range(n_classes):
+            logits = model(X[i : i + 1])[0]
+            grads = torch.autograd.grad(logits[c] - logits.mean(), params)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(rows).numpy()
+
+
+@pytest.mark.parametrize("n_checkpoints", [1, 2])
+def test_per_class_logit_targets_equal_closed_form(trained_mlps, n_checkpoints):
+    """score(task=ClassLogit()): training side unchanged (margin, Q), targets one logit per row."""
+    models, X, y = trained_mlps
+    models = models[:n_checkpoints]
+    train, points = (X[:300], y[:300]), X[1000:1004]
+    trak = dt.TRAK(models[0], dt.Classification(), projector="identity", damping=0.05,
+                   batch_size=64, progress=False)  # fmt: skip
+    with pytest.warns(SingularKernelWarning):
+        trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    margin_targets = (points, y[1000:1004])
+    before = trak.score(margin_targets).scores
+    targets = per_class_targets(points, 10)
+    got = trak.score(targets, task=ClassLogit()).scores
+    want, qs = [], []
+    for model in models:
+        phi, q = autograd_features(model, *train)
+        gram = phi.T @ phi
+        kernel = gram + 0.05 * np.mean(np.diag(gram)) * np.eye(gram.shape[0])
+        target_phi = autograd_logit_features(model, points, 10)
+        want.append(target_phi @ np.linalg.solve(kernel, phi.T))
+        qs.append(q)
+    want = np.mean(want, axis=0) * np.mean(qs, axis=0)[None, :]
+    assert got.shape == (40, 300)
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got / scale, want / scale, atol=2e-4)
+    # row p·10 + c is logit c of point p: the centred logits of a point sum to zero, so do the
+    # gradients and hence the scores over its 10 classes
+    per_point = got.reshape(4, 10, 300).sum(axis=1)
+    assert np.abs(per_point).max() < 1e-4 * np.abs(got).max()
+    # the fitted task is untouched: scoring without task= gives what it gave before
+    np.testing.assert_array_equal(trak.score(margin_targets).scores, before)
+
+
+def test_per_class_targets_are_point_major():
+    inputs = torch.arange(6.0).reshape(3, 2)
+    rows, classes = per_class_targets(inputs, 4)
+    assert rows.shape == (12, 2) and classes.tolist() == [0, 1, 2, 3] * 3
+    np.testing.assert_array_equal(rows[5], inputs[1])
+    with pytest.raises(ValueError, match="n_classes"):
+        per_class_targets(inputs, 0)

@@ -150,20 +150,39 @@ class TRAK:
         self.kernel_cholesky_ = [cholesky(g, lam) for g, lam in zip(grams, self.damping_)]
         return self
 
-    def score(self, targets: Any, *, name: str | None = None) -> Attributions:
+    def score(
+        self, targets: Any, *, name: str | None = None, task: Task | None = None
+    ) -> Attributions:
         """Attribute each target to the training examples.
 
         Args:
             targets: target examples, in any form accepted for training data.
             name: if given, also save the result in the store under ``scores/<name>``.
+            task: another output for the targets only (e.g.
+                :class:`~datatrace.tasks.ClassLogit`, one class's logit per target row), with
+                the same parameters and projections as the training features; default: the
+                task the estimator was fitted with.
 
         Returns:
             :class:`~datatrace.Attributions` with ``scores`` of shape ``(n_targets, n_train)``.
         """
         check_fitted(self, "store_")
+        features = self.features_
+        if task is not None and task is not self.task:
+            features = GradientFeatures(
+                self.model,
+                task,
+                features.projector,
+                params=self.params,
+                seed=self.seed,
+                batch_size=self.batch_size,
+                chunk_rows=self.chunk_size,
+                device=self.device,
+                progress=self.progress,
+            )
         total = None
         for index, checkpoint in enumerate(self.checkpoints_):
-            target_features, _ = self.features_.featurize_all(
+            target_features, _ = features.featurize_all(
                 targets,
                 checkpoint,
                 index,

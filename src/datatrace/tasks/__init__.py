@@ -3,8 +3,11 @@
 from datatrace.tasks.base import Task
 from datatrace.tasks.classification import (
     Classification,
+    ClassLogit,
+    centred_class_logit,
     classification_margin,
     margin_out_to_loss,
+    per_class_targets,
 )
 from datatrace.tasks.clip import CLIPContrastive, CLIPNegatives, contrastive_margins
 from datatrace.tasks.diffusion import Diffusion
@@ -26,6 +29,7 @@ __all__ = [
     "CLIPContrastive",
     "CLIPNegatives",
     "CausalLM",
+    "ClassLogit",
     "Classification",
     "Diffusion",
     "Seq2SeqLM",
@@ -33,9 +37,11 @@ __all__ = [
     "TextClassification",
     "TokenRows",
     "causal_lm_examples",
+    "centred_class_logit",
     "classification_margin",
     "contrastive_margins",
     "margin_out_to_loss",
+    "per_class_targets",
     "per_token_targets",
     "score_per_token",
     "seq2seq_examples",

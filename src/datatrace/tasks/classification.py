@@ -56,3 +56,60 @@ class Classification(Task):
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
+
+
+def centred_class_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``logit_c − mean_k logit_k`` of each row, for the class ``c`` of that row.
+
+    Args:
+        logits: ``(batch_size, n_classes)`` model outputs.
+        classes: ``(batch_size,)`` integer class whose logit is taken.
+
+    Returns:
+        ``(batch_size,)`` centred logits (the softmax ignores a shift common to all classes;
+        centring removes it, as :func:`datatrace.unlearning.centre_logits` does).
+    """
+    chosen = logits.gather(-1, classes.unsqueeze(-1).long()).squeeze(-1)
+    return chosen - logits.mean(-1)
+
+
+class ClassLogit(Classification):
+    """A *target* task: attribute one class's centred logit ``logit_c − mean_k logit_k``.
+
+    Batches are ``(inputs, classes)``: the second column names the class whose logit is the
+    output, not the true label. Use it to score targets of an estimator fitted with
+    :class:`Classification` (``TRAK.score(targets, task=ClassLogit())``): the training side keeps
+    the margin and its ``Q``, and each target row gets the attribution of one logit. With
+    :func:`per_class_targets` the rows are point-major (row ``p · n_classes + c`` is logit ``c``
+    of point ``p``), the per-class form that :func:`datatrace.unlearning.datamodel_matching`
+    takes.
+
+    ``out_to_loss`` is 1: a logit is not a loss-linked output, and targets' weights are not used
+    by TRAK. Do not fit an estimator with this task.
+    """
+
+    def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, classes = batch
+        return centred_class_logit(self._logits(model, inputs), classes)
+
+    def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        _, classes = batch
+        return torch.ones(classes.shape[0], dtype=torch.float32, device=classes.device)
+
+
+def per_class_targets(inputs: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every point once per class, point-major: the targets of :class:`ClassLogit`.
+
+    Args:
+        inputs: ``(n_points, ...)`` inputs.
+        n_classes: number of classes (logits) of the model.
+
+    Returns:
+        ``(inputs, classes)`` with ``n_points · n_classes`` rows; row ``p · n_classes + c`` is
+        point ``p`` with class ``c``.
+    """
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1, got {n_classes}")
+    repeated = inputs.repeat_interleave(n_classes, dim=0)
+    classes = torch.arange(n_classes).repeat(inputs.shape[0])
+    return repeated, classes
