@@ -93,6 +93,9 @@ def test_info_describes_the_store(quick_demo):
     assert "Features: 2 checkpoints" in result.output
     assert "1/1" in result.output  # 300 rows fit in one chunk
     assert "test" in result.output and "297 × 300" in result.output
+    # the quick demo's ground truth: 8 models on random halves of its 300 training images
+    assert "Subset experiments: 1" in result.output
+    assert re.search(r"lds\s*│\s*8/8\s*│\s*300\s*│\s*297", result.output), result.output
 
 
 def test_info_points_from_the_output_directory_to_its_store(quick_demo):

@@ -24,14 +24,19 @@ def info(
     context: typer.Context,
     store: Annotated[str, typer.Argument(help="A datatrace store: a directory or an fsspec URL.")],
 ) -> None:
-    """Show what a store holds: provenance, featurized checkpoints, saved scores."""
+    """Show what a store holds: provenance, featurized checkpoints, saved scores, subsets."""
     with user_errors(context):
         opened = _open_store(store)
         console.print(
             f"[bold]datatrace store[/] at {escape(opened.where)} · format "
             f"{opened.root.attrs['datatrace'].get('format')}"
         )
-        for table in (_provenance_table(opened), _features_table(opened), _scores_table(opened)):
+        for table in (
+            _provenance_table(opened),
+            _features_table(opened),
+            _scores_table(opened),
+            _subsets_table(opened),
+        ):
             console.print(table)
         beside = Path(store).parent / "config.json"
         if "://" not in store and beside.is_file():
@@ -120,6 +125,30 @@ def _scores_table(store: Store) -> Table:
             _plain(str(group.attrs.get("method", ""))),
             " × ".join(str(size) for size in shape),
             "complete" if group.attrs.get("complete") else Text("incomplete", style="yellow"),
+        )
+    return table
+
+
+def _subsets_table(store: Store) -> Table:
+    """One line per subset experiment: rows done, sizes, mask settings."""
+    from datatrace.subsets import SubsetExperiment, list_experiments
+
+    names = list_experiments(store)
+    table = Table(title=f"Subset experiments: {len(names)}", title_justify="left")
+    for column in ("name", "rows done", "n_train", "n_outputs", "seeds", "masks", "alpha"):
+        table.add_column(column, justify="left" if column in ("name", "masks") else "right")
+    for name in names:
+        experiment = SubsetExperiment.open(store, name)
+        done = experiment.completed
+        recorded = experiment.provenance
+        table.add_row(
+            _plain(name),
+            f"{int(done.sum())}/{len(done)}",
+            str(recorded["n_train"]),
+            str(recorded["n_outputs"]),
+            str(recorded["n_seeds"]),
+            _plain(str(recorded["masks"])),
+            str(recorded["alpha"]),
         )
     return table
 
