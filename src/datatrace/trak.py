@@ -93,11 +93,16 @@ class TRAK:
         self.device = device
         self.progress = progress
 
-    def _features(self) -> GradientFeatures:
+    def _features(
+        self, task: Task | None = None, projector: Projector | None = None
+    ) -> GradientFeatures:
+        """Gradient features with this estimator's parameters, projection and seed; ``task``
+        replaces the fitted task (targets scored with another output), ``projector`` reuses a
+        projector object (and the matrices it keeps)."""
         return GradientFeatures(
             self.model,
-            self.task,
-            make_projector(self.projector, self.proj_dim),
+            self.task if task is None else task,
+            projector or make_projector(self.projector, self.proj_dim),
             params=self.params,
             seed=self.seed,
             batch_size=self.batch_size,
@@ -169,17 +174,7 @@ class TRAK:
         check_fitted(self, "store_")
         features = self.features_
         if task is not None and task is not self.task:
-            features = GradientFeatures(
-                self.model,
-                task,
-                features.projector,
-                params=self.params,
-                seed=self.seed,
-                batch_size=self.batch_size,
-                chunk_rows=self.chunk_size,
-                device=self.device,
-                progress=self.progress,
-            )
+            features = self._features(task, features.projector)
         total = None
         for index, checkpoint in enumerate(self.checkpoints_):
             target_features, _ = features.featurize_all(
