@@ -11,13 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import torch
 
 from datatrace.diffusion.journey import TrajectoryAttributions
 from datatrace.diffusion.sampling import Trajectory
-from datatrace.report.html import Section, format_value
+from datatrace.report.html import Section, format_value, render_page
 from datatrace.report.images import as_image_batch, data_uri, image_png
 
 TEMPLATE = "trajectory.html.j2"
@@ -166,33 +165,5 @@ def write_trajectory_report(
         "k": k,
         "n_steps": len(journey.steps),
         "overlap": top_overlap(journey, k),
-        "sections": [
-            {
-                "title": section.title,
-                "caption": section.caption,
-                "html": section.html,
-                "columns": list(section.columns),
-                "rows": [[format_value(value) for value in row] for row in section.rows],
-            }
-            for section in sections
-        ],
-        "version": _version(),
     }
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("datatrace.report", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    html = environment.get_template(TEMPLATE).render(**context)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
-    return path
-
-
-def _version() -> str:
-    from datatrace import __version__
-
-    return __version__
+    return render_page(TEMPLATE, context, sections, path)

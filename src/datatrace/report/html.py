@@ -225,6 +225,20 @@ def write_report(
         "k": k,
         "agreement": agreement,
         "q": _q_view(attributions, train_labels, target_labels, k),
+    }
+    return render_page(TEMPLATE, context, sections, path)
+
+
+def render_page(
+    template: str, context: dict[str, Any], sections: Sequence[Section], path: str | Path
+) -> Path:
+    """Render ``templates/<template>`` with ``context``, the extra ``sections`` and the version,
+    and write the self-contained page to ``path`` (parent directories created).
+
+    Every report (attributions, ModelDiff, diffusion trajectories) is written through here.
+    """
+    context = {
+        **context,
         "sections": [
             {
                 "title": section.title,
@@ -239,12 +253,12 @@ def write_report(
     }
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("datatrace.report", "templates"),
-        autoescape=True,  # the template's name ends in .j2, which select_autoescape would miss
+        autoescape=True,  # the templates' names end in .j2, which select_autoescape would miss
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    html = environment.get_template(TEMPLATE).render(**context)
+    html = environment.get_template(template).render(**context)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
