@@ -65,3 +65,20 @@ def test_modeldiff_command_reports_user_errors(tmp_path):
     result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--train-images", "x.png",
                     "--report", tmp_path / "r.html")  # fmt: skip
     assert result.exit_code == 1 and "no train images file" in result.output
+
+
+def test_modeldiff_command_notes_a_wide_q_and_not_when_divided_out(tmp_path):
+    location, scores_a, scores_b = planted_store(tmp_path)
+    q_wide = np.full(40, 1e-3)
+    q_wide[:5] = 1e-6  # a shortcut subpopulation: Q 1000x below the median
+    Attributions(scores_a, "TRAK", out_to_loss=q_wide).save(location, "trak_a")
+    Attributions(scores_b, "TRAK", out_to_loss=np.full(40, 1e-3)).save(location, "trak_b")
+    result = invoke("modeldiff", location, "--a", "trak_a", "--b", "trak_b")
+    assert result.exit_code == 0, result.output
+    assert "--divide-out-to-loss" in result.output and "1e+03" in result.output
+    divided = invoke(
+        "modeldiff", location, "--a", "trak_a", "--b", "trak_b", "--divide-out-to-loss"
+    )
+    assert divided.exit_code == 0 and "note:" not in divided.output
+    plain = invoke("modeldiff", location, "--a", "a", "--b", "b")  # no Q: nothing to say
+    assert plain.exit_code == 0 and "note:" not in plain.output

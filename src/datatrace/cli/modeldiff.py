@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace.attributions import Attributions
 from datatrace.cli.app import app, console, user_errors
 from datatrace.modeldiff import A_VS_B, B_VS_A, RANK_BY, ModelDiff
 from datatrace.store import Store
@@ -20,6 +21,9 @@ STORE_HELP = "A datatrace store holding both attributions: a directory or an fss
 DEFAULTS = ModelDiff()
 # Indices listed per direction in the terminal (the report and the JSON have all top-k).
 SHOWN_INDICES = 4
+# Note when Q's median exceeds its 1st percentile by this factor: in the planted case of
+# docs/modeldiff.md the shortcut examples' Q sat ~175× below the median, and T ⊙ Q missed them.
+Q_SPREAD_WARNING = 100.0
 
 
 def read_array(path: Path | None, what: str) -> np.ndarray | None:
@@ -116,6 +120,10 @@ def modeldiff_command(
             rank_by=rank_by,
             divide_out_to_loss=divide_out_to_loss,
         ).fit(attributions_a, attributions_b)
+        if not divide_out_to_loss:
+            hint = q_spread_hint({name_a: attributions_a, name_b: attributions_b})
+            if hint:
+                console.print(f"[yellow]note:[/] {escape(hint)}", highlight=False)
         for which, title in ((A_VS_B, f"{name_a} vs {name_b}"), (B_VS_A, f"{name_b} vs {name_a}")):
             table = Table(title=escape(f"{title}: what {title.split(' vs ')[0]} uses"))
             for column in ("rank", f"var {name_a}", f"var {name_b}", "residual var"):
@@ -166,6 +174,28 @@ def modeldiff_command(
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def q_spread_hint(attributions: dict[str, Attributions]) -> str | None:
+    """A note when TRAK's ``Q`` spans more than ``Q_SPREAD_WARNING`` between the 1st and 50th
+    percentile of some algorithm's training examples (docs/modeldiff.md: such scores can hide
+    what one algorithm learns through a shortcut); ``None`` otherwise."""
+    spreads = {}
+    for name, result in attributions.items():
+        weights = result.out_to_loss
+        if weights is None:
+            continue
+        low = float(np.percentile(weights, 1))
+        spreads[name] = float(np.median(weights)) / max(low, np.finfo(np.float64).tiny)
+    wide = {name: spread for name, spread in spreads.items() if spread > Q_SPREAD_WARNING}
+    if not wide:
+        return None
+    name, spread = max(wide.items(), key=lambda item: item[1])
+    return (
+        f"the scores carry TRAK's out-to-loss weight Q, whose median is {spread:.3g}× its 1st "
+        f"percentile under {name}: examples an algorithm fits through a shortcut get a tiny Q and "
+        "can vanish from the directions. Compare with --divide-out-to-loss (docs/modeldiff.md)."
+    )
 
 
 def _indices(values: np.ndarray) -> str:
