@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from datatrace._settings import Settings, setting
 from datatrace.attributions import Attributions
 
 # KLoM (Georgiev et al. 2024): margins are clipped to this magnitude, binned in this many bins
@@ -46,16 +47,7 @@ KLOM_BINS = 20
 KLOM_FLOOR = 1e-5
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-class _Settings:
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The one-line help text of field ``name``."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
-
+class _Settings(Settings):
     def check(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
@@ -78,13 +70,13 @@ class MatchingSettings(_Settings):
     tune them by KLoM on a forget set of your own.
     """
 
-    epochs: int = _help("passes over the forget set plus a fresh retain sample", 10)
-    lr: float = _help("Adam learning rate", 1e-3)
-    lr_decay: float = _help("learning-rate factor applied after every epoch (γ)", 0.95)
-    batch_size: int = _help("examples per step", 32)
-    retain_multiple: float = _help("retain sample size per epoch, as a multiple of |F|", 3.0)
-    forget_repeats: int = _help("copies of the forget set in every epoch", 1)
-    weight_penalty: float = _help("coefficient of ‖θ − θ₀‖² added to the loss (0: none)", 0.0)
+    epochs: int = setting("passes over the forget set plus a fresh retain sample", 10)
+    lr: float = setting("Adam learning rate", 1e-3)
+    lr_decay: float = setting("learning-rate factor applied after every epoch (γ)", 0.95)
+    batch_size: int = setting("examples per step", 32)
+    retain_multiple: float = setting("retain sample size per epoch, as a multiple of |F|", 3.0)
+    forget_repeats: int = setting("copies of the forget set in every epoch", 1)
+    weight_penalty: float = setting("coefficient of ‖θ − θ₀‖² added to the loss (0: none)", 0.0)
 
     def check(self) -> None:
         super().check()
@@ -96,19 +88,19 @@ class MatchingSettings(_Settings):
 class GradientAscentSettings(_Settings):
     """Gradient ascent on the cross-entropy of the forget set (SGD)."""
 
-    epochs: int = _help("passes over the forget set", 3)
-    lr: float = _help("SGD learning rate", 1e-2)
-    batch_size: int = _help("examples per step", 32)
-    momentum: float = _help("SGD momentum", 0.0)
+    epochs: int = setting("passes over the forget set", 3)
+    lr: float = setting("SGD learning rate", 1e-2)
+    batch_size: int = setting("examples per step", 32)
+    momentum: float = setting("SGD momentum", 0.0)
 
 
 @dataclass(frozen=True)
 class RetainFinetuneSettings(_Settings):
     """Fine-tuning on the retained examples only (cross-entropy, Adam)."""
 
-    epochs: int = _help("passes over the retained examples", 2)
-    lr: float = _help("Adam learning rate", 1e-3)
-    batch_size: int = _help("examples per step", 64)
+    epochs: int = setting("passes over the retained examples", 2)
+    lr: float = setting("Adam learning rate", 1e-3)
+    batch_size: int = setting("examples per step", 64)
 
 
 # -- data -------------------------------------------------------------------------------------

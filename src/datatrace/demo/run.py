@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace._settings import JsonSettings, setting
 from datatrace.attributions import Attributions
 from datatrace.demo.data import Split, digits_split
 from datatrace.demo.lds import (
@@ -70,43 +71,36 @@ class OutputMismatchError(ValueError):
     """The output directory holds results of a demo run with different settings."""
 
 
-def _help(text: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class DemoConfig:
+class DemoConfig(JsonSettings):
     """Settings of the demo; saved as ``<out>/config.json`` beside its results.
 
     Fields left at ``None`` take the value of the preset: the full run, or the tiny ``quick`` one
     (see ``FULL_PRESET`` and ``QUICK_PRESET``); :meth:`resolved` fills them in.
     """
 
-    out: str = _help("directory for checkpoints, store, report and config", "datatrace-demo")
-    model: str = _help(f"architecture of the classifiers: {', '.join(sorted(MODELS))}", "mlp")
-    n_models: int | None = _help("models trained with different seeds, one checkpoint each (3)")
-    epochs: int | None = _help("training epochs per model (30)")
-    proj_dim: int | None = _help("TRAK projection dimension k, a multiple of 4 (1024)")
-    n_train: int | None = _help("training examples used, from the shuffled split (all 1500)")
-    lds_models: int | None = _help(
+    KIND = "demo config"
+
+    out: str = setting("directory for checkpoints, store, report and config", "datatrace-demo")
+    model: str = setting(f"architecture of the classifiers: {', '.join(sorted(MODELS))}", "mlp")
+    n_models: int | None = setting("models trained with different seeds, one checkpoint each (3)")
+    epochs: int | None = setting("training epochs per model (30)")
+    proj_dim: int | None = setting("TRAK projection dimension k, a multiple of 4 (1024)")
+    n_train: int | None = setting("training examples used, from the shuffled split (all 1500)")
+    lds_models: int | None = setting(
         "models trained on random halves of the training set, the ground truth of the LDS "
         "(64; 0 skips the LDS)"
     )
-    n_targets: int = _help("test images shown in the terminal and the report", 6)
-    k: int = _help("proponents and opponents shown per test image", 5)
-    seed: int = _help("seed of the data split, the models and the projections", 0)
-    quick: bool = _help(
+    n_targets: int = setting("test images shown in the terminal and the report", 6)
+    k: int = setting("proponents and opponents shown per test image", 5)
+    seed: int = setting("seed of the data split, the models and the projections", 0)
+    quick: bool = setting(
         "tiny settings for tests: 2 models, 3 epochs, k=64, 300 train, 8 LDS models", False
     )
-    progress: bool = _help("show progress bars", True)
+    progress: bool = setting("show progress bars", True)
     # One thread by default: the demo's models are so small that a second one gains little, and
     # when other processes share the cores, torch's spinning threads run 10-20× slower.
-    threads: int = _help("torch CPU threads during the run (0: leave torch's setting)", 1)
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The one-line help text of field ``name``."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
+    threads: int = setting("torch CPU threads during the run (0: leave torch's setting)", 1)
 
     def resolved(self) -> DemoConfig:
         """This config with unset fields taken from the preset, checked.
@@ -130,34 +124,6 @@ class DemoConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         return config
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the config as JSON to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> DemoConfig:
-        """Read a config written by :meth:`to_json`.
-
-        Raises:
-            FileNotFoundError: no file at ``path``.
-            ValueError: the file is not a JSON object of DemoConfig fields.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no demo config at {path}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(values, dict) or set(values) - known:
-            unknown = sorted(set(values) - known) if isinstance(values, dict) else values
-            raise ValueError(f"{path} is not a demo config: unknown entries {unknown}")
-        return cls(**values)
 
 
 @dataclass

@@ -10,11 +10,11 @@ config ``{}`` runs out of the box.
 from __future__ import annotations
 
 import importlib
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.experiment import DEFAULT_LEASE_S, SubsetExperiment
 
@@ -22,21 +22,23 @@ DIGITS_FACTORY = "datatrace.demo.subsets:DigitsSubsets"
 BACKENDS = ("local", "processes", "ray")
 
 
-def _help(text: str, default: Any = None) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
-class SubsetRunConfig:
+class SubsetRunConfig(JsonSettings):
     """Settings of a subset run; saved in the store beside its results (``config/`` attrs)."""
 
-    store: str = _help("the datatrace store: a directory or an fsspec URL", "datatrace-subsets")
-    name: str = _help("name of the subset experiment in the store", "digits")
-    n_masks: int = _help("random subsets (rows); rerun with more to extend the experiment", 100)
-    alpha: float = _help("fraction of the training set in each subset", 0.5)
-    seed: int = _help("seed of the masks and of the training seeds", 0)
-    n_seeds: int = _help("models trained per subset, each with its own seed", 1)
-    experiment: str | None = _help(
+    KIND = "subset config"
+
+    @classmethod
+    def missing_hint(cls, path: Path) -> str:
+        return f" (write one with: datatrace subsets init {path})"
+
+    store: str = setting("the datatrace store: a directory or an fsspec URL", "datatrace-subsets")
+    name: str = setting("name of the subset experiment in the store", "digits")
+    n_masks: int = setting("random subsets (rows); rerun with more to extend the experiment", 100)
+    alpha: float = setting("fraction of the training set in each subset", 0.5)
+    seed: int = setting("seed of the masks and of the training seeds", 0)
+    n_seeds: int = setting("models trained per subset, each with its own seed", 1)
+    experiment: str | None = setting(
         "import path 'package.module:factory' of an object with train(train_indices, seed), "
         "evaluate(model), n_train and n_outputs; null to give train/evaluate instead",
         DIGITS_FACTORY,
@@ -45,26 +47,23 @@ class SubsetRunConfig:
         default_factory=dict,
         metadata={"help": 'keyword arguments of the factory, e.g. {"epochs": 30}'},
     )
-    train: str | None = _help("import path of train(train_indices, seed) -> model", None)
-    evaluate: str | None = _help("import path of evaluate(model) -> (n_outputs,) outputs", None)
-    n_train: int | None = _help("training-set size (with train/evaluate; else the factory's)")
-    n_outputs: int | None = _help("outputs per model (with train/evaluate; else the factory's)")
-    backend: str = _help("where models train: local (this process), processes, ray", "local")
-    processes: int = _help("worker processes of the 'processes' backend", 2)
-    max_retries: int | None = _help("retries of a failed row (default: local 0, ray 3)", None)
-    ray_address: str | None = _help("Ray cluster address ('auto', 'ray://host:10001'); null: local")
-    ray_num_cpus: float = _help("CPUs requested per Ray task", 1.0)
-    ray_num_gpus: float = _help("GPUs requested per Ray task", 0.0)
-    lease_s: float = _help(
+    train: str | None = setting("import path of train(train_indices, seed) -> model", None)
+    evaluate: str | None = setting("import path of evaluate(model) -> (n_outputs,) outputs", None)
+    n_train: int | None = setting("training-set size (with train/evaluate; else the factory's)")
+    n_outputs: int | None = setting("outputs per model (with train/evaluate; else the factory's)")
+    backend: str = setting("where models train: local (this process), processes, ray", "local")
+    processes: int = setting("worker processes of the 'processes' backend", 2)
+    max_retries: int | None = setting("retries of a failed row (default: local 0, ray 3)", None)
+    ray_address: str | None = setting(
+        "Ray cluster address ('auto', 'ray://host:10001'); null: local"
+    )
+    ray_num_cpus: float = setting("CPUs requested per Ray task", 1.0)
+    ray_num_gpus: float = setting("GPUs requested per Ray task", 0.0)
+    lease_s: float = setting(
         "seconds after which a silent runner's claim is taken over", DEFAULT_LEASE_S
     )
-    threads: int = _help("torch CPU threads of this process (0: leave torch's setting)", 1)
-    progress: bool = _help("show a progress bar", True)
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The one-line help text of field ``name``."""
-        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
+    threads: int = setting("torch CPU threads of this process (0: leave torch's setting)", 1)
+    progress: bool = setting("show a progress bar", True)
 
     def check(self) -> SubsetRunConfig:
         """``self`` if its settings are consistent, else a ValueError saying what to change."""
@@ -81,36 +80,6 @@ class SubsetRunConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
-
-    def to_json(self, path: str | Path) -> Path:
-        """Write the config as JSON to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SubsetRunConfig:
-        """Read a config file; missing fields take their defaults.
-
-        Raises:
-            FileNotFoundError: no file at ``path``.
-            ValueError: not a JSON object of known fields.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no subset config at {path} (write one with: datatrace subsets init {path})"
-            )
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(values, dict) or set(values) - known:
-            unknown = sorted(set(values) - known) if isinstance(values, dict) else values
-            raise ValueError(f"{path} is not a subset config: unknown entries {unknown}")
-        return cls(**values)
 
     def make_backend(self) -> Backend:
         """The backend these settings describe."""
