@@ -144,12 +144,3 @@ def train_steps(model: nn.Module, loss_of_batch, steps, lr=3e-3, seed=0):
         loss_of_batch(model).backward()
         optimizer.step()
     return model.eval()
-
-
-def one_thread():
-    """Generator for an autouse fixture: these models are too small to gain from intra-op
-    threads, and with other processes on the cores extra threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

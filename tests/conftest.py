@@ -4,7 +4,18 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from datatrace.demo.subsets import torch_threads
+
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``):
+    small models and products gain nothing from intra-op threads, and with other processes on
+    the cores torch's spinning threads make them many times slower."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

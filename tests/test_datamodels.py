@@ -17,14 +17,7 @@ from datatrace.evaluate import lds, predict_outputs
 TIGHT = {"dtype": torch.float64, "tol": 1e-12, "max_iter": 20_000, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small products gain nothing from threads, and lose 10× when other processes share the
-    cores (torch's spinning OpenMP threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_linear(seed, n_train, n_subsets, n_targets, n_true=5, noise=1.0, n_fresh=0):

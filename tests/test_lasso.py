@@ -17,15 +17,7 @@ from datatrace.lasso import (
     solve_lasso,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small products gain nothing from threads, and lose 10× when other processes share the
-    cores (torch's spinning OpenMP threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # scikit-learn's reference solutions are solved to this duality gap (relative to ‖y − ȳ‖²).

@@ -10,7 +10,6 @@ from datatrace import TRAK, Attributions, Classification
 from datatrace._estimator import NotFittedError
 from datatrace.demo import make_model
 from datatrace.demo.planted import PlantedPatch
-from datatrace.demo.subsets import torch_threads
 from datatrace.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
 
 
@@ -32,13 +31,10 @@ def direct_residual_pca(scores_a, scores_b, n_components):
     return residual, pca, a, b, variance
 
 
-@pytest.fixture
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_residuals_and_pca_match_a_direct_computation(one_thread):
+def test_residuals_and_pca_match_a_direct_computation():
     rng = np.random.default_rng(0)
     scores_b = rng.normal(size=(40, 60))
     scores_a = 0.7 * scores_b + rng.normal(size=(40, 60)) * 0.5
@@ -65,7 +61,7 @@ def test_residuals_and_pca_match_a_direct_computation(one_thread):
     np.testing.assert_allclose(diff.residuals_[B_VS_A], residual_b, atol=1e-12)
 
 
-def test_row_normalisation_makes_the_scale_of_each_target_irrelevant(one_thread):
+def test_row_normalisation_makes_the_scale_of_each_target_irrelevant():
     rng = np.random.default_rng(1)
     scores_a, scores_b = rng.normal(size=(2, 30, 50))
     scales = rng.uniform(0.01, 100, size=(30, 1))
@@ -79,7 +75,7 @@ def test_row_normalisation_makes_the_scale_of_each_target_irrelevant(one_thread)
     assert abs(np.dot(unnormalised, plain.directions()[0].component)) < 0.9
 
 
-def test_variance_gap_keeps_a_feature_of_a_out_of_the_reverse_list(one_thread):
+def test_variance_gap_keeps_a_feature_of_a_out_of_the_reverse_list():
     # B's attributions are noise; A's are B's plus a shared extra weight on 10 training examples
     # for 20 of the targets. Residualising B against A leaks −⟨b, a⟩ × that extra part into B's
     # residuals, so plain PCA order puts A's feature on top of B's list too.
@@ -123,7 +119,7 @@ def test_validation_and_not_fitted():
         ModelDiff().fit(np.eye(5, 10), np.eye(5, 10) + 1).directions("a-b")
 
 
-def test_zero_rows_stay_zero_with_a_warning(one_thread):
+def test_zero_rows_stay_zero_with_a_warning():
     rng = np.random.default_rng(3)
     scores_a, scores_b = rng.normal(size=(2, 12, 30))
     scores_a[3] = 0.0
@@ -138,7 +134,7 @@ def test_zero_rows_stay_zero_with_a_warning(one_thread):
     )
 
 
-def test_divide_out_to_loss_uses_the_kernel_term(one_thread):
+def test_divide_out_to_loss_uses_the_kernel_term():
     rng = np.random.default_rng(4)
     kernel_a, kernel_b = rng.normal(size=(2, 20, 40))
     q = rng.uniform(1e-6, 1, size=40)
@@ -194,7 +190,7 @@ def test_verify_direction_measures_changes_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_planted_patch_is_the_top_direction_of_a_and_is_confirmed(one_thread):
+def test_planted_patch_is_the_top_direction_of_a_and_is_confirmed():
     """Digits where 20% of the 0s carry a corner patch; B's augmentation erases that corner.
 
     TRAK (2 checkpoints, k = 1024) of A and of B over the 297 test images, 45 of them patched;

@@ -7,13 +7,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_models import loop_grads, one_thread, padded_tokens, tiny_clip, train_steps
+from _hf_models import loop_grads, padded_tokens, tiny_clip, train_steps
 from datatrace import TRAK
 from datatrace.grads import GradientFeatures, PerExampleGradients, select_parameters
 from datatrace.grads.projectors import make_projector
 from datatrace.tasks import CLIPContrastive, CLIPNegatives, Task
 
-single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pairs(n=8, seed=0):

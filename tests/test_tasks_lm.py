@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_models import PAD, VOCAB, loop_grads, one_thread, tiny_gpt2, tiny_t5, train_steps
+from _hf_models import PAD, VOCAB, loop_grads, tiny_gpt2, tiny_t5, train_steps
 from datatrace import TRAK
 from datatrace.grads import PerExampleGradients, select_parameters
 from datatrace.tasks import (
@@ -19,7 +19,7 @@ from datatrace.tasks import (
     seq2seq_examples,
 )
 
-single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_lists(n, low, high, seed):

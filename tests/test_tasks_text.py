@@ -8,7 +8,6 @@ pytest.importorskip("transformers")
 
 from _hf_models import (
     loop_grads,
-    one_thread,
     padded_tokens,
     tiny_bert,
     tiny_distilbert,
@@ -18,7 +17,7 @@ from datatrace import TRAK
 from datatrace.grads import PerExampleGradients, last_blocks, select_parameters
 from datatrace.tasks import TextClassification
 
-single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_batch(n=10, width=9, seed=0, token_types=True):

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import datatrace as dt
 from datatrace.evaluate import lds
@@ -29,14 +28,7 @@ def problem(trained_mlps):
     return models[0], train, targets, masks, outputs, settings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small products gain nothing from threads, and lose 10× when other processes share the
-    cores (torch's spinning OpenMP threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_table_equals_separate_fits_and_features_are_computed_once(problem, monkeypatch):

@@ -5,7 +5,6 @@ from scipy.stats import entropy, norm
 from torch import nn
 
 from datatrace import Attributions
-from datatrace.demo.subsets import torch_threads
 from datatrace.unlearning import (
     KLOM_FLOOR,
     GradientAscentSettings,
@@ -24,12 +23,7 @@ from datatrace.unlearning import (
     retain_finetune,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second thread only adds contention when other processes share the cores
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- KLoM -------------------------------------------------------------------------------------
