@@ -29,9 +29,9 @@ import torch
 
 from datatrace import TRAK, Classification, SingularKernelWarning
 from datatrace.datamodels import Datamodels
+from datatrace.demo.lds import ground_truth
 from datatrace.demo.subsets import DigitsSubsets
 from datatrace.evaluate import lds
-from datatrace.subsets import SubsetExperiment
 from datatrace.tuning import select_damping
 
 
@@ -39,20 +39,11 @@ def run_experiments(args: argparse.Namespace, digits: DigitsSubsets):
     """The ``eval`` and ``fit`` subset experiments, computed or resumed: their results."""
     results = {}
     for name, rows, seed in (("eval", args.eval_models, 1), ("fit", args.fit_models, 0)):
-        experiment = SubsetExperiment(
-            args.store,
-            name,
-            n_train=digits.n_train,
-            n_outputs=digits.n_outputs,
-            n_masks=rows,
-            alpha=0.5,
-            seed=seed,
-            description=digits.description(),
-        )
         started = time.perf_counter()
-        experiment.run(digits.train, digits.evaluate, progress=True)
+        results[name] = ground_truth(
+            args.store, name, digits, digits.n_outputs, rows, 0.5, seed, progress=True
+        )
         print(f"subsets {name}: {rows} models ready ({time.perf_counter() - started:.0f} s)")
-        results[name] = experiment.results()
     return results["eval"], results["fit"]
 
 

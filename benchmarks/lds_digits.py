@@ -34,11 +34,14 @@ import torch
 
 import datatrace as dt
 from datatrace.datamodels import Datamodels
+from datatrace.demo.lds import ground_truth
 from datatrace.demo.subsets import DigitsSubsets, _split
 from datatrace.evaluate import LDSResult, lds
-from datatrace.subsets import SubsetExperiment, SubsetResults
+from datatrace.subsets import SubsetResults
 from vs_traker import INSTALL_HINT, run_traker, traker_feature_scale
 
+# Fraction of the training set in every subset model's data.
+ALPHA = 0.5
 # Mask seeds of the two experiments (different seeds: the ground truth is never fitted on).
 EVAL_SEED, FIT_SEED = 1, 0
 # Batch size of per-example gradients in both TRAK implementations.
@@ -49,26 +52,12 @@ TRAKER_BLOCK_SIZE = 100
 
 def experiment(store: str, name: str, digits: DigitsSubsets, rows: int, seed: int) -> SubsetResults:
     """The subset experiment ``name`` with ``rows`` finished rows (trained now if missing)."""
-    table = SubsetExperiment(
-        store,
-        name,
-        n_train=digits.n_train,
-        n_outputs=digits.n_outputs,
-        n_masks=rows,
-        alpha=0.5,
-        seed=seed,
-        description=digits.description(),
-    )
     started = time.perf_counter()
-    table.run(digits.train, digits.evaluate, rows=range(rows), progress=True)
+    results = ground_truth(store, name, digits, digits.n_outputs, rows, ALPHA, seed, progress=True)
     print(
         f"# subsets {name}: {rows} models ready ({time.perf_counter() - started:.0f} s)", flush=True
     )
-    results = table.results()
-    keep = results.rows < rows
-    return SubsetResults(
-        results.masks[keep], results.outputs[keep], results.rows[keep], results.seeds[keep]
-    )
+    return results
 
 
 def timed(run: Callable[..., object], *args, **kwargs) -> tuple[object, float, float]:
