@@ -265,6 +265,28 @@ def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
 
 
+def _cross_entropy_tune(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    sign: float,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    settings: GradientAscentSettings | RetainFinetuneSettings,
+    seed: int,
+) -> nn.Module:
+    """The baselines: ``sign ×`` cross-entropy on the training ``rows`` ``(n_rows,)``, every
+    epoch in a new order (``sign = −1``: gradient ascent on the forget set)."""
+    inputs, labels = data
+
+    def epoch_batches(rng: np.random.Generator, generator: torch.Generator) -> list[torch.Tensor]:
+        return _batches(rows[torch.randperm(len(rows), generator=generator)], settings.batch_size)
+
+    def loss(tuned: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return sign * nn.functional.cross_entropy(tuned(inputs[batch]), labels[batch])
+
+    return _fine_tune(model, seed, settings.epochs, make_optimizer, epoch_batches, loss)
+
+
 def match_logits(
     model: nn.Module,
     forget_indices: Sequence[int] | np.ndarray,
@@ -438,21 +460,14 @@ def gradient_ascent(
     inputs, labels = _tensors(train_data)
     forget = torch.as_tensor(_indices(forget_indices, len(inputs), "forget_indices"))
 
-    def epoch_batches(rng: np.random.Generator, generator: torch.Generator) -> list[torch.Tensor]:
-        return _batches(
-            forget[torch.randperm(len(forget), generator=generator)], settings.batch_size
-        )
-
-    def loss(tuned: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        return -nn.functional.cross_entropy(tuned(inputs[rows]), labels[rows])
-
-    return _fine_tune(
+    return _cross_entropy_tune(
         model,
-        seed,
-        settings.epochs,
+        (inputs, labels),
+        forget,
+        -1.0,
         lambda parameters: torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum),
-        epoch_batches,
-        loss,
+        settings,
+        seed,
     )
 
 
@@ -482,21 +497,14 @@ def retain_finetune(
     forget = _indices(forget_indices, len(inputs), "forget_indices")
     retain = torch.as_tensor(np.setdiff1d(np.arange(len(inputs)), forget))
 
-    def epoch_batches(rng: np.random.Generator, generator: torch.Generator) -> list[torch.Tensor]:
-        return _batches(
-            retain[torch.randperm(len(retain), generator=generator)], settings.batch_size
-        )
-
-    def loss(tuned: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(tuned(inputs[rows]), labels[rows])
-
-    return _fine_tune(
+    return _cross_entropy_tune(
         model,
-        seed,
-        settings.epochs,
+        (inputs, labels),
+        retain,
+        1.0,
         lambda parameters: torch.optim.Adam(parameters, lr=settings.lr),
-        epoch_batches,
-        loss,
+        settings,
+        seed,
     )
 
 
