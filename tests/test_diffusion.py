@@ -7,7 +7,7 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 
 from datatrace import TRAK
 from datatrace.data import Examples
@@ -20,7 +20,7 @@ from datatrace.diffusion import (
     trajectory_outputs,
 )
 from datatrace.diffusion.report import write_trajectory_report
-from datatrace.diffusion.training import digits_images, tiny_unet, train_denoiser
+from datatrace.diffusion.training import digits_images, tiny_text_unet, tiny_unet, train_denoiser
 from datatrace.tasks import Classification
 from datatrace.tasks.diffusion import Diffusion
 
@@ -308,19 +308,7 @@ TEXT_TOKENS, TEXT_DIM = 3, 8
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_text_conditional_journey(scheduler, digits):
     images = digits[0][:6]
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    model = tiny_text_unet(TEXT_DIM).eval()
     captions = torch.randn(len(images), TEXT_TOKENS, TEXT_DIM)
     train = DiffusionTrainingExamples(
         images, scheduler, n_timesteps=2, condition={"encoder_hidden_states": captions}

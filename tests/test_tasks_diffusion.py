@@ -6,10 +6,10 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 
 from datatrace.diffusion import DiffusionTargets, DiffusionTrainingExamples
-from datatrace.diffusion.training import digits_images, tiny_unet
+from datatrace.diffusion.training import digits_images, tiny_text_unet, tiny_unet
 from datatrace.grads import PerExampleGradients, select_parameters
 from datatrace.tasks.diffusion import (
     OUTPUT_FUNCTIONS,
@@ -183,26 +183,9 @@ def test_per_example_gradients_match_autograd_loop(
     assert any(want[name].abs().max() > 0 for name in names)
 
 
-def tiny_text_unet(seed: int = 0):
-    """A ``UNet2DConditionModel`` with cross-attention to ``(L, TEXT_DIM)`` text embeddings."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
-
-
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_text_conditional_gradients_match_autograd_loop(scheduler, images):
-    model = tiny_text_unet()
+    model = tiny_text_unet(TEXT_DIM).eval()
     embeddings = torch.randn(
         len(images), TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(0)
     )

@@ -88,6 +88,42 @@ def tiny_unet(
     )
 
 
+def tiny_text_unet(
+    cross_attention_dim: int,
+    sample_size: int = 8,
+    channels: int = 1,
+    block_out_channels: tuple[int, int] = (8, 16),
+    seed: int = 0,
+) -> nn.Module:
+    """A small text-conditional ``diffusers.UNet2DConditionModel``.
+
+    Called as ``model(x, t, encoder_hidden_states=e)`` with text embeddings ``e`` of shape
+    ``(batch, n_tokens, cross_attention_dim)``: cross-attention in the first down and the last
+    up block, one ResNet layer per block, group norm with 8 groups.
+
+    Args:
+        cross_attention_dim: width of the text embeddings.
+        sample_size: image side.
+        channels: image (or latent) channels.
+        block_out_channels: channels of the two resolution levels.
+        seed: seed of the initial weights.
+    """
+    diffusers = require_diffusers()
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
 def train_denoiser(
     model: nn.Module,
     scheduler: Any,
