@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._estimator import check_fitted, checkpoint_list
+from datatrace._estimator import check_fitted, checkpoint_list, gradient_features
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
-from datatrace.grads.featurize import GradientFeatures, default_device
+from datatrace.grads.featurize import default_device
 from datatrace.grads.per_example import PerExampleGradients
-from datatrace.grads.projectors import Projector, make_projector
+from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.progress import progress_bar
 from datatrace.store import Store
@@ -72,17 +72,7 @@ class _GradientBaseline:
         Returns:
             ``self``.
         """
-        self.features_ = GradientFeatures(
-            self.model,
-            self.task,
-            make_projector(self.projector, self.proj_dim),
-            params=self.params,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            chunk_rows=self.chunk_size,
-            device=self.device,
-            progress=self.progress,
-        )
+        self.features_ = gradient_features(self)
         self.checkpoints_ = checkpoint_list(self.model, checkpoints)
         store = self.store if isinstance(self.store, Store) else Store(self.store)
         self.stored_ = self.features_.featurize_train(train_data, self.checkpoints_, store)

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._estimator import check_fitted, checkpoint_list
+from datatrace._estimator import check_fitted, checkpoint_list, gradient_features
 from datatrace.attributions import Attributions
 from datatrace.grads.checkpoints import Checkpoint
-from datatrace.grads.featurize import GradientFeatures
-from datatrace.grads.projectors import Projector, make_projector
+from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.kernel import (
     DEFAULT_DAMPING,
@@ -93,24 +92,6 @@ class TRAK:
         self.device = device
         self.progress = progress
 
-    def _features(
-        self, task: Task | None = None, projector: Projector | None = None
-    ) -> GradientFeatures:
-        """Gradient features with this estimator's parameters, projection and seed; ``task``
-        replaces the fitted task (targets scored with another output), ``projector`` reuses a
-        projector object (and the matrices it keeps)."""
-        return GradientFeatures(
-            self.model,
-            self.task if task is None else task,
-            projector or make_projector(self.projector, self.proj_dim),
-            params=self.params,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            chunk_rows=self.chunk_size,
-            device=self.device,
-            progress=self.progress,
-        )
-
     def fit(
         self,
         train_data: Any,
@@ -132,7 +113,7 @@ class TRAK:
         Returns:
             ``self``.
         """
-        features = self._features()
+        features = gradient_features(self)
         checkpoints = checkpoint_list(self.model, checkpoints)
         store = Store(self.store) if not isinstance(self.store, Store) else self.store
         stored = features.featurize_train(train_data, checkpoints, store, shard)
@@ -174,7 +155,7 @@ class TRAK:
         check_fitted(self, "store_")
         features = self.features_
         if task is not None and task is not self.task:
-            features = self._features(task, features.projector)
+            features = gradient_features(self, task, features.projector)
         total = None
         for index, checkpoint in enumerate(self.checkpoints_):
             target_features, _ = features.featurize_all(
