@@ -14,6 +14,7 @@ from datatrace.data import Examples
 from datatrace.diffusion import (
     DiffusionTargets,
     DiffusionTrainingExamples,
+    Trajectory,
     TrajectoryAttributions,
     attribute_trajectory,
     sample_with_trajectory,
@@ -169,6 +170,68 @@ def test_same_seeds_give_identical_attributions(model, scheduler, digits):
     np.testing.assert_array_equal(first.scores, second.scores)
     other_noise = journey_of(model, scheduler, images, target_seed=1)[2]
     assert not np.allclose(first.scores, other_noise.scores)
+
+
+def test_trajectory_from_numpy_arrays_gives_identical_scores(model, scheduler, digits):
+    trak, trajectory, journey = journey_of(model, scheduler, digits[0])
+    rebuilt = Trajectory.from_arrays(
+        trajectory.timesteps.numpy(),
+        trajectory.noisy.numpy(),
+        trajectory.pred_original.numpy().astype(np.float64),
+    )
+    assert rebuilt.timesteps.dtype == torch.int64 and rebuilt.noisy.dtype == torch.float32
+    assert rebuilt.pred_original.dtype == torch.float32
+    torch.testing.assert_close(rebuilt.timesteps, trajectory.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt.pred_original, trajectory.pred_original, rtol=0, atol=0)
+    # The default samples are the last step's x̂_0: what DDPM outputs at t = 0.
+    torch.testing.assert_close(rebuilt.samples, trajectory.samples, rtol=0, atol=0)
+    again = attribute_trajectory(trak, rebuilt, journey.steps, n_draws=3, seed=0)
+    np.testing.assert_array_equal(again.scores, journey.scores)
+    labels = np.array([3, 1, 4, 1])
+    conditioned = Trajectory.from_arrays(
+        trajectory.timesteps,
+        trajectory.noisy,
+        trajectory.pred_original,
+        trajectory.samples.numpy(),
+        condition={"class_labels": labels, "embedding": np.zeros((4, 2, 3))},
+    )
+    assert torch.equal(conditioned.condition["class_labels"], torch.as_tensor(labels))
+    assert conditioned.condition["embedding"].dtype == torch.float32
+
+
+def test_trajectory_from_arrays_refuses_bad_layouts():
+    rng = np.random.default_rng(0)
+    n_steps, n_samples = 10, 3
+    timesteps = np.arange(900, -1, -100)
+    noisy = rng.normal(size=(n_steps, n_samples, 1, 8, 8)).astype(np.float32)
+    pred_original = rng.normal(size=noisy.shape).astype(np.float32)
+    assert Trajectory.from_arrays(timesteps, noisy, pred_original).n_samples == n_samples
+
+    swapped = np.swapaxes(noisy, 0, 1)
+    with pytest.raises(ValueError, match=r"noisy .*laid out \(sample, step\).*np\.swapaxes"):
+        Trajectory.from_arrays(timesteps, swapped, pred_original)
+    with pytest.raises(ValueError, match=r"pred_original .*laid out \(sample, step\)"):
+        Trajectory.from_arrays(timesteps, noisy, np.swapaxes(pred_original, 0, 1))
+    with pytest.raises(ValueError, match=r"one entry per timestep \(10\)"):
+        Trajectory.from_arrays(timesteps, noisy[:9], pred_original[:9])
+    with pytest.raises(ValueError, match="both must be"):
+        Trajectory.from_arrays(timesteps, noisy, pred_original[:, :2])
+    with pytest.raises(ValueError, match="at least one sample axis"):
+        Trajectory.from_arrays(timesteps, noisy[:, :, 0, 0, 0], pred_original[:, :, 0, 0, 0])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        Trajectory.from_arrays(timesteps[::-1].copy(), noisy, pred_original)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        Trajectory.from_arrays(np.r_[timesteps[:-1], 100], noisy, pred_original)
+    with pytest.raises(ValueError, match="1-D"):
+        Trajectory.from_arrays(timesteps[None, :], noisy, pred_original)
+    with pytest.raises(ValueError, match="integers"):
+        Trajectory.from_arrays(timesteps + 0.5, noisy, pred_original)
+    with pytest.raises(ValueError, match=r"samples has shape \(1, 3, 1, 8, 8\)"):
+        Trajectory.from_arrays(timesteps, noisy, pred_original, samples=pred_original[-1:])
+    with pytest.raises(ValueError, match="one per image"):
+        Trajectory.from_arrays(
+            timesteps, noisy, pred_original, condition={"class_labels": np.array([1, 2])}
+        )
 
 
 def test_trajectory_outputs_are_the_negated_denoising_loss(model, scheduler):

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 from _hf_models import PAD, VOCAB, loop_grads, tiny_gpt2, tiny_t5, train_steps
 from datatrace import TRAK
-from datatrace.grads import PerExampleGradients, select_parameters
+from datatrace.grads import PerExampleGradients, last_blocks, select_parameters
 from datatrace.tasks import (
     IGNORE_INDEX,
     CausalLM,
@@ -159,3 +159,112 @@ def test_duplicated_training_example_is_its_own_top_proponent(trained_gpt2):
     rows = per_token.info["token_rows"]
     assert per_token.n_targets == len(rows["target"]) == int((train["labels"][:3] >= 0).sum())
     assert set(rows["target"]) == {0, 1, 2}
+
+
+def untied_gpt2():
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2().config
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def two_layer_t5():
+    """tiny_t5 with 2 encoder and 2 decoder blocks (a stack needs two); its head is tied to
+    ``shared`` (transformers always ties T5's)."""
+    from transformers import T5ForConditionalGeneration
+
+    config = tiny_t5().config
+    config.num_layers = config.num_decoder_layers = 2
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def names_under(model, *prefixes):
+    return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
+
+
+def test_last_blocks_selects_a_tied_lm_head_under_the_embedding_name():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    want = names_under(model, "transformer.h.1.", "transformer.ln_f.") | {"transformer.wte.weight"}
+    assert set(last_blocks(model, 1)) == want
+    assert set(last_blocks(model, 1, head=False)) == names_under(model, "transformer.h.1.")
+
+    untied = untied_gpt2()
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    want = names_under(untied, "transformer.h.1.", "transformer.ln_f.") | {"lm_head.weight"}
+    assert set(last_blocks(untied, 1)) == want
+
+
+def test_last_blocks_of_t5_selects_both_stacks_and_the_tied_head():
+    model = two_layer_t5()
+    assert model.lm_head.weight is model.shared.weight
+    names = last_blocks(model, 1)
+    want = names_under(
+        model, "encoder.block.1.", "decoder.block.1.", "decoder.final_layer_norm."
+    ) | {"shared.weight"}
+    assert set(names) == want
+    assert names == [name for name, _ in model.named_parameters() if name in want]
+
+
+@pytest.mark.parametrize("case", ["causal", "seq2seq"])
+def test_gradients_through_last_blocks_include_the_tied_head(case):
+    """The tied weight's gradient is the autograd one, both uses (output and input) summed."""
+    make_model = {"causal": tiny_gpt2, "seq2seq": two_layer_t5}[case]
+    _, make_task, make_batch, reference = CASES[case]
+    model, batch = make_model(), make_batch(n=3)
+    names = last_blocks(model, 1)
+    got = PerExampleGradients(model, make_task(), names).gradients(model.state_dict(), batch)
+    want = loop_grads(model, lambda m, example: reference(m, example)[0], batch, names)
+    tied = "transformer.wte.weight" if case == "causal" else "shared.weight"
+    assert want[tied].abs().sum() > 0
+    for name in names:
+        torch.testing.assert_close(got[name].double(), want[name].double(), rtol=1e-3, atol=1e-6)
+
+
+def test_empty_causal_prompt_is_refused():
+    with pytest.raises(ValueError, match=r"prompt 1 is empty: .*at least one token.*BOS"):
+        causal_lm_examples([[5, 6], []], [[8], [9, 10]], PAD)
+
+
+@pytest.fixture(scope="module")
+def causal_trak():
+    train = causal_lm_examples(token_lists(6, 1, 3, 20), token_lists(6, 1, 3, 21), PAD)
+    return TRAK(tiny_gpt2(), CausalLM(), proj_dim=32, progress=False).fit(train)
+
+
+def test_per_token_scores_refuse_a_first_token_nothing_predicts(causal_trak):
+    batch = causal_lm_examples([[5, 6], [7]], [[8], [9, 10]], PAD)
+    # As an empty prompt would give: sequence 1 is all continuation, from position 0.
+    batch["labels"][1, :2] = batch["input_ids"][1, :2]
+    with pytest.raises(ValueError, match=r"sequence 1 .*position 0.*at least one token.*BOS"):
+        score_per_token(causal_trak, batch)
+    # With a one-token prompt every row gets scores.
+    batch = causal_lm_examples([[5, 6], [1]], [[8], [7, 9, 10]], PAD)
+    per_token = score_per_token(causal_trak, batch)
+    assert per_token.info["token_rows"]["target"] == [0, 1, 1, 1]
+    assert (np.abs(per_token.scores).max(1) > 0).all()
+
+
+def test_per_token_rows_refuse_a_sequence_with_no_attributed_token(causal_trak):
+    batch = causal_lm_examples([[5, 6], [7], [3]], [[8], [9, 10], [11]], PAD)
+    batch["labels"][1] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"sequence 1 .*no attributed token.*drop it"):
+        per_token_targets(batch)
+    with pytest.raises(ValueError, match=r"sequence 1 .*no attributed token"):
+        score_per_token(causal_trak, batch)
+
+
+def test_seq2seq_per_token_scores_start_at_position_0():
+    """A seq2seq label at position 0 is predicted (from the decoder start token): no refusal."""
+    model = tiny_t5()
+    train = seq2seq_batch(n=6, seed=5)
+    trak = TRAK(model, Seq2SeqLM(), proj_dim=32, progress=False).fit(train)
+    batch = seq2seq_batch(n=2, seed=6)
+    per_token = score_per_token(trak, batch)
+    rows = per_token.info["token_rows"]
+    assert rows["position"].count(0) == 2
+    assert (np.abs(per_token.scores).max(1) > 0).all()

@@ -21,6 +21,9 @@ from datatrace.tasks.diffusion import denoiser_output
 class Trajectory:
     """The sampling trajectory of ``n`` generated samples.
 
+    :func:`sample_with_trajectory` records one. A trajectory recorded by another sampler is
+    built with :meth:`from_arrays`, which takes numpy arrays or tensors and checks their layout.
+
     Attributes:
         timesteps: ``(n_steps,)`` the scheduler's timesteps, in sampling order (noisiest first).
         noisy: ``(n_steps, n, *sample_shape)`` the sample ``x_t`` entering each step.
@@ -35,6 +38,69 @@ class Trajectory:
     pred_original: torch.Tensor
     samples: torch.Tensor
     condition: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        timesteps: Any,
+        noisy: Any,
+        pred_original: Any,
+        samples: Any = None,
+        condition: Mapping[str, Any] | None = None,
+    ) -> Trajectory:
+        """A trajectory from arrays recorded elsewhere (numpy arrays or tensors), checked.
+
+        Arrays are laid out ``(step, sample, ...)``, steps in sampling order; a ``(sample,
+        step)`` array is refused unless ``n_samples == n_steps``, where the shapes cannot tell
+        the two apart. ``noisy``, ``pred_original`` and ``samples`` become float32 tensors on
+        the CPU, ``timesteps`` int64, and floating-point ``condition`` values float32.
+
+        Args:
+            timesteps: ``(n_steps,)`` integer timesteps, strictly decreasing (noisiest first).
+            noisy: ``(n_steps, n_samples, *sample_shape)`` the sample ``x_t`` entering each step.
+            pred_original: ``(n_steps, n_samples, *sample_shape)`` the predicted clean sample
+                ``x̂_0(t)`` at each step.
+            samples: ``(n_samples, *sample_shape)`` the generated samples; default
+                ``pred_original[-1]``, the prediction of the last step. That is what DDPM and
+                DDIM (with ``set_alpha_to_one``, the default) output when the last step lands
+                on ``ᾱ = 1``, i.e. leaves no noise; pass the sampler's output otherwise.
+            condition: conditioning inputs, by keyword, each with ``n_samples`` rows.
+
+        Returns:
+            :class:`Trajectory`.
+
+        Raises:
+            ValueError: an array has the wrong shape (a ``(sample, step)`` layout is named as
+                such), the timesteps are not integers in strictly decreasing order, or a
+                condition does not have one row per sample.
+        """
+        timesteps = _as_timesteps(timesteps)
+        n_steps = len(timesteps)
+        noisy = _as_float32(noisy)
+        pred_original = _as_float32(pred_original)
+        for name, array in (("noisy", noisy), ("pred_original", pred_original)):
+            _check_step_axis(name, array, n_steps)
+        if pred_original.shape != noisy.shape:
+            raise ValueError(
+                f"noisy has shape {tuple(noisy.shape)} but pred_original "
+                f"{tuple(pred_original.shape)}: both must be (n_steps, n_samples, "
+                "*sample_shape), recorded at the same steps for the same samples"
+            )
+        n_samples, sample_shape = noisy.shape[1], tuple(noisy.shape[2:])
+        if samples is None:
+            samples = pred_original[-1].clone()
+        samples = _as_float32(samples)
+        if tuple(samples.shape) != (n_samples, *sample_shape):
+            raise ValueError(
+                f"samples has shape {tuple(samples.shape)}, expected (n_samples, *sample_shape) "
+                f"= {(n_samples, *sample_shape)} as in noisy and pred_original"
+            )
+        checked = check_condition(condition, n_samples)
+        checked = {
+            key: value.float() if value.is_floating_point() else value
+            for key, value in checked.items()
+        }
+        return cls(timesteps, noisy, pred_original, samples, checked)
 
     @property
     def n_samples(self) -> int:
@@ -161,6 +227,53 @@ def _sample_batch(model, scheduler, generators, shape, condition, device, advanc
         sample = step.prev_sample
         advance(len(sample))
     return torch.stack(noisy), torch.stack(predicted), sample.cpu()
+
+
+def _as_float32(array: Any) -> torch.Tensor:
+    return torch.as_tensor(array).detach().to("cpu", torch.float32)
+
+
+def _as_timesteps(timesteps: Any) -> torch.Tensor:
+    values = torch.as_tensor(timesteps).detach().cpu()
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(
+            f"timesteps must be 1-D, (n_steps,), with at least one step; got shape "
+            f"{tuple(values.shape)}"
+        )
+    if values.is_floating_point() and not torch.equal(values, values.round()):
+        raise ValueError(
+            "timesteps must be integers (the scheduler's training timesteps), got "
+            f"{values.tolist()}"
+        )
+    values = values.long()
+    if len(values) > 1 and not bool((values[1:] < values[:-1]).all()):
+        raise ValueError(
+            f"timesteps must be strictly decreasing, in sampling order (noisiest first), got "
+            f"{values.tolist()}: if they were recorded in increasing order, reverse them and the "
+            "step axis of noisy and pred_original (e.g. np.flip(a, 0))"
+        )
+    return values
+
+
+def _check_step_axis(name: str, array: torch.Tensor, n_steps: int) -> None:
+    """Refuse an array that is not ``(n_steps, n_samples, *sample_shape)``."""
+    if array.ndim < 3:
+        raise ValueError(
+            f"{name} has shape {tuple(array.shape)}: expected (n_steps, n_samples, "
+            "*sample_shape) with at least one sample axis, e.g. (n_steps, n_samples, C, H, W)"
+        )
+    if array.shape[0] == n_steps:
+        return
+    if array.shape[1] == n_steps:
+        raise ValueError(
+            f"{name} has shape {tuple(array.shape)}: its second axis has the {n_steps} steps, "
+            f"so it is laid out (sample, step); a trajectory is (step, sample). Transpose it "
+            f"first, e.g. np.swapaxes({name}, 0, 1) or {name}.transpose(0, 1)"
+        )
+    raise ValueError(
+        f"{name} has shape {tuple(array.shape)}: its first axis must have one entry per "
+        f"timestep ({n_steps}), as (n_steps, n_samples, *sample_shape)"
+    )
 
 
 def _sample_shape(model: nn.Module) -> tuple[int, ...]:

@@ -64,15 +64,21 @@ def last_blocks(model: nn.Module, n: int = 2, head: bool = True) -> list[str]:
 
     A block stack is an ``nn.ModuleList`` of at least two modules of one type (a transformer's
     layers: ``bert.encoder.layer``, ``transformer.h``, T5's ``encoder.block`` and
-    ``decoder.block``, CLIP's two towers). The head is every parameter that comes after the last
-    block of the last stack in ``model.named_parameters()`` order (final norm, pooler,
-    classifier or LM head; a head tied to the input embeddings is shared with them and is only
-    selected through them). Pass the result as ``params=`` to an estimator.
+    ``decoder.block``, CLIP's two towers). The head is every parameter of the modules registered
+    after the last block of the last stack (final norm, pooler, classifier or LM head). A head
+    tied to the input embeddings (GPT-2's and T5's ``lm_head``) is the same ``Parameter`` as the
+    embedding, and ``model.named_parameters()`` lists it once, under the embedding's name
+    (``transformer.wte.weight``, ``shared.weight``): it is selected under that name, and its
+    gradient then holds both its uses, as output and as input embedding. Pass the result as
+    ``params=`` to an estimator.
 
     Args:
         model: the model.
         n: blocks kept at the end of each stack.
         head: also select the parameters after the last stack.
+
+    Returns:
+        Names as ``model.named_parameters()`` gives them, in its order.
 
     Raises:
         ValueError: the model has no block stack, or ``n < 1``.
@@ -102,11 +108,13 @@ def last_blocks(model: nn.Module, n: int = 2, head: bool = True) -> list[str]:
     for _, stack in stacks:
         for block in list(stack)[-n:]:
             chosen |= {id(param) for param in block.parameters()}
-    names = [name for name, param in model.named_parameters() if id(param) in chosen]
     if head:
-        last_stack = {id(param) for param in stacks[-1][1].parameters()}
-        order = [name for name, _ in model.named_parameters()]
-        params = dict(model.named_parameters())
-        last_index = max(i for i, name in enumerate(order) if id(params[name]) in last_stack)
-        names += order[last_index + 1 :]
-    return [name for name in dict(model.named_parameters()) if name in set(names)]
+        # Every use of a parameter is listed here, so a tied head appears under its own
+        # module's name (``lm_head.weight``) after the blocks, not only under the embedding's.
+        every_use = list(model.named_parameters(remove_duplicate=False))
+        last_stack_name = stacks[-1][0] + "."
+        last_index = max(
+            i for i, (name, _) in enumerate(every_use) if name.startswith(last_stack_name)
+        )
+        chosen |= {id(param) for _, param in every_use[last_index + 1 :]}
+    return [name for name, param in model.named_parameters() if id(param) in chosen]

@@ -45,6 +45,13 @@ TOKEN_POSITION = "token_position"
 reads the true previous tokens."""
 
 
+_EMPTY_PROMPT_FIX = (
+    "a causal LM predicts each token from the tokens before it, so nothing predicts the first "
+    "token of a sequence. The prompt needs at least one token: start it with a BOS token "
+    "(e.g. tokenizer.bos_token_id)"
+)
+
+
 def token_margins(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +149,9 @@ class CausalLM(_LanguageModel):
     Batches are dicts of tensors: ``input_ids`` (prompt then continuation, padded), the model's
     other inputs (``attention_mask``, ...) and ``labels``: the same token ids where a token is
     attributed and ``ignore_index`` on prompt and padding tokens (:func:`causal_lm_examples`
-    builds them). As in Hugging Face, ``labels[t]`` is predicted by the logits at ``t − 1``.
+    builds them). As in Hugging Face, ``labels[t]`` is predicted by the logits at ``t − 1``, so
+    a label at position 0 is never predicted and counts for nothing: give every sequence a
+    prompt of at least one token (a BOS token).
     The model must use eager attention (``attn_implementation="eager"``): transformers builds
     causal masks for SDPA with a branch on tensor values that ``vmap`` cannot take.
 
@@ -207,12 +216,28 @@ def causal_lm_examples(
 ) -> dict[str, torch.Tensor]:
     """A causal-LM batch of (prompt, continuation) pairs of token ids, right-padded.
 
+    Every prompt needs at least one token: a causal LM predicts the token at ``t`` from the
+    tokens before it, so with an empty prompt nothing would predict the first continuation
+    token. To attribute a whole sequence, use the tokenizer's BOS token as the prompt.
+
+    Args:
+        prompts: ``n`` lists of token ids, each non-empty.
+        continuations: ``n`` lists of token ids to attribute, each non-empty.
+        pad_token_id: id written on padding positions of ``input_ids``.
+        ignore_index: label of prompt and padding tokens.
+
     Returns:
         ``{"input_ids", "attention_mask", "labels"}``, each ``(n, max_len)``; ``labels`` holds
         the continuation's ids and ``ignore_index`` on prompt and padding.
+
+    Raises:
+        ValueError: the lengths differ, or a prompt or continuation is empty.
     """
     if len(prompts) != len(continuations):
         raise ValueError("prompts and continuations must have the same length")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {row} is empty: {_EMPTY_PROMPT_FIX}")
     sequences = [list(p) + list(c) for p, c in zip(prompts, continuations)]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -292,12 +317,30 @@ def per_token_targets(
     attributions: row ``r`` explains the margin of token ``rows.token[r]`` at
     ``rows.position[r]`` of ``labels`` in target ``rows.target[r]``.
 
+    Args:
+        batch: columns of ``n_targets`` rows, with ``labels`` ``(n_targets, seq_len)``.
+        label_key: the column of labels.
+        ignore_index: label of tokens that are not attributed.
+        position_key: name of the added column of token positions.
+
     Returns:
         ``(rows_batch, rows)``: the expanded batch (``n_rows`` rows, every column repeated, plus
         ``position_key``) and the :class:`TokenRows` that say which target and token each row is.
+
+    Raises:
+        ValueError: a sequence has no attributed token (it would get no row at all).
     """
     labels = batch[label_key]
-    targets, positions = torch.nonzero(labels != ignore_index, as_tuple=True)
+    attributed = labels != ignore_index
+    empty = torch.nonzero(~attributed.any(dim=1)).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"sequence {empty[0]} of the batch has no attributed token: all its {label_key!r} "
+            f"are ignore_index ({ignore_index}), so it would get no per-token row"
+            + (f" (nor would sequences {empty[1:]})" if len(empty) > 1 else "")
+            + ". Label at least one token of it (e.g. its continuation), or drop it from the batch"
+        )
+    targets, positions = torch.nonzero(attributed, as_tuple=True)
     expanded = {name: column[targets] for name, column in batch.items()}
     expanded[position_key] = positions
     tokens = labels[targets, positions]
@@ -313,11 +356,30 @@ def score_per_token(
 ) -> Attributions:
     """Per-token attributions of a fitted estimator (e.g. ``TRAK``) for a batch of sequences.
 
+    Args:
+        estimator: a fitted estimator whose task is :class:`CausalLM` or :class:`Seq2SeqLM`.
+        batch: ``n_targets`` sequences, as for the estimator's ``score``; every sequence needs
+            at least one attributed token, and (causal LM) none at position 0 of ``labels``.
+        label_key, ignore_index, position_key: as in :func:`per_token_targets`.
+
     Returns:
         :class:`~datatrace.Attributions` with one row per attributed token, ``(n_rows, n_train)``;
         ``info["token_rows"]`` holds the ``target``, ``position`` and ``token`` of each row.
+
+    Raises:
+        ValueError: a sequence has no attributed token, or a causal LM's token is attributed at
+            a position that no earlier token predicts (an empty prompt).
     """
     expanded, rows = per_token_targets(batch, label_key, ignore_index, position_key)
+    # A causal LM's logits lag its labels: a token labelled before that lag has no logits, and
+    # its row would be all zeros.
+    label_shift = getattr(getattr(estimator, "task", None), "label_shift", 0)
+    unpredicted = rows.target[rows.position < label_shift]
+    if len(unpredicted):
+        raise ValueError(
+            f"sequence {int(unpredicted[0])} of the batch attributes its first token (position "
+            f"0 of {label_key!r}; an empty prompt): {_EMPTY_PROMPT_FIX}"
+        )
     result = estimator.score(expanded)
     return Attributions(
         result.scores,
