@@ -6,7 +6,14 @@ import torch
 from scipy.stats import spearmanr
 
 import datatrace as dt
-from datatrace.kernel import SingularKernelWarning
+from datatrace.kernel import (
+    REDUNDANCY_ANCHORS,
+    Kernel,
+    KernelStatistics,
+    damping_from_features,
+    neighbour_cosine,
+    neighbour_sample,
+)
 from datatrace.tasks import ClassLogit, per_class_targets
 
 
@@ -54,9 +61,9 @@ def test_identity_projection_equals_closed_form(trained_mlps, n_checkpoints):
         chunk_size=128,
         progress=False,
     )
-    # p = 64·16 + 16 + 16·10 + 10 = 1210 > n = 300: the kernel is singular without damping
-    with pytest.warns(SingularKernelWarning):
-        trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    # p = 64·16 + 16 + 16·10 + 10 = 1210 > n = 300: ΦᵀΦ is singular, TRAK solves the dual
+    trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    assert trak.dual_
     got = trak.score(targets).scores
     want = closed_form(models, train, targets, relative_damping=0.05)
     assert got.shape == (20, 300)
@@ -66,12 +73,33 @@ def test_identity_projection_equals_closed_form(trained_mlps, n_checkpoints):
     np.testing.assert_allclose(trak.out_to_loss_.mean(0), trak.score(targets).out_to_loss)
 
 
-def test_absolute_damping_and_default(trained_mlps):
+def test_absolute_relative_and_default_damping(trained_mlps):
     models, X, y = trained_mlps
     train = (X[:300], y[:300])
     trak = dt.TRAK(models[0], dt.Classification(), proj_dim=256, progress=False).fit(train)
     gram = trak.store_.root["features/0/gram"][:]
-    assert trak.damping_[0] == pytest.approx(dt.DEFAULT_DAMPING * np.mean(np.diag(gram)))
+    features = trak.store_.root["features/0/features"][:].astype(np.float64)
+    # the default, from a brute-force nearest-neighbour search over the same sampled rows
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    rows = neighbour_sample(300)
+    cosine = unit[rows] @ unit.T
+    cosine[np.arange(len(rows)), rows] = -np.inf
+    rho = np.median(cosine.max(1))
+    assert trak.store_.root["features/0"].attrs["statistics"]["neighbour_cosine"] == (
+        pytest.approx(rho, abs=1e-12)
+    )
+    (low, f_low), (high, f_high) = REDUNDANCY_ANCHORS
+    factor = f_low * (f_high / f_low) ** np.clip((rho - low) / (high - low), 0, 1)
+    expected = factor * np.trace(gram) / max(256, 300)
+    assert trak.damping_[0] == pytest.approx(expected, rel=1e-9)
+    relative = dt.TRAK(
+        models[0], dt.Classification(), proj_dim=256, damping=0.3, progress=False
+    ).fit(train)
+    assert relative.damping_[0] == pytest.approx(0.3 * np.mean(np.diag(gram)), rel=1e-9)
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        dt.TRAK(models[0], dt.Classification(), proj_dim=256, damping="gcv", progress=False).fit(
+            train
+        )
     fixed = dt.TRAK(
         models[0], dt.Classification(), proj_dim=256, damping_absolute=0.5, progress=False
     ).fit(train)
@@ -102,11 +130,11 @@ def test_features_scale_does_not_change_relative_damping_scores(trained_mlps):
 # and 92% in its top 10; with the default 1.0: 98.7% first, all in the top 5; τ 24% and 65%.
 DUPLICATE_CASES = [
     (0.01, {"kernel_first": 1.0, "kernel_top5": 1.0, "first": 0.5, "top10": 0.85}),
-    (dt.DEFAULT_DAMPING, {"kernel_first": 0.95, "kernel_top5": 1.0, "first": 0.2, "top10": 0.6}),
+    (1.0, {"kernel_first": 0.95, "kernel_top5": 1.0, "first": 0.2, "top10": 0.6}),
 ]
 
 
-@pytest.mark.parametrize(("damping", "bars"), DUPLICATE_CASES, ids=["light", "default"])
+@pytest.mark.parametrize(("damping", "bars"), DUPLICATE_CASES, ids=["light", "relative-1"])
 def test_duplicate_of_training_example_is_its_own_top_proponent(trained_mlps, damping, bars):
     """A training example scored as a target should find itself. The kernel part of its scores,
     φ'K⁻¹Φᵀ, does so almost always; damping blends in gradient dot products (K⁻¹ → I/λ), where
@@ -240,8 +268,7 @@ def test_per_class_logit_targets_equal_closed_form(trained_mlps, n_checkpoints):
     train, points = (X[:300], y[:300]), X[1000:1004]
     trak = dt.TRAK(models[0], dt.Classification(), projector="identity", damping=0.05,
                    batch_size=64, progress=False)  # fmt: skip
-    with pytest.warns(SingularKernelWarning):
-        trak.fit(train, checkpoints=[m.state_dict() for m in models])
+    trak.fit(train, checkpoints=[m.state_dict() for m in models])
     margin_targets = (points, y[1000:1004])
     before = trak.score(margin_targets).scores
     targets = per_class_targets(points, 10)
@@ -273,3 +300,92 @@ def test_per_class_targets_are_point_major():
     np.testing.assert_array_equal(rows[5], inputs[1])
     with pytest.raises(ValueError, match="n_classes"):
         per_class_targets(inputs, 0)
+
+
+def test_dual_solve_equals_primal_in_float64():
+    """Φ'(ΦᵀΦ + λI)⁻¹Φᵀ = Φ'Φᵀ(ΦΦᵀ + λI)⁻¹ (push-through), both through Kernel, against
+    numpy's solve, for k < n and k > n."""
+    rng = np.random.default_rng(0)
+    for n, k in ((80, 30), (30, 80)):
+        phi = rng.standard_normal((n, k)) * rng.uniform(0.1, 3, size=(1, k))
+        target = rng.standard_normal((7, k))
+        damping = 0.37
+        chunks = [(lo, min(lo + 25, n), phi[lo : lo + 25]) for lo in range(0, n, 25)]
+        primal = Kernel(phi.T @ phi, damping, dual=False)
+        dual = Kernel(phi @ phi.T, damping, dual=True)
+        reference = target @ np.linalg.solve(phi.T @ phi + damping * np.eye(k), phi.T)
+        got_primal = primal.scores(torch.as_tensor(target), chunks, n)
+        got_dual = dual.scores(torch.as_tensor(target), chunks, n)
+        scale = np.abs(reference).max()
+        # float32 results of a float64 solve
+        np.testing.assert_allclose(got_dual / scale, reference / scale, atol=1e-6)
+        np.testing.assert_allclose(got_primal / scale, reference / scale, atol=1e-5)
+
+
+def test_trak_with_k_above_n_equals_closed_form_and_zero_damping_works(trained_mlps):
+    """k > n is solved in the dual: equal to the primal formula with the pseudo-inverse limit
+    at λ = 0 (the minimum-norm solution), where the primal kernel is singular."""
+    models, X, y = trained_mlps
+    train, targets = (X[:60], y[:60]), (X[1000:1010], y[1000:1010])
+    phi, q = autograd_features(models[0], *train)
+    phi_target, _ = autograd_features(models[0], *targets)
+    for damping in (0.0, 5.0):
+        trak = dt.TRAK(
+            models[0], dt.Classification(), projector="identity", damping_absolute=damping,
+            progress=False,
+        ).fit(train)  # fmt: skip
+        assert trak.dual_ and trak.feature_dim_ > 60
+        got = trak.score(targets).scores
+        if damping:
+            want = phi_target @ np.linalg.solve(phi.T @ phi + damping * np.eye(phi.shape[1]), phi.T)
+        else:
+            want = phi_target @ np.linalg.pinv(phi)
+        want = want * q[None, :]
+        scale = np.abs(want).max(axis=1, keepdims=True)
+        np.testing.assert_allclose(got / scale, want / scale, atol=5e-4)
+
+
+def test_damping_rule_at_its_limits_and_its_scale():
+    """Orthogonal gradients (ρ = 0) get the light end of the ramp, clusters of parallel ones
+    (ρ = 1) the heavy end; λ scales with the gradients' squared norm, and an ensemble of C
+    checkpoints damps each kernel √C times less."""
+    rng = np.random.default_rng(0)
+    (_, f_low), (_, f_high) = REDUNDANCY_ANCHORS
+    orthogonal = np.eye(50)[:40] * rng.uniform(1, 3, size=(40, 1))  # n = 40 < k = 50
+    stats = KernelStatistics.of(orthogonal)
+    assert stats.neighbour_cosine == 0.0
+    assert damping_from_features(stats) == pytest.approx(f_low * (orthogonal**2).sum() / 50)
+    directions = rng.standard_normal((8, 30))
+    clusters = np.repeat(directions, 10, axis=0) * rng.uniform(0.5, 2, size=(80, 1))  # k < n
+    stats = KernelStatistics.of(clusters)
+    assert stats.neighbour_cosine == pytest.approx(1.0)
+    heavy = damping_from_features(stats)
+    assert heavy == pytest.approx(f_high * (clusters**2).sum() / 80)
+    assert damping_from_features(KernelStatistics.of(3 * clusters)) == pytest.approx(9 * heavy)
+    assert damping_from_features(stats, n_checkpoints=4) == pytest.approx(heavy / 2)
+    # the scale is tr(ΦᵀΦ)/max(k, n): with k < n padding Φ with zero columns changes nothing,
+    # with k ≥ n λ falls as 1/k
+    padded = np.hstack([clusters, np.zeros((80, 30))])
+    assert damping_from_features(KernelStatistics.of(padded)) == pytest.approx(heavy)
+    wide = np.hstack([orthogonal, np.zeros((40, 50))])
+    assert damping_from_features(KernelStatistics.of(wide)) == pytest.approx(
+        damping_from_features(KernelStatistics.of(orthogonal)) / 2
+    )
+    with pytest.raises(ValueError, match="every projected gradient is zero"):
+        damping_from_features(KernelStatistics.of(np.zeros((3, 4))))
+    with pytest.raises(ValueError, match="n_checkpoints"):
+        damping_from_features(stats, n_checkpoints=0)
+
+
+def test_neighbour_cosine_equals_brute_force_over_chunks():
+    rng = np.random.default_rng(2)
+    features = rng.standard_normal((700, 12))
+    features[5] = 0.0  # a zero vector has cosine 0 with everything
+    rows = neighbour_sample(700, seed=3)
+    chunks = [(lo, min(lo + 128, 700), features[lo : lo + 128]) for lo in range(0, 700, 128)]
+    got = neighbour_cosine(features[rows], rows, chunks)
+    norms = np.linalg.norm(features, axis=1)
+    unit = features / np.where(norms > 0, norms, 1)[:, None]
+    best = [max(unit[i] @ unit[j] for j in range(700) if j != i) for i in rows]
+    assert got == pytest.approx(np.median(best), abs=1e-12)
+    assert len(rows) == 256 and (np.diff(rows) > 0).all()

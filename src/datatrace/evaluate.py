@@ -27,9 +27,9 @@ class LDSResult:
 
     Attributes:
         mean: mean over targets of the per-target Spearman correlations (NaN ones left out).
-        per_target: ``(n_targets,)`` Spearman correlation of each target; NaN where the outputs
-            or the predictions are constant over the evaluation subsets (the rank correlation is
-            undefined there).
+        per_target: ``(n_targets,)`` Spearman correlation of each target; 0 where the
+            predictions are constant over the evaluation subsets (they predict nothing), NaN
+            where the outputs are (the rank correlation is undefined there).
         ci: ``(low, high)`` bootstrap percentile interval of ``mean`` over targets.
         confidence: the confidence level of ``ci``.
         n_subsets: evaluation subsets used.
@@ -43,7 +43,7 @@ class LDSResult:
 
     @property
     def n_undefined(self) -> int:
-        """Targets whose correlation is undefined (constant outputs or predictions)."""
+        """Targets whose correlation is undefined (constant outputs)."""
         return int(np.isnan(self.per_target).sum())
 
     def __str__(self) -> str:
@@ -180,11 +180,14 @@ def lds(
     several are given). Computed for all targets at once: predictions ``masks @ τᵀ``, column
     ranks with ties averaged, and Pearson correlation of the ranks, column by column.
 
-    Targets with constant outputs or constant predictions over the subsets have no rank
-    correlation: their ``per_target`` value is NaN and they are left out of the mean and of the
-    bootstrap. The confidence interval resamples *targets* with replacement (the evaluation
-    subsets and models stay fixed): it says how much the mean depends on which targets were
-    picked, not how it would change with other evaluation subsets or retraining seeds.
+    A target whose predictions are constant over the subsets (e.g. a datamodel with no nonzero
+    weight) while its outputs vary predicts nothing: its ``per_target`` value is 0 and it counts
+    in the mean (leaving it out would reward a method for giving up on hard targets). A target
+    whose outputs are constant has no rank correlation with anything: its value is NaN and it is
+    left out of the mean and of the bootstrap. The confidence interval resamples *targets* with
+    replacement (the evaluation subsets and models stay fixed): it says how much the mean
+    depends on which targets were picked, not how it would change with other evaluation subsets
+    or retraining seeds.
 
     Args:
         attributions: :class:`~datatrace.Attributions` ``(n_targets, n_train)``, an array of that
@@ -216,6 +219,9 @@ def lds(
         raise ValueError(f"a rank correlation needs at least 3 subsets, got {mask_array.shape[0]}")
     predictions = mask_array.astype(np.float64) @ scores.T.astype(np.float64)
     per_target = column_spearman(predictions, output_array)
+    constant_predictions = (predictions == predictions[:1]).all(axis=0)
+    varying_outputs = ~(output_array == output_array[:1]).all(axis=0)
+    per_target[constant_predictions & varying_outputs] = 0.0
     defined = per_target[~np.isnan(per_target)]
     mean = float(defined.mean()) if defined.size else float("nan")
     ci = bootstrap_mean_ci(defined, draws=bootstrap, confidence=confidence, seed=seed)

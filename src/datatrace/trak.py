@@ -17,10 +17,10 @@ from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.kernel import (
     DEFAULT_DAMPING,
+    Kernel,
     absolute_damping,
-    checkpoint_scores,
-    cholesky,
-    warn_if_singular,
+    damping_from_features,
+    uses_dual,
 )
 from datatrace.store import Store
 from datatrace.tasks.base import Task
@@ -31,7 +31,8 @@ class TRAK:
 
     For each checkpoint ``c``: ``Φ_c`` holds the projected gradients ``Pᵀ∇_θ f(z_i; θ_c)`` of the
     training examples, ``K_c = Φ_cᵀΦ_c + λ_c I`` (float64), and a target ``z'`` with projected
-    gradient ``φ'`` gets the scores ``φ' K_c⁻¹ Φ_cᵀ``. The ensemble is
+    gradient ``φ'`` gets the scores ``φ' K_c⁻¹ Φ_cᵀ`` — computed as ``φ'Φ_cᵀ(Φ_cΦ_cᵀ + λ_c I)⁻¹``
+    (the same numbers, from an ``n × n`` system) when ``k > n``. The ensemble is
     ``τ = mean_c(T_c) ⊙ mean_c(Q_c)`` with every checkpoint weighted equally and ``Q_c`` the
     out-to-loss weights of the training examples.
 
@@ -41,7 +42,10 @@ class TRAK:
         proj_dim: projection dimension ``k``.
         projector: ``"sparse"`` (sparse JL, default: cost independent of ``k``), ``"dense"``
             (Gaussian), ``"rademacher"``, ``"identity"`` (no projection), or a ``Projector``.
-        damping: ``λ`` relative to the mean diagonal entry of ``ΦᵀΦ`` (see ``DEFAULT_DAMPING``).
+        damping: ``"auto"`` (default): ``λ_c`` from each checkpoint's features and the number of
+            checkpoints (:func:`~datatrace.kernel.damping_from_features`, docs/trak.md); a
+            number: ``λ_c`` relative to the mean diagonal entry of ``Φ_cᵀΦ_c``
+            (``λ_c = damping · tr/k``).
         damping_absolute: if given, the absolute ``λ`` for every checkpoint (overrides ``damping``).
         params: parameters to differentiate: name patterns or submodules (default: all).
         store: where features are kept: a directory (resumable, shareable), an fsspec URL, a
@@ -58,7 +62,10 @@ class TRAK:
         feature_dim_: ``k`` (``p`` for the identity projection).
         out_to_loss_: ``(n_checkpoints, n_train)`` weights ``Q_c`` of the training examples.
         damping_: ``(n_checkpoints,)`` absolute ``λ_c`` used.
-        kernel_cholesky_: per checkpoint, the Cholesky factor of ``K_c`` (float64 tensors).
+        relative_damping_: ``(n_checkpoints,)`` the same, divided by the mean diagonal of
+            ``Φ_cᵀΦ_c``.
+        dual_: whether the kernels are solved in the ``n × n`` dual (``k > n``).
+        kernels_: per checkpoint, the :class:`~datatrace.kernel.Kernel` (Cholesky factor).
     """
 
     def __init__(
@@ -68,7 +75,7 @@ class TRAK:
         *,
         proj_dim: int | None = 2048,
         projector: str | Projector = "sparse",
-        damping: float = DEFAULT_DAMPING,
+        damping: float | str = DEFAULT_DAMPING,
         damping_absolute: float | None = None,
         params: ParamSelection = None,
         store: str | Path | Store | None = None,
@@ -127,14 +134,31 @@ class TRAK:
         self.n_train_ = stored[0].n_rows
         self.feature_dim_ = features.dim
         self.out_to_loss_ = np.stack([part.out_to_loss[:] for part in stored])
-        grams = [part.gram() for part in stored]
-        if self.damping_absolute is not None:
-            self.damping_ = np.full(len(grams), float(self.damping_absolute))
-        else:
-            self.damping_ = np.array([absolute_damping(g, self.damping) for g in grams])
-        warn_if_singular(self.feature_dim_, self.n_train_, float(self.damping_.mean()))
-        self.kernel_cholesky_ = [cholesky(g, lam) for g, lam in zip(grams, self.damping_)]
+        statistics = [part.statistics() for part in stored]
+        self.damping_ = np.array([self._damping(stats) for stats in statistics])
+        self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
+        self.dual_ = uses_dual(self.feature_dim_, self.n_train_)
+        self.kernels_ = [
+            Kernel(part.gram(dual=self.dual_), damping, self.dual_)
+            for part, damping in zip(stored, self.damping_)
+        ]
         return self
+
+    def _damping(self, statistics) -> float:
+        if self.damping_absolute is not None:
+            if not self.damping_absolute >= 0:
+                raise ValueError(
+                    f"damping_absolute must be non-negative, got {self.damping_absolute}"
+                )
+            return float(self.damping_absolute)
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                raise ValueError(
+                    f"damping must be 'auto' or a number (relative to the mean diagonal of ΦᵀΦ), "
+                    f"got {self.damping!r}"
+                )
+            return damping_from_features(statistics, len(self.checkpoints_))
+        return absolute_damping(statistics, float(self.damping))
 
     def score(
         self, targets: Any, *, name: str | None = None, task: Task | None = None
@@ -164,8 +188,7 @@ class TRAK:
                 index,
                 f"targets, checkpoint {index + 1}/{len(self.checkpoints_)}",
             )
-            scores = checkpoint_scores(
-                self.kernel_cholesky_[index],
+            scores = self.kernels_[index].scores(
                 target_features,
                 self._stored[index].iter_chunks(),
                 self.n_train_,
@@ -183,8 +206,10 @@ class TRAK:
             "projector": self.features_.projector.config(),
             "feature_dim": self.feature_dim_,
             "n_checkpoints": len(self.checkpoints_),
-            "damping_relative": None if self.damping_absolute is not None else self.damping,
+            "damping": None if self.damping_absolute is not None else self.damping,
             "damping_absolute": self.damping_.tolist(),
+            "damping_relative": self.relative_damping_.tolist(),
+            "dual": self.dual_,
             "n_params": int(sum(self.features_.sizes)),
             "seed": self.seed,
         }

@@ -537,7 +537,8 @@ def _summary(
         "checkpoints": f"{info['n_checkpoints']} ({config.epochs} epochs each)",
         "proj_dim": info["feature_dim"],
         "projector": info["projector"]["name"],
-        "damping": f"{info['damping_relative']} × mean diag (λ ≈ {np.mean(trak.damping_):.3g})",
+        "damping": f"{info['damping']}: λ = {np.mean(trak.relative_damping_):.3g} × mean diag "
+        f"of ΦᵀΦ (λ ≈ {np.mean(trak.damping_):.3g})",
         "n_train": attributions.n_train,
         "n_targets": f"{attributions.n_targets} (test set)",
         "test accuracy": f"{ensemble_accuracy:.1%} ensemble, "

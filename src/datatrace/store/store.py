@@ -9,7 +9,9 @@ Layout::
         features     (n_train, k)    float32, chunked along training examples
         out_to_loss  (n_train,)      float32, same row chunks
         done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
-        gram         (k, k)          float64 ΦᵀΦ, written when every row chunk is done
+        gram         (k, k)          float64 ΦᵀΦ, written when every row chunk is done (k ≤ n)
+        dual_gram    (n, n)          float64 ΦΦᵀ, instead, when k > n
+                                     attrs["statistics"]: what the damping rule reads
       scores/<name>/                 saved Attributions (see attributions.py)
 
 A row chunk's completion mark is written after its data, and every chunk is its own object, so a
@@ -22,6 +24,7 @@ write: opening a store with a different model, task, projector, seed or training
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
 from datatrace.store.provenance import json_normalise
 
 if TYPE_CHECKING:
@@ -292,28 +296,59 @@ class CheckpointFeatures:
             start, stop = self.rows(chunk)
             yield start, stop, self.features[start:stop]
 
-    def gram(self) -> np.ndarray:
-        """``ΦᵀΦ`` in float64, ``(k, k)``; computed from the features once and stored."""
-        if "gram" in self.group and self.group.attrs.get("gram_complete"):
-            return self.group["gram"][:]
-        if not self.is_complete():
-            missing = int((~self.completed()).sum())
-            raise RuntimeError(
-                f"checkpoint {self.checkpoint} still has {missing} of {self.n_chunks} row chunks "
-                "to featurize: finish featurizing (every shard) before computing the kernel"
-            )
+    def gram(self, dual: bool = False) -> np.ndarray:
+        """``ΦᵀΦ`` ``(k, k)``, or ``ΦΦᵀ`` ``(n, n)`` with ``dual``, in float64; computed from the
+        features once (with :meth:`statistics`) and stored."""
+        name = "dual_gram" if dual else "gram"
+        if name in self.group and self.group.attrs.get(f"{name}_complete"):
+            return self.group[name][:]
+        self._require_complete("computing the kernel")
         dim = self.features.shape[1]
-        gram = np.zeros((dim, dim))
-        for _, _, block in self.iter_chunks():
-            block = block.astype(np.float64)
-            gram += block.T @ block
+        if dual:
+            features = np.concatenate([block for _, _, block in self.iter_chunks()])
+            features = features.astype(np.float64)
+            gram = features @ features.T
+        else:
+            gram = np.zeros((dim, dim))
+            for _, _, block in self.iter_chunks():
+                block = block.astype(np.float64)
+                gram += block.T @ block
+        side = len(gram)
         array = self.group.create_array(
-            "gram",
-            shape=(dim, dim),
-            chunks=(min(dim, GRAM_CHUNK_ROWS), dim),
+            name,
+            shape=(side, side),
+            chunks=(min(side, GRAM_CHUNK_ROWS), side),
             dtype="float64",
             overwrite=True,
         )
         array[:] = gram
-        self.group.attrs["gram_complete"] = True
+        self.group.attrs[f"{name}_complete"] = True
         return gram
+
+    def statistics(self) -> KernelStatistics:
+        """The :class:`~datatrace.kernel.KernelStatistics` (traces) the damping rules read."""
+        recorded = self.group.attrs.get("statistics")
+        if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
+            return KernelStatistics(**recorded)
+        self._require_complete("choosing the damping")
+        rows = neighbour_sample(self.n_rows)
+        sample = self.features.get_orthogonal_selection((rows, slice(None)))
+        trace = 0.0
+        for _, _, block in self.iter_chunks():
+            trace += float(np.square(block, dtype=np.float64).sum())
+        statistics = KernelStatistics(
+            self.n_rows,
+            self.features.shape[1],
+            trace,
+            neighbour_cosine(sample, rows, self.iter_chunks()),
+        )
+        self.group.attrs["statistics"] = asdict(statistics)
+        return statistics
+
+    def _require_complete(self, purpose: str) -> None:
+        if not self.is_complete():
+            missing = int((~self.completed()).sum())
+            raise RuntimeError(
+                f"checkpoint {self.checkpoint} still has {missing} of {self.n_chunks} row chunks "
+                f"to featurize: finish featurizing (every shard) before {purpose}"
+            )
