@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from datatrace import Attributions
@@ -60,25 +61,43 @@ def test_modeldiff_command_reports_user_errors(tmp_path):
     result = invoke("modeldiff", location, "--a", "a", "--b", "wrong")
     assert result.exit_code == 1
     assert "same targets" in result.output
-    result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--divide-out-to-loss")
+    result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--divide-out-to-loss", "on")
     assert result.exit_code == 1 and "out_to_loss" in result.output
+    result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--divide-out-to-loss", "yes")
+    assert result.exit_code == 1 and "auto, on, off" in result.output
     result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--train-images", "x.png",
                     "--report", tmp_path / "r.html")  # fmt: skip
     assert result.exit_code == 1 and "no train images file" in result.output
 
 
-def test_modeldiff_command_notes_a_wide_q_and_not_when_divided_out(tmp_path):
+def test_modeldiff_command_divides_a_collapsed_q_out_by_default_and_says_so(tmp_path):
     location, scores_a, scores_b = planted_store(tmp_path)
     q_wide = np.full(40, 1e-3)
     q_wide[:5] = 1e-6  # a shortcut subpopulation: Q 1000x below the median
-    Attributions(scores_a, "TRAK", out_to_loss=q_wide).save(location, "trak_a")
-    Attributions(scores_b, "TRAK", out_to_loss=np.full(40, 1e-3)).save(location, "trak_b")
-    result = invoke("modeldiff", location, "--a", "trak_a", "--b", "trak_b")
+    q_flat = np.full(40, 1e-3)
+    Attributions(scores_a * q_wide, "TRAK", out_to_loss=q_wide).save(location, "trak_a")
+    Attributions(scores_b * q_flat, "TRAK", out_to_loss=q_flat).save(location, "trak_b")
+    trak = ("modeldiff", location, "--a", "trak_a", "--b", "trak_b", "--top-k", 5)
+    result = invoke(*trak, "--json", tmp_path / "auto.json", "--report", tmp_path / "auto.html")
     assert result.exit_code == 0, result.output
-    assert "--divide-out-to-loss" in result.output and "1e+03" in result.output
-    divided = invoke(
-        "modeldiff", location, "--a", "trak_a", "--b", "trak_b", "--divide-out-to-loss"
-    )
-    assert divided.exit_code == 0 and "note:" not in divided.output
+    assert "note:" in result.output and "divided out (auto)" in result.output
+    assert "1e+03" in result.output  # the spread of A's Q, from the fitted ModelDiff
+    record = json.loads((tmp_path / "auto.json").read_text())
+    assert record["config"]["divide_out_to_loss"] == "auto"
+    assert record["out_to_loss"]["divided_out"] is True
+    assert record["out_to_loss"]["spread"] == {"a": pytest.approx(1000.0), "b": 1.0}
+    # dividing Q out recovers the kernel scores: the planted examples 0-4 are found
+    assert sorted(record["directions"][0]["train_positive"]) == [0, 1, 2, 3, 4]
+    assert record["directions"][0]["divided_out_to_loss"] is True
+    page = (tmp_path / "auto.html").read_text()
+    assert "yes (auto)" in page and "Q divided out (auto): median/p1 of Q exceeds" in page
+    kept = invoke(*trak, "--divide-out-to-loss", "off", "--json", tmp_path / "off.json")
+    assert kept.exit_code == 0, kept.output
+    assert "would divide Q out" in kept.output and "1e+03" in kept.output
+    off = json.loads((tmp_path / "off.json").read_text())
+    assert off["out_to_loss"]["divided_out"] is False
+    assert sorted(off["directions"][0]["train_positive"]) != [0, 1, 2, 3, 4]
+    divided = invoke(*trak, "--divide-out-to-loss", "on")
+    assert divided.exit_code == 0 and "divide_out_to_loss=True" in divided.output
     plain = invoke("modeldiff", location, "--a", "a", "--b", "b")  # no Q: nothing to say
     assert plain.exit_code == 0 and "note:" not in plain.output

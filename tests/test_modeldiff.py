@@ -10,7 +10,14 @@ from datatrace import TRAK, Attributions, Classification
 from datatrace._estimator import NotFittedError
 from datatrace.demo import make_model
 from datatrace.demo.planted import PlantedPatch
-from datatrace.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
+from datatrace.modeldiff import (
+    A_VS_B,
+    B_VS_A,
+    OUT_TO_LOSS_SPREAD_LIMIT,
+    ModelDiff,
+    out_to_loss_spread,
+    verify_direction,
+)
 
 
 def direct_residual_pca(scores_a, scores_b, n_components):
@@ -117,6 +124,8 @@ def test_validation_and_not_fitted():
         ModelDiff(divide_out_to_loss=True).fit(np.ones((5, 10)), np.ones((5, 10)))
     with pytest.raises(ValueError, match="which"):
         ModelDiff().fit(np.eye(5, 10), np.eye(5, 10) + 1).directions("a-b")
+    with pytest.raises(ValueError, match="divide_out_to_loss must be one of"):
+        ModelDiff(divide_out_to_loss="yes").fit(np.ones((5, 10)), np.ones((5, 10)))
 
 
 def test_zero_rows_stay_zero_with_a_warning():
@@ -143,6 +152,117 @@ def test_divide_out_to_loss_uses_the_kernel_term():
     )
     plain = ModelDiff(n_components=2).fit(kernel_a, kernel_b)
     np.testing.assert_allclose(with_q.residuals_[A_VS_B], plain.residuals_[A_VS_B], atol=1e-9)
+
+
+def test_out_to_loss_spread_is_median_over_first_percentile():
+    rng = np.random.default_rng(5)
+    weights = np.exp(rng.normal(-7, 2, size=1001))  # Q spanning orders of magnitude
+    ordered = np.sort(weights)
+    # the 1st percentile by hand: linear interpolation at rank 0.01 × (n − 1) = 10 exactly
+    assert out_to_loss_spread(weights) == pytest.approx(ordered[500] / ordered[10], rel=1e-12)
+    weights = rng.uniform(1e-4, 1, size=333)
+    direct = float(np.median(weights) / np.percentile(weights, 1))
+    assert out_to_loss_spread(weights) == pytest.approx(direct, rel=1e-12)
+    assert out_to_loss_spread(np.full(50, 3e-4)) == pytest.approx(1.0)
+    with_zeros = np.r_[np.zeros(5), np.full(95, 1e-3)]  # 5% zeros: the percentile is 0
+    assert out_to_loss_spread(with_zeros) == np.inf
+    with pytest.raises(ValueError, match="n_train"):
+        out_to_loss_spread(np.ones((2, 3)))
+
+
+def planted_kernels(seed=6, n_targets=60, n_train=200):
+    """Kernel terms where A = B + extra weight on training examples 0-9 for targets 0-19."""
+    rng = np.random.default_rng(seed)
+    kernel_b = rng.normal(size=(n_targets, n_train))
+    kernel_a = kernel_b + 0.05 * rng.normal(size=(n_targets, n_train))
+    kernel_a[:20, :10] += 6.0
+    flat = rng.uniform(5e-4, 2e-3, size=n_train)  # ordinary spread: median/p1 about 2.5
+    return kernel_a, kernel_b, flat
+
+
+def trak(kernel, out_to_loss):
+    return Attributions(kernel * out_to_loss, "TRAK", out_to_loss, {})
+
+
+def test_auto_divides_out_a_collapsed_q_as_true_does():
+    kernel_a, kernel_b, flat = planted_kernels()
+    collapsed = flat.copy()
+    collapsed[:10] = 1e-7  # A fits examples 0-9 through a shortcut
+    a, b = trak(kernel_a, collapsed), trak(kernel_b, flat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dividing out is the default: no warning
+        auto = ModelDiff(n_components=3, top_k=10).fit(a, b)
+    divided = ModelDiff(n_components=3, top_k=10, divide_out_to_loss=True).fit(a, b)
+    kept = ModelDiff(n_components=3, top_k=10, divide_out_to_loss=False).fit(a, b)
+    assert auto.divide_out_to_loss == "auto"  # the default
+    assert auto.divided_out_to_loss_ and divided.divided_out_to_loss_
+    assert not kept.divided_out_to_loss_
+    assert auto.out_to_loss_spread_ == {
+        "a": out_to_loss_spread(collapsed),
+        "b": out_to_loss_spread(flat),
+    }
+    assert auto.out_to_loss_spread_["a"] > OUT_TO_LOSS_SPREAD_LIMIT
+    assert auto.out_to_loss_spread_["b"] < OUT_TO_LOSS_SPREAD_LIMIT
+    assert "divided out (auto)" in auto.out_to_loss_note_ and "under A" in auto.out_to_loss_note_
+    for which in (A_VS_B, B_VS_A):
+        for mine, theirs in zip(auto.directions(which), divided.directions(which), strict=True):
+            np.testing.assert_array_equal(mine.component, theirs.component)
+            np.testing.assert_array_equal(mine.train_positive, theirs.train_positive)
+            assert mine.variance_a == theirs.variance_a
+    assert set(auto.directions(A_VS_B)[0].train_positive) == set(range(10))
+    # with Q kept the shortcut examples vanish: the same comparison misses them
+    assert not set(kept.directions(A_VS_B)[0].train_positive) & set(range(10))
+    assert "'auto' would divide Q out" in kept.out_to_loss_note_
+    rows = auto.summary()
+    assert all(row["divided_out_to_loss"] is True for row in rows)
+    assert rows[0]["out_to_loss_note"] == auto.out_to_loss_note_
+
+
+def test_auto_keeps_a_flat_q_and_arrays_as_false_does():
+    kernel_a, kernel_b, flat = planted_kernels()
+    other = np.random.default_rng(7).uniform(5e-4, 2e-3, size=flat.size)
+    for a, b, spread in (
+        (trak(kernel_a, flat), trak(kernel_b, other), True),
+        (kernel_a * flat, kernel_b * other, False),  # arrays: no Q to divide out
+        (Attributions(kernel_a * flat, "test"), Attributions(kernel_b * other, "test"), False),
+    ):
+        auto = ModelDiff(n_components=3).fit(a, b)
+        kept = ModelDiff(n_components=3, divide_out_to_loss=False).fit(a, b)
+        assert not auto.divided_out_to_loss_
+        for which in (A_VS_B, B_VS_A):
+            np.testing.assert_array_equal(auto.residuals_[which], kept.residuals_[which])
+            for mine, theirs in zip(auto.directions(which), kept.directions(which), strict=True):
+                np.testing.assert_array_equal(mine.component, theirs.component)
+        if spread:
+            assert 1 < auto.out_to_loss_spread_["a"] < OUT_TO_LOSS_SPREAD_LIMIT
+            assert "Q kept (auto)" in auto.out_to_loss_note_
+            # dividing this Q out would change the result, so the comparison above can fail
+            divided = ModelDiff(n_components=3, divide_out_to_loss=True).fit(a, b)
+            assert not np.allclose(divided.residuals_[A_VS_B], auto.residuals_[A_VS_B])
+        else:
+            assert auto.out_to_loss_spread_ == {"a": None, "b": None}
+            assert "no out_to_loss" in auto.out_to_loss_note_
+
+
+def test_auto_does_not_divide_by_zero_q():
+    kernel_a, kernel_b, flat = planted_kernels()
+    with_zero = flat.copy()
+    with_zero[3] = 0.0
+    a, b = trak(kernel_a, with_zero), trak(kernel_b, flat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Q is not collapsed: nothing lost, no warning
+        auto = ModelDiff(n_components=2).fit(a, b)
+    kept = ModelDiff(n_components=2, divide_out_to_loss=False).fit(a, b)
+    assert not auto.divided_out_to_loss_
+    assert "≤ 0" in auto.out_to_loss_note_ and "1 under A" in auto.out_to_loss_note_
+    np.testing.assert_array_equal(auto.residuals_[A_VS_B], kept.residuals_[A_VS_B])
+    collapsed = flat.copy()
+    collapsed[:10] = 0.0  # collapsed to exactly 0: auto would divide but cannot, and says so
+    with pytest.warns(UserWarning, match="cannot be divided out"):
+        auto = ModelDiff(n_components=2).fit(trak(kernel_a, collapsed), b)
+    assert not auto.divided_out_to_loss_ and auto.out_to_loss_spread_["a"] == np.inf
+    with pytest.raises(ValueError, match="equal to 0"):
+        ModelDiff(divide_out_to_loss=True).fit(trak(kernel_a, collapsed), b)
 
 
 class ShiftModel:
@@ -194,12 +314,12 @@ def test_planted_patch_is_the_top_direction_of_a_and_is_confirmed():
     """Digits where 20% of the 0s carry a corner patch; B's augmentation erases that corner.
 
     TRAK (2 checkpoints, k = 1024) of A and of B over the 297 test images, 45 of them patched;
-    ModelDiff with Q divided out. Measured with seed 0 (docs/modeldiff.md has seeds 0-2 and
-    15% / 20%): the top A-vs-B direction puts 76% of its squared norm on the 30 patched
-    examples (2% of the training set), precision@10 1.0 at its positive end, all 10 aligned
-    targets patched, variance 0.020 of A against 0.0013 of B; the top B-vs-A direction 6%,
-    precision 0.4 / 0.0; the patch added to test images of other classes moves the margin
-    towards 0 by about +1.5 for A and by 0.000 for B.
+    ModelDiff with Q divided out (as the default "auto" does here). Measured with seed 0
+    (docs/modeldiff.md has seeds 0-2 and 15% / 20%): the top A-vs-B direction puts 76% of its
+    squared norm on the 30 patched examples (2% of the training set), precision@10 1.0 at its
+    positive end, all 10 aligned targets patched, variance 0.020 of A against 0.0013 of B; the top
+    B-vs-A direction 6%, precision 0.4 / 0.0; the patch added to test images of other classes moves
+    the margin towards 0 by about +1.5 for A and by 0.000 for B.
     """
     planted = PlantedPatch(fraction=0.2)
     data = planted.data()
@@ -244,8 +364,19 @@ def test_planted_patch_is_the_top_direction_of_a_and_is_confirmed():
     assert max(precision(leaked.train_positive), precision(leaked.train_negative)) >= 0.9
     # TRAK's Q hides the patched examples (the shortcut fits them with Q ~ 1e-6): with T ⊙ Q
     # the top direction misses them.
-    with_q = ModelDiff(n_components=3, top_k=10).fit(attributions["a"], attributions["b"])
+    with_q = ModelDiff(n_components=3, top_k=10, divide_out_to_loss=False).fit(
+        attributions["a"], attributions["b"]
+    )
     assert mass(with_q.directions(A_VS_B)[0]) < 0.1
+    # The default settings see A's collapsed Q and divide it out: the same directions as above.
+    default = ModelDiff(n_components=3, top_k=10).fit(attributions["a"], attributions["b"])
+    assert default.divided_out_to_loss_
+    assert default.out_to_loss_spread_["a"] > OUT_TO_LOSS_SPREAD_LIMIT
+    for which in (A_VS_B, B_VS_A):
+        for mine, theirs in zip(default.directions(which), diff.directions(which), strict=True):
+            np.testing.assert_array_equal(mine.component, theirs.component)
+    assert mass(default.directions(A_VS_B)[0]) > 0.5
+    assert precision(default.directions(A_VS_B)[0].train_positive) >= 0.9
 
     labels = data.target_labels.numpy()
     others = np.setdiff1d(np.flatnonzero(labels != planted.patched_class), data.patched_targets)

@@ -25,6 +25,11 @@ components (``rank_by="variance_gap"``); ``rank_by="residual_variance"`` keeps t
 of the reference implementation. Both are measured on a planted difference in
 ``tests/test_modeldiff.py`` and docs/modeldiff.md.
 
+**TRAK's out-to-loss weight.** TRAK's scores are ``T ⊙ Q``; examples that an algorithm fits
+through a shortcut get a ``Q`` orders of magnitude below the rest and vanish from them. By default
+(``divide_out_to_loss="auto"``) ``Q`` is divided out when either algorithm's ``Q`` is spread wider
+than :data:`OUT_TO_LOSS_SPREAD_LIMIT` by :func:`out_to_loss_spread`; see :class:`ModelDiff`.
+
 **Sign convention.** A principal component's sign is arbitrary; each is flipped so that its
 largest-magnitude coordinate is positive (scikit-learn's ``svd_flip`` rule on components), so the
 dominant subpopulation of a direction is always in ``train_positive``.
@@ -59,6 +64,23 @@ RANK_BY = ("variance_gap", "residual_variance")
 CANDIDATE_FACTOR = 4
 # Principal components whose variance is below this fraction of the largest are numerically zero.
 RANK_TOLERANCE = 1e-10
+DIVIDE_OUT_TO_LOSS = ("auto", True, False)
+# The low tail of Q that out_to_loss_spread compares with its median: a subpopulation of at least
+# this share of the training set (in percent) pulls the percentile into it.
+OUT_TO_LOSS_PERCENTILE = 1.0
+# "auto" divides Q out when median / 1st percentile of either algorithm's Q exceeds this. On the
+# planted patch of docs/modeldiff.md the patched 2% of the training set have Q ≈ 4e-6 under A
+# against a median of 7e-4, 175× below it, and that was enough for T ⊙ Q to lose them entirely
+# (mass ≤ 0.01 on them, against 0.74-0.78 with Q divided out). A spread above 100 means that at
+# least 1% of the training examples are weighted down more than 100× against a typical one: the
+# order of suppression that hid the patch. Ordinary well-fit models exceed it too (the demo's
+# MLPs: 180; the planted case's B, which never sees the patch: 305-889; A: 345-1907), so the
+# spread cannot tell a shortcut from a long tail of confidently fit examples, and "auto" divides
+# Q out of those as well. Deliberately: the only real difference measured is found with T and
+# lost with T ⊙ Q, and between two seeds of one algorithm (nothing to find) T's top directions
+# explain 3-5× more of one side's variance than of the other's, well below the patch's 11-20×
+# (docs/modeldiff.md, "Q on ordinary models"). A flat Q (spread ≤ 100) is kept as published.
+OUT_TO_LOSS_SPREAD_LIMIT = 100.0
 
 
 @dataclass(frozen=True)
@@ -106,13 +128,18 @@ class Direction:
         return self.variance_b - self.variance_a
 
 
+def _out_to_loss(attributions: Attributions | np.ndarray) -> np.ndarray | None:
+    out_to_loss = getattr(attributions, "out_to_loss", None)
+    return None if out_to_loss is None else np.asarray(out_to_loss, dtype=np.float64)
+
+
 def _score_matrix(
     attributions: Attributions | np.ndarray, what: str, divide_out_to_loss: bool = False
 ) -> np.ndarray:
     scores = attributions.scores if isinstance(attributions, Attributions) else attributions
     scores = np.asarray(scores, dtype=np.float64)
     if divide_out_to_loss:
-        out_to_loss = getattr(attributions, "out_to_loss", None)
+        out_to_loss = _out_to_loss(attributions)
         if out_to_loss is None:
             raise ValueError(
                 f"divide_out_to_loss=True but {what} carry no out_to_loss weights (only TRAK's "
@@ -126,6 +153,92 @@ def _score_matrix(
     if not np.isfinite(scores).all():
         raise ValueError(f"{what} hold NaN or infinite scores: fix or drop those targets first")
     return scores
+
+
+def out_to_loss_spread(out_to_loss: np.ndarray) -> float:
+    """How far TRAK's out-to-loss weights ``Q`` fall below their median in their low tail.
+
+    ``median(Q) / percentile(Q, OUT_TO_LOSS_PERCENTILE)``: 1 for a flat ``Q``, and large when
+    some share (≥ 1%) of the training examples carries a ``Q`` far below the typical one, as
+    examples fit through a shortcut do. ``ModelDiff(divide_out_to_loss="auto")`` and
+    ``datatrace modeldiff`` divide ``Q`` out above :data:`OUT_TO_LOSS_SPREAD_LIMIT`.
+
+    Args:
+        out_to_loss: ``(n_train,)`` weights (``Attributions.out_to_loss``).
+
+    Returns:
+        The ratio; ``inf`` when the percentile is 0 or negative, NaN when ``Q`` holds NaN.
+    """
+    weights = np.asarray(out_to_loss, dtype=np.float64)
+    if weights.ndim != 1 or weights.size == 0:
+        raise ValueError(
+            f"out_to_loss must be a non-empty (n_train,) array, got shape {weights.shape}"
+        )
+    low = float(np.percentile(weights, OUT_TO_LOSS_PERCENTILE))
+    if np.isnan(low):
+        return float("nan")
+    if low <= 0:
+        return float("inf")
+    return float(np.median(weights)) / low
+
+
+def _out_to_loss_decision(
+    setting: bool | str, weights: dict[str, np.ndarray | None], spreads: dict[str, float | None]
+) -> tuple[bool, str, bool]:
+    """Whether to divide ``Q`` out, a one-line note saying why, and whether to warn.
+
+    ``weights`` and ``spreads`` are keyed ``"a"``, ``"b"``, ``None`` where the attributions carry
+    no ``out_to_loss``. A warning is due only where "auto" finds ``Q`` collapsed and cannot divide
+    it out.
+    """
+    names = {"a": "A", "b": "B"}
+    statistic = f"median/p{OUT_TO_LOSS_PERCENTILE:g} of Q"
+    measured = ", ".join(
+        f"{spread:.3g}× under {names[key]}" for key, spread in spreads.items() if spread is not None
+    )
+    limit = f"{OUT_TO_LOSS_SPREAD_LIMIT:g}×"
+    collapsed = any(
+        spread is not None and spread > OUT_TO_LOSS_SPREAD_LIMIT for spread in spreads.values()
+    )
+    if setting is True:  # without out_to_loss, the scores refuse it with a message
+        return True, f"Q divided out (divide_out_to_loss=True); {statistic}: {measured}", False
+    if not measured:
+        return False, "no out_to_loss weights under A or B: scores compared as they are", False
+    if setting is False:
+        if collapsed:
+            note = (
+                f"Q kept (divide_out_to_loss=False) although {statistic} exceeds {limit} "
+                f"({measured}): examples fit through a shortcut can vanish from T ⊙ Q; 'auto' "
+                "would divide Q out"
+            )
+        else:
+            note = f"Q kept (divide_out_to_loss=False); {statistic}: {measured}"
+        return False, note, False
+    missing = [names[key] for key, weight in weights.items() if weight is None]
+    if missing:
+        return (
+            False,
+            f"Q not divided out (auto): {missing[0]} carries no out_to_loss weights, and Q is "
+            f"divided out of both attributions or of neither; {statistic}: {measured}",
+            collapsed,
+        )
+    not_positive = {names[key]: int(np.sum(~(weight > 0))) for key, weight in weights.items()}
+    if any(not_positive.values()):
+        counts = ", ".join(f"{n} under {name}" for name, n in not_positive.items() if n)
+        return (
+            False,
+            f"Q not divided out (auto): it holds values ≤ 0 or NaN ({counts}), which cannot be "
+            f"divided out; {statistic}: {measured}",
+            collapsed,
+        )
+    if collapsed:
+        return (
+            True,
+            f"Q divided out (auto): {statistic} exceeds {limit} ({measured}), so T ⊙ Q would "
+            "hide the training examples with the smallest Q",
+            False,
+        )
+    return False, f"Q kept (auto): {statistic} is within {limit} ({measured})", False
 
 
 def row_normalise(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +332,18 @@ class ModelDiff:
             algorithm's attribution variance they explain than of the other's, among the top
             ``CANDIDATE_FACTOR × n_components`` principal components; ``"residual_variance"``
             keeps the PCA order (the reference implementation's). See the module docstring.
-        divide_out_to_loss: compare TRAK's kernel term ``T`` rather than its scores ``T ⊙ Q``
-            (each column divided by the training example's out-to-loss weight ``Q``). Examples
-            that one algorithm fits through a shortcut get a ``Q`` orders of magnitude below
-            the others' and vanish from ``T ⊙ Q`` (measured in docs/modeldiff.md); needs
-            attributions that carry ``out_to_loss``.
+        divide_out_to_loss: ``True`` compares TRAK's kernel term ``T`` rather than its scores
+            ``T ⊙ Q`` (each column divided by the training example's out-to-loss weight ``Q``;
+            needs attributions that carry ``out_to_loss``); ``False`` compares the scores as
+            they are. Examples that one algorithm fits through a shortcut get a ``Q`` orders of
+            magnitude below the others' and vanish from ``T ⊙ Q`` (measured in
+            docs/modeldiff.md). ``"auto"`` (default) divides ``Q`` out of both when either
+            algorithm's :func:`out_to_loss_spread` exceeds :data:`OUT_TO_LOSS_SPREAD_LIMIT`
+            (100), which well-fit classifiers' ``Q`` does (the demo's MLPs: 180), and keeps the
+            scores otherwise. It keeps them, too, where it cannot divide: arrays, attributions
+            without ``out_to_loss`` (either side), or a ``Q`` with values ≤ 0; in those cases a
+            collapsed ``Q`` emits a warning. It never warns when it divides; the decision is in
+            ``divided_out_to_loss_`` and ``out_to_loss_note_``.
 
     Attributes (after ``fit``):
         directions_: ``{"a_vs_b": [Direction, ...], "b_vs_a": [...]}``; A-vs-B directions are
@@ -232,6 +352,10 @@ class ModelDiff:
         n_targets_, n_train_: shape of the compared attributions.
         zero_rows_: ``(n_targets,)`` bool, targets whose attributions are all zero under A or B
             (they add nothing to the residuals of the other).
+        divided_out_to_loss_: whether ``Q`` was divided out of both attributions.
+        out_to_loss_spread_: ``{"a": float | None, "b": ...}``, :func:`out_to_loss_spread` of
+            each algorithm's ``Q`` (``None`` without ``out_to_loss``).
+        out_to_loss_note_: one line saying what was done with ``Q`` and why.
     """
 
     def __init__(
@@ -239,7 +363,7 @@ class ModelDiff:
         n_components: int = 5,
         top_k: int = 10,
         rank_by: str = "variance_gap",
-        divide_out_to_loss: bool = False,
+        divide_out_to_loss: bool | str = "auto",
     ):
         self.n_components = n_components
         self.top_k = top_k
@@ -267,8 +391,33 @@ class ModelDiff:
             )
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
-        scores_a = _score_matrix(attributions_a, "attributions_a", self.divide_out_to_loss)
-        scores_b = _score_matrix(attributions_b, "attributions_b", self.divide_out_to_loss)
+        setting = self.divide_out_to_loss
+        if isinstance(setting, bool | np.bool_):
+            setting = bool(setting)
+        elif setting != "auto":
+            raise ValueError(
+                f"divide_out_to_loss must be one of {DIVIDE_OUT_TO_LOSS}, got {setting!r}"
+            )
+        weights = {
+            "a": _out_to_loss(attributions_a),
+            "b": _out_to_loss(attributions_b),
+        }
+        self.out_to_loss_spread_ = {
+            key: None if weight is None else out_to_loss_spread(weight)
+            for key, weight in weights.items()
+        }
+        divide, self.out_to_loss_note_, warn = _out_to_loss_decision(
+            setting, weights, self.out_to_loss_spread_
+        )
+        if warn:
+            warnings.warn(
+                f"{self.out_to_loss_note_}. The directions may miss examples fit through a "
+                "shortcut; pass divide_out_to_loss=False to compare T ⊙ Q without this warning",
+                stacklevel=2,
+            )
+        scores_a = _score_matrix(attributions_a, "attributions_a", divide)
+        scores_b = _score_matrix(attributions_b, "attributions_b", divide)
+        self.divided_out_to_loss_ = divide
         if scores_a.shape != scores_b.shape:
             raise ValueError(
                 f"attributions_a has shape {scores_a.shape} and attributions_b {scores_b.shape}: "
@@ -346,7 +495,11 @@ class ModelDiff:
         return self.directions_[which]
 
     def summary(self) -> list[dict[str, Any]]:
-        """One JSON-serialisable row per direction (both comparisons)."""
+        """One JSON-serialisable row per direction (both comparisons).
+
+        Each row also says whether ``Q`` was divided out (``divided_out_to_loss``) and why
+        (``out_to_loss_note``), so that a row read on its own says which scores it describes.
+        """
         rows = []
         for which in (A_VS_B, B_VS_A):
             for direction in self.directions(which):
@@ -361,6 +514,8 @@ class ModelDiff:
                         "train_positive": direction.train_positive.tolist(),
                         "train_negative": direction.train_negative.tolist(),
                         "targets": direction.targets.tolist(),
+                        "divided_out_to_loss": self.divided_out_to_loss_,
+                        "out_to_loss_note": self.out_to_loss_note_,
                     }
                 )
         return rows

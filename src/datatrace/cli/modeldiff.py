@@ -12,18 +12,21 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace.attributions import Attributions
 from datatrace.cli.app import app, console, user_errors
-from datatrace.modeldiff import A_VS_B, B_VS_A, RANK_BY, ModelDiff
+from datatrace.modeldiff import A_VS_B, B_VS_A, OUT_TO_LOSS_SPREAD_LIMIT, RANK_BY, ModelDiff
 from datatrace.store import Store
 
 STORE_HELP = "A datatrace store holding both attributions: a directory or an fsspec URL."
 DEFAULTS = ModelDiff()
 # Indices listed per direction in the terminal (the report and the JSON have all top-k).
 SHOWN_INDICES = 4
-# Note when Q's median exceeds its 1st percentile by this factor: in the planted case of
-# docs/modeldiff.md the shortcut examples' Q sat ~175× below the median, and T ⊙ Q missed them.
-Q_SPREAD_WARNING = 100.0
+# --divide-out-to-loss values and the ModelDiff setting of each.
+DIVIDE_OUT_TO_LOSS_CHOICES = {"auto": "auto", "on": True, "off": False}
+DEFAULT_DIVIDE_OUT_TO_LOSS = next(
+    name
+    for name, setting in DIVIDE_OUT_TO_LOSS_CHOICES.items()
+    if setting == DEFAULTS.divide_out_to_loss
+)
 
 
 def read_array(path: Path | None, what: str) -> np.ndarray | None:
@@ -72,12 +75,13 @@ def modeldiff_command(
         str, typer.Option(help=f"Order of the directions: {' or '.join(RANK_BY)}.")
     ] = DEFAULTS.rank_by,
     divide_out_to_loss: Annotated[
-        bool,
+        str,
         typer.Option(
-            "--divide-out-to-loss",
-            help="Compare TRAK's kernel term T instead of T ⊙ Q (needs TRAK attributions).",
+            help="Compare TRAK's kernel term T instead of T ⊙ Q: on (needs TRAK attributions), "
+            "off, or auto (when median/p1 of either algorithm's Q exceeds "
+            f"{OUT_TO_LOSS_SPREAD_LIMIT:g}; docs/modeldiff.md).",
         ),
-    ] = False,
+    ] = DEFAULT_DIVIDE_OUT_TO_LOSS,
     train_images: Annotated[
         Path | None, typer.Option(help="Training images for the report (.npy, (n_train, ...)).")
     ] = None,
@@ -111,6 +115,11 @@ def modeldiff_command(
             raise ValueError(f"threads must be 0 (torch's default) or more, got {threads}")
         if threads:
             torch.set_num_threads(threads)
+        if divide_out_to_loss not in DIVIDE_OUT_TO_LOSS_CHOICES:
+            raise ValueError(
+                f"--divide-out-to-loss must be {', '.join(DIVIDE_OUT_TO_LOSS_CHOICES)}, got "
+                f"{divide_out_to_loss!r}"
+            )
         opened = Store(store, read_only=True)
         attributions_a = opened.load_attributions(a)
         attributions_b = opened.load_attributions(b)
@@ -118,12 +127,13 @@ def modeldiff_command(
             n_components=n_components,
             top_k=top_k,
             rank_by=rank_by,
-            divide_out_to_loss=divide_out_to_loss,
+            divide_out_to_loss=DIVIDE_OUT_TO_LOSS_CHOICES[divide_out_to_loss],
         ).fit(attributions_a, attributions_b)
-        if not divide_out_to_loss:
-            hint = q_spread_hint({name_a: attributions_a, name_b: attributions_b})
-            if hint:
-                console.print(f"[yellow]note:[/] {escape(hint)}", highlight=False)
+        if any(spread is not None for spread in diff.out_to_loss_spread_.values()):
+            names = "" if (name_a, name_b) == ("A", "B") else f" (A: {name_a}, B: {name_b})"
+            console.print(
+                f"[yellow]note:[/] {escape(diff.out_to_loss_note_ + names)}", highlight=False
+            )
         for which, title in ((A_VS_B, f"{name_a} vs {name_b}"), (B_VS_A, f"{name_b} vs {name_a}")):
             table = Table(title=escape(f"{title}: what {title.split(' vs ')[0]} uses"))
             for column in ("rank", f"var {name_a}", f"var {name_b}", "residual var"):
@@ -170,32 +180,19 @@ def modeldiff_command(
                     "rank_by": rank_by,
                     "divide_out_to_loss": divide_out_to_loss,
                 },
+                "out_to_loss": {
+                    "divided_out": diff.divided_out_to_loss_,
+                    # strict JSON has no Infinity (the spread of a Q with zeros)
+                    "spread": {
+                        key: spread if spread is None or np.isfinite(spread) else None
+                        for key, spread in diff.out_to_loss_spread_.items()
+                    },
+                    "note": diff.out_to_loss_note_,
+                },
                 "directions": diff.summary(),
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(record, indent=2) + "\n")
-
-
-def q_spread_hint(attributions: dict[str, Attributions]) -> str | None:
-    """A note when TRAK's ``Q`` spans more than ``Q_SPREAD_WARNING`` between the 1st and 50th
-    percentile of some algorithm's training examples (docs/modeldiff.md: such scores can hide
-    what one algorithm learns through a shortcut); ``None`` otherwise."""
-    spreads = {}
-    for name, result in attributions.items():
-        weights = result.out_to_loss
-        if weights is None:
-            continue
-        low = float(np.percentile(weights, 1))
-        spreads[name] = float(np.median(weights)) / max(low, np.finfo(np.float64).tiny)
-    wide = {name: spread for name, spread in spreads.items() if spread > Q_SPREAD_WARNING}
-    if not wide:
-        return None
-    name, spread = max(wide.items(), key=lambda item: item[1])
-    return (
-        f"the scores carry TRAK's out-to-loss weight Q, whose median is {spread:.3g}× its 1st "
-        f"percentile under {name}: examples an algorithm fits through a shortcut get a tiny Q and "
-        "can vanish from the directions. Compare with --divide-out-to-loss (docs/modeldiff.md)."
-    )
 
 
 def _indices(values: np.ndarray) -> str:

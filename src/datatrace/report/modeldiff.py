@@ -183,7 +183,8 @@ def write_modeldiff_report(
         "targets": diff.n_targets_,
         "training examples": diff.n_train_,
         "directions ranked by": diff.rank_by.replace("_", " "),
-        "Q divided out": "yes" if diff.divide_out_to_loss else "no",
+        "Q divided out": ("yes" if diff.divided_out_to_loss_ else "no")
+        + (" (auto)" if diff.divide_out_to_loss == "auto" else ""),
         **(summary or {}),
     }
     k = max(len(d.train_positive) for group in directions.values() for d in group)
@@ -192,6 +193,7 @@ def write_modeldiff_report(
         "name_a": name_a,
         "name_b": name_b,
         "settings": [(key, format_value(value)) for key, value in settings.items()],
+        "out_to_loss_note": diff.out_to_loss_note_,
         "comparisons": comparisons,
         "k": k,
     }
