@@ -14,7 +14,9 @@ the other 90 %, stopped once the held-out MSE has not improved for 3 steps (afte
 the best λ refit on all subsets. Solver tolerance: duality gap ≤ 1e-4 · ‖y − ȳ‖²/n on both sides
 (scikit-learn's criterion, which datatrace uses), at most 1000 iterations per λ.
 
-* datatrace: ``Datamodels()`` with its defaults (float32, batched FISTA over all targets).
+* datatrace: ``Datamodels(selection="validation")`` (float32, batched FISTA over all targets):
+  the per-target path with early stopping that scikit-learn's ``lasso_path`` can replay step
+  for step (the default pooled cross-validation runs the same solver on every fold).
 * scikit-learn: for each target, ``lasso_path`` over *exactly the λ steps datatrace computed for
   that target* (so scikit-learn does no more path than needed and pays nothing for early
   stopping), with the Gram matrix of the training rows precomputed once and shared by all
@@ -136,10 +138,10 @@ def main() -> None:
     masks, outputs, fresh_masks, fresh_outputs, true_weights = make_problem(args)
     times: dict[str, tuple[float, float]] = {}
     with threadpool_limits(1):
-        ours = Datamodels(progress=False)
+        ours = Datamodels(selection="validation", progress=False)
         with timed(times, "datatrace"):
             ours.fit(masks, outputs)
-        ours64 = Datamodels(progress=False, dtype=torch.float64)
+        ours64 = Datamodels(selection="validation", progress=False, dtype=torch.float64)
         with timed(times, "datatrace float64"):
             ours64.fit(masks, outputs)
         subset = np.linspace(0, args.targets - 1, min(args.sklearn_targets, args.targets))

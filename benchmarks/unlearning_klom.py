@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,7 +61,6 @@ from datatrace.unlearning import (
     klom,
     klom_summary,
     oracle_matching,
-    per_class_scores,
     retain_finetune,
 )
 
@@ -75,6 +75,9 @@ RECIPE_DESCRIPTION = {
     },
 }
 N_CLASSES = 10
+# How DMM's targets estimate the forget set's joint effect: "auto" (Datamodels.contribution's
+# default), "group" or "sum" (the earlier Σ_{i∈F} β_i); --contribution sets it.
+CONTRIBUTION = "auto"
 # Seeds of the model sets, far apart so that no two sets share a training seed.
 SEED_BASE = {
     "original": 0, "retrain_1": 100_000, "retrain_2": 200_000, "oracle": 300_000, "cost": 900_000
@@ -252,9 +255,12 @@ class Bench:
             f"{which}/{forget}", mask, SEED_BASE[which], n_models, self.margins_and_logits, n_out
         )
 
-    def datamodels(self):
-        if "dmm" in self.store.groups("scores"):
-            return self.store.load_attributions("dmm")
+    def datamodels(self) -> Datamodels:
+        """Datamodels of the points' centred logits, fitted on the subset models (cached)."""
+        path = self.directory / "datamodels.pkl"
+        if path.exists():
+            with path.open("rb") as file:
+                return pickle.load(file)
         experiment = SubsetExperiment(
             self.store,
             "subsets",
@@ -268,10 +274,11 @@ class Bench:
         experiment.run(RECIPE.train, self.point_logits, progress=True)
         clock = Clock()
         with clock:
-            attributions = Datamodels().fit(experiment.results()).attributions()
+            datamodels = Datamodels().fit(experiment.results())
         self.save_timing("datamodels_fit", clock)
-        self.store.save_attributions("dmm", attributions)
-        return attributions
+        with path.open("wb") as file:
+            pickle.dump(datamodels, file)
+        return datamodels
 
     def unlearned(self, arm: str, forget: str, grid_index: int, originals, extra) -> np.ndarray:
         settings = GRIDS[arm][grid_index]
@@ -282,7 +289,7 @@ class Bench:
         kwargs = {"settings": settings}
         args = ()
         if arm == "datamodel matching":
-            args, kwargs["points"] = (extra["datamodels"],), self.points
+            args, kwargs["points"] = (Contribution(extra["datamodels"]),), self.points
         elif arm == "oracle matching":
             args, kwargs["points"] = (extra["oracle_logits"][forget],), self.points
         margins, clock = [], Clock()
@@ -302,10 +309,22 @@ class Bench:
         return np.stack(margins)
 
 
+class Contribution:
+    """The datamodels as DMM reads them, with the joint-effect estimate ``CONTRIBUTION``."""
+
+    def __init__(self, datamodels: Datamodels):
+        self.datamodels = datamodels
+
+    def contribution(self, indices) -> np.ndarray:
+        return self.datamodels.contribution(indices, CONTRIBUTION)
+
+
 def arm_key(arm: str, forget: str, settings) -> str:
     """Name of one arm's cached margins and timing: the settings themselves, not a grid index,
     so that editing a grid never reuses results of other settings."""
     values = "_".join(f"{name}={value}" for name, value in asdict(settings).items())
+    if arm == "datamodel matching":  # the targets' estimate is part of what the arm runs
+        values += f"_contribution={CONTRIBUTION}"
     return f"{arm.replace(' ', '_')}/{forget}/{values}"
 
 
@@ -347,7 +366,8 @@ def diagnostics(bench: Bench, forget: str, originals, datamodels, reference, row
     in_forget = np.isin(bench.points, forget_indices)
     images = bench.train_data[0][torch.as_tensor(bench.points[in_forget])]
     labels = bench.train_data[1][torch.as_tensor(bench.points[in_forget])]
-    removed = torch.as_tensor(datamodels[in_forget][:, :, forget_indices].sum(axis=2))
+    removed = datamodels.contribution(forget_indices, CONTRIBUTION).reshape(len(bench.points), -1)
+    removed = torch.as_tensor(removed[in_forget])
     original, predicted = [], []
     for state in originals:
         with torch.no_grad():
@@ -413,7 +433,15 @@ def main() -> None:
     )
     parser.add_argument("--alpha", type=float, default=Config.alpha, help="subset fraction")
     parser.add_argument("--quick", action="store_true", help="tiny run to check the plumbing")
+    parser.add_argument(
+        "--contribution",
+        choices=["auto", "group", "sum"],
+        default="auto",
+        help="DMM's estimate of the forget set's joint effect (Datamodels.contribution)",
+    )
     args = parser.parse_args()
+    global CONTRIBUTION
+    CONTRIBUTION = args.contribution
     torch.set_num_threads(1)
     config = Config(models=args.models, subsets=args.subsets, alpha=args.alpha)
     if args.quick:
@@ -429,7 +457,7 @@ def main() -> None:
         floor[forget] = bench.retrained(forget, "retrain_2", config.models)[:, :n_all]
         oracle = bench.retrained(forget, "oracle", config.oracle_models)[:, n_all:]
         oracle_logits[forget] = oracle.mean(0).reshape(len(bench.points), N_CLASSES)
-    datamodels = per_class_scores(bench.datamodels(), N_CLASSES)
+    datamodels = bench.datamodels()
     extra = {"datamodels": datamodels, "oracle_logits": oracle_logits}
     print(f"stages ready after {time.perf_counter() - started:.0f} s")
 

@@ -50,7 +50,7 @@ def fitted(store):
     location, _ = store
     return invoke(
         "datamodels", "fit", location, "--subsets", "fit", "--out-name", "dm",
-        "--l1-path-steps", "50", "--no-progress", "--threads", "1",
+        "--l1-path-steps", "50", "--selection", "mse", "--no-progress", "--threads", "1",
     )  # fmt: skip
 
 
@@ -62,6 +62,7 @@ def test_fit_saves_datamodels_with_their_settings(store, fitted):
     saved = Attributions.load(location, "dm")
     assert saved.method == "datamodels" and saved.scores.shape == (N_TARGETS, N_TRAIN)
     assert saved.info["subsets"] == "fit" and saved.info["l1_path_steps"] == 50
+    assert saved.info["selection"] == "mse"
     assert len(saved.info["bias"]) == N_TARGETS
     assert (np.abs(saved.scores[:, :4] - weights[:, :4]) < 0.2).all()
     assert "dm" in invoke("info", location).output

@@ -2,11 +2,13 @@
 construction."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 from sklearn.linear_model import Lasso, lasso_path
 
 from datatrace import Attributions
@@ -46,12 +48,24 @@ def sparse_linear(seed, n_train, n_subsets, n_targets, n_true=5, noise=1.0, n_fr
 
 @pytest.fixture(scope="module")
 def small_fit():
+    """The earlier per-target selection on one validation split."""
     masks, outputs, *_ = sparse_linear(0, n_train=30, n_subsets=400, n_targets=4, n_true=4)
-    return masks, outputs, Datamodels(**TIGHT).fit(masks, outputs)
+    return masks, outputs, Datamodels(selection="validation", **TIGHT).fit(masks, outputs)
 
 
-def test_refit_equals_sklearn_lasso_at_the_chosen_lambda(small_fit):
+@pytest.fixture(scope="module")
+def pooled_fit():
+    """The default pooled cross-validation, on a problem small enough for sklearn loops."""
+    masks, outputs, *_ = sparse_linear(5, n_train=15, n_subsets=60, n_targets=5, n_true=3)
+    settings = {**TIGHT, "l1_path_steps": 20, "eps": 1e-2}
+    return masks, outputs, settings, Datamodels(**settings).fit(masks, outputs)
+
+
+@pytest.mark.parametrize("which", ["validation", "pooled"])
+def test_refit_equals_sklearn_lasso_at_the_chosen_lambda(small_fit, which):
     masks, outputs, model = small_fit
+    if which == "pooled":
+        model = Datamodels(cv_averaging=False, **TIGHT).fit(masks, outputs)
     mean, std = masks.mean(0), masks.std(0)
     standardised = (masks - mean) / std
     for j in range(outputs.shape[1]):
@@ -94,6 +108,85 @@ def test_path_validation_error_and_early_stop_match_sklearn(small_fit):
         assert steps == min(expected, model.l1_path_steps)
 
 
+def spearman_by_loop(predicted, measured):
+    """scipy's Spearman correlation per column, 0 where a column is constant."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = [spearmanr(predicted[:, j], measured[:, j])[0] for j in range(measured.shape[1])]
+    return np.nan_to_num(np.array(values))
+
+
+def test_pooled_cross_validation_matches_sklearn_folds(pooled_fit):
+    """Each step's score is the mean over folds of the held-out Spearman correlation of a lasso
+    fitted on the other folds (sklearn, at the shared path's λ); each target takes the step that
+    maximises its score plus 3 × the mean score; the weights average the all-subset refit and
+    the folds' fits at that step."""
+    masks, outputs, settings, model = pooled_fit
+    mean, std = masks.mean(0), masks.std(0)
+    X = (masks - mean) / std
+    steps = model.path_steps_.max()
+    path = model.lambda_path_[:, 0]
+    largest = np.abs((X - X.mean(0)).T @ (outputs - outputs.mean(0))).max(0) / len(X)
+    assert path[0] == pytest.approx(largest.max())
+    assert path[-1] == pytest.approx(1e-2 * np.median(largest))
+    scores = np.zeros((steps, outputs.shape[1]))
+    fold_fits = []
+    for fold in range(5):
+        inside, outside = model.fold_of_ != fold, model.fold_of_ == fold
+        fits = []
+        for step in range(steps):
+            lasso = Lasso(alpha=path[step], tol=1e-13, max_iter=1_000_000)
+            lasso.fit(X[inside], outputs[inside])
+            fits.append(lasso.coef_.copy())
+            scores[step] += spearman_by_loop(lasso.predict(X[outside]), outputs[outside]) / 5
+        fold_fits.append(fits)
+    np.testing.assert_allclose(model.cv_score_path_[:steps], scores, atol=1e-9)
+    assert np.isnan(model.cv_score_path_[steps:]).all()
+    chosen = (scores + 3.0 * scores.mean(1, keepdims=True)).argmax(0)
+    np.testing.assert_array_equal(model.chosen_step_, chosen)
+    np.testing.assert_allclose(model.lambda_, path[chosen])
+    for j in range(outputs.shape[1]):
+        refit = Lasso(alpha=path[chosen[j]], tol=1e-13, max_iter=1_000_000)
+        refit.fit(X, outputs[:, j])
+        folded = np.mean([fold_fits[f][chosen[j]][j] for f in range(5)], axis=0)
+        expected = (refit.coef_ + folded) / 2 / std
+        scale = np.abs(expected).max() + 1e-12
+        assert np.abs(model.weights_[j] - expected).max() <= 1e-6 * scale
+
+
+def test_pooled_lds_at_least_matches_sklearn_with_one_alpha_by_cross_validated_lds():
+    """The reference users would write: scikit-learn's Lasso on standardised masks with one α
+    for every target, α chosen by 5-fold cross-validation of the LDS on the fitting subsets.
+    With 100 subsets of 200 examples datatrace's pooled choice is at least as good on fresh
+    subsets (measured: 0.233 against 0.216), and the per-target rule of earlier versions is
+    worse than both (0.139)."""
+    from sklearn.model_selection import KFold
+
+    masks, outputs, fresh, fresh_outputs, *_ = sparse_linear(
+        6, n_train=200, n_subsets=100, n_targets=40, n_true=20, noise=3.0, n_fresh=300
+    )
+    mean, std = masks.mean(0), masks.std(0)
+    X = (masks - mean) / std
+    largest = np.abs((X - X.mean(0)).T @ (outputs - outputs.mean(0))).max(0) / len(X)
+    alphas = np.geomspace(largest.max(), 1e-3 * np.median(largest), 25)
+    cv = np.zeros(len(alphas))
+    for inside, outside in KFold(5, shuffle=True, random_state=0).split(X):
+        for a, alpha in enumerate(alphas):
+            lasso = Lasso(alpha=alpha, max_iter=5000).fit(X[inside], outputs[inside])
+            cv[a] += spearman_by_loop(lasso.predict(X[outside]), outputs[outside]).mean()
+    best = alphas[int(np.argmax(cv))]
+    reference = Lasso(alpha=best, max_iter=5000).fit(X, outputs).coef_ / std
+    ours = lds(Datamodels(progress=False).fit(masks, outputs), fresh, fresh_outputs).mean
+    theirs = lds(reference, fresh, fresh_outputs).mean
+    earlier = lds(
+        Datamodels(selection="validation", progress=False).fit(masks, outputs),
+        fresh,
+        fresh_outputs,
+    ).mean
+    assert ours >= theirs - 0.005
+    assert ours > earlier
+
+
 def test_recovers_sparse_weights_and_reaches_the_lds_ceiling():
     masks, outputs, fresh, fresh_outputs, fresh_clean, weights, bias = sparse_linear(
         1, n_train=100, n_subsets=1500, n_targets=20, noise=1.0, n_fresh=500
@@ -128,11 +221,17 @@ def test_examples_in_every_subset_or_none_get_zero_weight():
     )
 
 
-def test_target_batches_give_the_same_weights(small_fit):
+def test_target_batches_give_the_same_weights(small_fit, pooled_fit):
     masks, outputs, model = small_fit
-    batched = Datamodels(**TIGHT, batch_targets=3).fit(masks, outputs)
+    batched = Datamodels(selection="validation", **TIGHT, batch_targets=3).fit(masks, outputs)
     np.testing.assert_allclose(batched.weights_, model.weights_, atol=1e-7)
     np.testing.assert_allclose(batched.lambda_, model.lambda_, rtol=1e-12)
+    # pooled: the same when the path is not stopped early (each batch stops on its own score)
+    masks, outputs, settings, _ = pooled_fit
+    whole = Datamodels(**settings, early_stop_patience=100).fit(masks, outputs)
+    batched = Datamodels(**settings, early_stop_patience=100, batch_targets=2).fit(masks, outputs)
+    np.testing.assert_allclose(batched.weights_, whole.weights_, atol=1e-7)
+    np.testing.assert_array_equal(batched.chosen_step_, whole.chosen_step_)
 
 
 def test_results_object_and_seed_axis():
@@ -163,7 +262,7 @@ def test_attributions_carry_bias_and_lambda(small_fit, tmp_path):
 
 def test_float32_default_agrees_with_float64(small_fit):
     masks, outputs, model = small_fit
-    single = Datamodels(progress=False).fit(masks, outputs)
+    single = Datamodels(selection="validation", progress=False).fit(masks, outputs)
     assert single.weights_.dtype == np.float32
     # default tol 1e-4: measured max difference 0.026 % of the largest weight
     assert np.abs(single.weights_ - model.weights_).max() <= 0.02 * np.abs(model.weights_).max()
@@ -186,4 +285,47 @@ def test_errors():
     with pytest.raises(ValueError, match="outputs are missing"):
         Datamodels(progress=False).fit(masks)
     with pytest.raises(ValueError, match="val_fraction"):
-        Datamodels(val_fraction=1.5, progress=False).fit(masks, outputs)
+        Datamodels(selection="validation", val_fraction=1.5, progress=False).fit(masks, outputs)
+    with pytest.raises(ValueError, match="selection"):
+        Datamodels(selection="aic", progress=False).fit(masks, outputs)
+    with pytest.raises(ValueError, match="cv_folds"):
+        Datamodels(cv_folds=20, progress=False).fit(masks, outputs)
+
+
+def test_contribution_of_a_group_of_small_effects():
+    """Forty examples with effects of 0.1 each, one sign: the ℓ1 fit shrinks most of them to
+    zero and their sum far below the truth (4.0); the group estimate recovers it within its
+    standard error, and the default takes it there. For a group with no joint effect the
+    default stays at the sum."""
+    rng = np.random.default_rng(7)
+    n_train, rows = 300, 400
+    masks = rng.random((rows, n_train)) < 0.5
+    effects = np.zeros((2, n_train))
+    effects[0, :40] = 0.1
+    effects[1, 100:103] = [1.5, -1.0, 2.0]
+    outputs = masks @ effects.T + rng.standard_normal((rows, 2))
+    model = Datamodels(progress=False).fit(masks, outputs)
+    group = np.arange(40)
+    summed = model.contribution(group, "sum")
+    assert summed[0] < 2.5  # shrunk: measured 1.3
+    np.testing.assert_allclose(summed, model.weights_[:, group].sum(1), rtol=1e-12)
+    joint = model.contribution(group, "group")
+    # the estimate by hand: residual after the other examples' weights, on the group's count
+    count = masks[:, group].sum(1).astype(float)
+    others = model.weights_.astype(float).copy()
+    others[:, group] = 0
+    residual = outputs - masks @ others.T
+    slope = np.polyfit(count, residual[:, 0], 1)[0]
+    assert joint[0] == pytest.approx(slope * 40, rel=1e-9)
+    assert abs(joint[0] - 4.0) < 1.0  # standard error ≈ 0.4
+    # "auto": the group estimate where it is more than 3 standard errors from the sum
+    assert model.contribution(group)[0] == joint[0]
+    assert model.contribution(group)[1] == summed[1]  # target 1 does not depend on the group
+    unrelated = np.arange(200, 240)
+    np.testing.assert_array_equal(
+        model.contribution(unrelated), model.contribution(unrelated, "sum")
+    )
+    with pytest.raises(ValueError, match="training indices"):
+        model.contribution([n_train])
+    with pytest.raises(ValueError, match="estimate"):
+        model.contribution(group, "median")

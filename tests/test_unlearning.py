@@ -163,6 +163,29 @@ def test_datamodel_predictions_subtract_the_forget_sets_attributions():
         datamodel_predictions(net, forget, (inputs, labels), beta[:3], points=points)
 
 
+def test_datamodel_predictions_read_a_fitted_datamodels_joint_contribution():
+    """Given fitted Datamodels (of the points' flattened per-class outputs), the subtracted
+    effect is their contribution() of the forget set, point-major."""
+    from datatrace import Datamodels
+
+    inputs, labels = make_data()
+    net = make_net()
+    rng = np.random.default_rng(5)
+    points = np.array([3, 7, 10, 20])
+    masks = rng.random((80, 60)) < 0.5
+    outputs = masks[:, :12] @ rng.normal(size=(12, 12)) + rng.normal(size=(80, 12))
+    datamodels = Datamodels(progress=False).fit(masks, outputs)
+    forget = np.array([1, 2, 33])
+    predicted = datamodel_predictions(net, forget, (inputs, labels), datamodels, points=points)
+    with torch.no_grad():
+        logits = net(inputs[points]).numpy()
+    expected = logits - datamodels.contribution(forget).reshape(4, 3)
+    np.testing.assert_allclose(predicted.numpy(), expected, rtol=1e-5, atol=1e-5)
+    wrong = Datamodels(progress=False).fit(masks, outputs[:, :10])
+    with pytest.raises(ValueError, match="10 outputs"):
+        datamodel_predictions(net, forget, (inputs, labels), wrong, points=points)
+
+
 def state(net):
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 

@@ -196,7 +196,10 @@ def datamodel_predictions(
         forget_indices: ``(|F|,)`` training indices to forget.
         train_data: ``(inputs, labels)`` tensors of the whole training set.
         attributions: per-class attributions of the points, ``(n_points, n_classes, n_train)`` or
-            ``(n_points · n_classes, n_train)`` point-major (see :func:`per_class_scores`).
+            ``(n_points · n_classes, n_train)`` point-major (see :func:`per_class_scores`); or
+            fitted :class:`~datatrace.Datamodels` of those outputs, whose
+            :meth:`~datatrace.Datamodels.contribution` re-estimates the joint effect of the
+            forget set from their fitting subsets instead of summing shrunk weights.
         points: ``(n_points,)`` training indices the attributions explain (default: all).
 
     Returns:
@@ -205,13 +208,22 @@ def datamodel_predictions(
     inputs, _ = _tensors(train_data)
     points = _points(points, len(inputs))
     logits = model_logits(model, inputs[torch.as_tensor(points)])
+    forget = _indices(forget_indices, len(inputs), "forget_indices")
+    if hasattr(attributions, "contribution"):  # fitted Datamodels: the joint effect of F
+        removed = np.asarray(attributions.contribution(forget), dtype=np.float64)
+        if removed.size != logits.numel():
+            raise ValueError(
+                f"the datamodels explain {removed.size} outputs, expected {len(points)} points × "
+                f"{logits.shape[1]} classes (point-major centred logits)"
+            )
+        removed = removed.reshape(logits.shape)
+        return logits - torch.as_tensor(removed, dtype=logits.dtype)
     beta = per_class_scores(attributions, logits.shape[1])
     if beta.shape[0] != len(points) or beta.shape[2] != len(inputs):
         raise ValueError(
             f"attributions of shape {beta.shape} do not match {len(points)} points × "
             f"{logits.shape[1]} classes × {len(inputs)} training examples"
         )
-    forget = _indices(forget_indices, len(inputs), "forget_indices")
     removed = beta[:, :, forget].sum(axis=2, dtype=np.float64)
     return logits - torch.as_tensor(removed, dtype=logits.dtype)
 

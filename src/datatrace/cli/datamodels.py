@@ -66,11 +66,34 @@ def fit(
     eps: Annotated[
         float, typer.Option(help="Smallest λ of the path as a fraction of λ_max.")
     ] = DEFAULTS.eps,
+    selection: Annotated[
+        str,
+        typer.Option(
+            help="How λ is chosen: lds (cross-validated LDS pooled across targets), mse (the same "
+            "on the squared error) or validation (each target on one held-out split)."
+        ),
+    ] = DEFAULTS.selection,
+    cv_folds: Annotated[
+        int, typer.Option(help="Folds of the pooled cross-validation.")
+    ] = DEFAULTS.cv_folds,
+    target_shrinkage: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the pooled score in each target's choice (inf: one λ for all)."
+        ),
+    ] = DEFAULTS.target_shrinkage,
+    cv_averaging: Annotated[
+        bool,
+        typer.Option(
+            "--cv-averaging/--no-cv-averaging",
+            help="Average the refit with the folds' fits at the chosen λ.",
+        ),
+    ] = DEFAULTS.cv_averaging,
     val_fraction: Annotated[
-        float, typer.Option(help="Share of subsets held out to choose λ.")
+        float, typer.Option(help="--selection validation: share of subsets held out to choose λ.")
     ] = DEFAULTS.val_fraction,
     patience: Annotated[
-        int, typer.Option(help="Path steps without a better validation error before stopping.")
+        int, typer.Option(help="Path steps without a better score before the path stops.")
     ] = DEFAULTS.early_stop_patience,
     max_iter: Annotated[
         int, typer.Option(help="Solver iterations at most per λ.")
@@ -87,7 +110,7 @@ def fit(
     batch_targets: Annotated[
         int | None, typer.Option(help="Targets solved together (default all; fewer: less memory).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the choice of validation subsets.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the folds (or validation subsets).")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: leave torch's setting).")] = 0,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")
@@ -104,6 +127,10 @@ def fit(
         estimator = Datamodels(
             l1_path_steps=l1_path_steps,
             eps=eps,
+            selection=selection,
+            cv_folds=cv_folds,
+            target_shrinkage=target_shrinkage,
+            cv_averaging=cv_averaging,
             val_fraction=val_fraction,
             early_stop_patience=patience,
             max_iter=max_iter,
@@ -128,7 +155,8 @@ def fit(
         console.print(
             f"datamodels of {attributions.n_targets} targets over {attributions.n_train} "
             f"training examples from {masks.shape[0]} subsets: {nonzero:.1%} of weights nonzero, "
-            f"{estimator.path_steps_.mean():.1f} path steps on average; saved as "
+            f"λ chosen by {estimator.selection}, path step "
+            f"{estimator.chosen_step_.mean():.1f} on average; saved as "
             f"scores/{escape(out_name)} in {escape(opened.where)}",
             highlight=False,
         )
