@@ -121,7 +121,7 @@ def test_pooled_cross_validation_matches_sklearn_folds(pooled_fit):
     fitted on the other folds (sklearn, at the shared path's λ); each target takes the step that
     maximises its score plus 3 × the mean score; the weights average the all-subset refit and
     the folds' fits at that step."""
-    masks, outputs, settings, model = pooled_fit
+    masks, outputs, _, model = pooled_fit
     mean, std = masks.mean(0), masks.std(0)
     X = (masks - mean) / std
     steps = model.path_steps_.max()
