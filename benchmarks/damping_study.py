@@ -35,7 +35,9 @@ from datatrace.kernel import Kernel, KernelStatistics, damping_from_features, us
 GRID = 10.0 ** np.arange(-5.0, 1.51, 0.25)
 
 
-def features(family: families.Family, proj_dim: int, cache: Path) -> list[dict[str, np.ndarray]]:
+def features(
+    family: families.Family | None, proj_dim: int, cache: Path
+) -> list[dict[str, np.ndarray]]:
     """Per checkpoint: training features ``phi`` (n, k), target features ``target`` (m, k),
     out-to-loss weights ``q`` (n,), float64; cached in ``cache``."""
     if cache.exists():
@@ -110,54 +112,98 @@ def save_truth(family: families.Family, path: Path) -> None:
         np.savez(path, metric="MRR", relevant=flat, offsets=offsets)
 
 
-def study(family: families.Family, out: Path) -> list[dict]:
+def load_truth(path: Path) -> tuple[str, dict]:
+    with np.load(path) as data:
+        metric = str(data["metric"])
+        if metric == "LDS":
+            return metric, {"masks": data["masks"], "outputs": data["outputs"]}
+        offsets, flat = data["offsets"], data["relevant"]
+        return metric, {"relevant": [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]}
+
+
+def prepare(family: families.Family, out: Path) -> None:
+    """Cache the family's features, ground truth and description under ``out``."""
     save_truth(family, out / "truth" / f"{family.name}.npz")
-    rows = []
     for proj_dim in family.proj_dims:
-        parts = features(family, proj_dim, out / "features" / f"{family.name}-k{proj_dim}.npz")
+        features(family, proj_dim, out / "features" / f"{family.name}-k{proj_dim}.npz")
+    meta = {"description": family.description, "held_out": family.held_out,
+            "proj_dims": list(family.proj_dims)}  # fmt: skip
+    (out / "truth" / f"{family.name}.json").write_text(json.dumps(meta))
+
+
+def study(name: str, out: Path) -> list[dict]:
+    """The metric along the damping grid and at the default rule, from the cached features."""
+    meta = json.loads((out / "truth" / f"{name}.json").read_text())
+    metric, truth = load_truth(out / "truth" / f"{name}.npz")
+    rows = []
+    for proj_dim in meta["proj_dims"]:
+        parts = features(None, proj_dim, out / "features" / f"{name}-k{proj_dim}.npz")
         spectra = [SpectralScores(p["phi"], p["target"]) for p in parts]
         check_against_kernel(spectra[0], parts[0])
         qs = [p["q"] for p in parts]
         statistics = [KernelStatistics.of(p["phi"]) for p in parts]
         for count in sorted({1, len(parts)}):
-            chosen = [damping_from_features(s, count) for s in statistics]
+            chosen = [damping_from_features(s, count) for s in statistics[:count]]
             curve = [
-                family.evaluate(
-                    ensemble(spectra[:count], qs[:count], [r * s.mean_diagonal for s in spectra])
+                families.evaluate(
+                    metric,
+                    truth,
+                    ensemble(spectra[:count], qs[:count], [r * s.mean_diagonal for s in spectra]),
                 )
                 for r in GRID
             ]
-            rule = family.evaluate(ensemble(spectra[:count], qs[:count], chosen[:count]))
+            rule = families.evaluate(metric, truth, ensemble(spectra[:count], qs[:count], chosen))
             best = int(np.nanargmax(curve))
             old = int(np.argmin(np.abs(GRID - 1.0)))
+            relative = [c / s.mean_diagonal for c, s in zip(chosen, spectra)]
             rows.append(
                 {
-                    "family": family.name,
-                    "description": family.description,
-                    "metric": family.metric,
-                    "held_out": family.held_out,
+                    "family": name,
+                    "description": meta["description"],
+                    "metric": metric,
+                    "held_out": meta["held_out"],
                     "n_train": len(parts[0]["phi"]),
                     "proj_dim": proj_dim,
                     "checkpoints": count,
+                    "neighbour_cosine": statistics[0].neighbour_cosine,
                     "grid": GRID.tolist(),
                     "curve": curve,
                     "best_relative": float(GRID[best]),
                     "best": curve[best],
                     "old_default": curve[old],
                     "rule": rule,
-                    "rule_relative": float(
-                        np.mean([c / s.mean_diagonal for c, s in zip(chosen, spectra)])
-                    ),
+                    "rule_relative": float(np.mean(relative)),
                 }
             )
             r = rows[-1]
             print(
-                f"{family.name:28s} k={proj_dim:5d} C={count:2d}  old {r['old_default']:.3f}  "
-                f"rule {r['rule']:.3f} (×{r['rule_relative']:.3g})  best {r['best']:.3f} "
-                f"(×{r['best_relative']:.3g})",
+                f"{name:28s} k={proj_dim:5d} C={count:2d} ρ={r['neighbour_cosine']:.2f}  old "
+                f"{r['old_default']:.3f}  rule {r['rule']:.3f} (×{r['rule_relative']:.3g})  best "
+                f"{r['best']:.3f} (×{r['best_relative']:.3g})",
                 flush=True,
             )
     return rows
+
+
+def table(results: dict[str, list[dict]], proj_dim: int) -> str:
+    """Markdown: one line per family and ensemble size at ``proj_dim``."""
+    lines = [
+        "| family | metric | n | ρ | checkpoints | old (λ = 1 × mean diag) | new (λ / mean diag) | "
+        "best on the grid (λ / mean diag) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rows in results.values():
+        for r in rows:
+            if r["proj_dim"] != proj_dim:
+                continue
+            held = " (held out)" if r["held_out"] else ""
+            lines.append(
+                f"| {r['description']}{held} | {r['metric']} | {r['n_train']} | "
+                f"{r['neighbour_cosine']:.2f} | {r['checkpoints']} | {r['old_default']:.3f} | "
+                f"{r['rule']:.3f} ({r['rule_relative']:.2g}) | {r['best']:.3f} "
+                f"({r['best_relative']:.2g}) |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -165,17 +211,25 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/damping-study"))
     parser.add_argument("--families", nargs="+", default=list(families.BUILDERS))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--cached", action="store_true", help="only study families already cached under --out"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results_path = args.out / "study.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.families:
         tick = time.perf_counter()
-        family = families.BUILDERS[name](args.out / "families" / name)
-        results[name] = study(family, args.out)
+        if not args.cached:
+            prepare(families.BUILDERS[name](args.out / "families" / name), args.out)
+        elif not (args.out / "truth" / f"{name}.json").exists():
+            continue
+        results[name] = study(name, args.out)
         print(f"# {name}: {time.perf_counter() - tick:.0f} s", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
+    for proj_dim in sorted({r["proj_dim"] for rows in results.values() for r in rows}):
+        print(f"\nk = {proj_dim}\n\n{table(results, proj_dim)}")
 
 
 if __name__ == "__main__":

@@ -261,6 +261,7 @@ class Datamodels:
         # kept for contribution(): joint effects are re-estimated from the fitting subsets
         self._fit_masks = np.asarray(masks, dtype=np.float32)
         self._fit_outputs = np.asarray(outputs, dtype=np.float64)
+        self._contribution_cache = None
         self.attributions_ = Attributions(
             self.weights_,
             "datamodels",
@@ -531,6 +532,15 @@ class Datamodels:
                 f"indices must be a non-empty list of training indices in [0, {n_train}), got "
                 f"{np.asarray(indices).tolist()[:10]}"
             )
+        key = (chosen.tobytes(), estimate)
+        cached = getattr(self, "_contribution_cache", None)
+        if cached is not None and cached[0] == key:  # one forget set, many models to unlearn
+            return cached[1].copy()
+        result = self._contribution(chosen, estimate)
+        self._contribution_cache = (key, result)
+        return result.copy()
+
+    def _contribution(self, chosen: np.ndarray, estimate: str) -> np.ndarray:
         weights = self.weights_.astype(np.float64)
         total = weights[:, chosen].sum(axis=1)
         if estimate == "sum":

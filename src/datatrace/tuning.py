@@ -17,9 +17,9 @@ from datatrace.kernel import SingularKernelWarning
 from datatrace.progress import progress_bar
 from datatrace.trak import TRAK
 
-# Relative dampings tried by default: half-decades around DEFAULT_DAMPING = 1.0, the range over
-# which the LDS of digits MLPs and CNNs changed (docs/trak.md).
-DEFAULT_DAMPING_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+# Relative dampings (multiples of the mean diagonal of ΦᵀΦ) tried by default: half-decades over
+# the range where the best damping of every family of docs/trak.md's study lies, but the lightest.
+DEFAULT_DAMPING_GRID = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
