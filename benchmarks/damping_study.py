@@ -9,13 +9,15 @@ ensemble, the family's metric (LDS or MRR) is computed for λ on a grid of multi
 diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
 :func:`datatrace.kernel.damping_from_features` picks from the features (the default). Scores
 for every λ come from one eigendecomposition per checkpoint (``T(λ) = Φ'V (S + λ)⁻¹ VᵀΦᵀ``),
-checked on every family against :class:`datatrace.kernel.Kernel`, the solver TRAK uses. Prints
+checked on every family against :class:`datatrace.kernel.Kernel`, the solver TRAK uses (to 1e-4
+of the largest score: the eigendecomposition loses digits on ill-conditioned kernels). Prints
 one table per family and writes ``--out/study.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -91,7 +93,7 @@ def check_against_kernel(spectrum: SpectralScores, part: dict[str, np.ndarray]) 
     want = kernel.scores(torch.as_tensor(target), [(0, n, phi)], n)
     got = spectrum(damping)
     scale = np.abs(want).max()
-    if not np.allclose(got / scale, want / scale, atol=1e-5):
+    if not np.allclose(got / scale, want / scale, atol=1e-4):
         raise AssertionError("the eigendecomposition's scores differ from Kernel.scores")
 
 
@@ -118,7 +120,7 @@ def load_truth(path: Path) -> tuple[str, dict]:
         if metric == "LDS":
             return metric, {"masks": data["masks"], "outputs": data["outputs"]}
         offsets, flat = data["offsets"], data["relevant"]
-        return metric, {"relevant": [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]}
+        return metric, {"relevant": [flat[a:b] for a, b in itertools.pairwise(offsets)]}
 
 
 def prepare(family: families.Family, out: Path) -> None:
@@ -196,7 +198,7 @@ def table(results: dict[str, list[dict]], proj_dim: int) -> str:
         for r in rows:
             if r["proj_dim"] != proj_dim:
                 continue
-            held = " (held out)" if r["held_out"] else ""
+            held = " (added as a check)" if r["held_out"] else ""
             lines.append(
                 f"| {r['description']}{held} | {r['metric']} | {r['n_train']} | "
                 f"{r['neighbour_cosine']:.2f} | {r['checkpoints']} | {r['old_default']:.3f} | "

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
             trak.fit(train_data, checkpoints)
             scores = trak.score(targets)
             cpu = time.process_time() - started
-            name = f"TRAK, k={args.proj_dim}, damping 1.0"
+            name = f"TRAK, k={args.proj_dim}, default damping"
             print(f"| {name} | {count} | {_format(lds(scores, held_out))} | {cpu:.1f} |")
             started = time.process_time()
             selection = select_damping(trak, train_data, targets, *tune)

@@ -95,6 +95,11 @@ def ranking_metrics(scores: np.ndarray, corpus: FactCorpus, queries) -> dict[str
 # ---------------------------------------------------------------------------------------------
 
 
+def damping_value(text: str) -> float | str:
+    """``"auto"`` (TRAK's default rule) or a damping relative to the mean diagonal of ΦᵀΦ."""
+    return text if text == "auto" else float(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["gpt2", "t5"], default="gpt2")
@@ -104,7 +109,12 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--proj-dim", type=int, default=1024)
-    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument(
+        "--damping",
+        type=damping_value,
+        default="auto",
+        help='"auto" (the default) or a relative value',
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

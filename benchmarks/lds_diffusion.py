@@ -134,10 +134,11 @@ def main(argv=None) -> None:
     parser.add_argument("--proj-dim", type=int, default=512)
     parser.add_argument(
         "--damping",
-        type=float,
+        type=lambda text: text if text == "auto" else float(text),
         nargs="+",
-        default=[1.0],
-        help="relative damping values (features are computed once and reused for each)",
+        default=["auto"],
+        help='"auto" (TRAK\'s default rule) and/or relative damping values (features are '
+        "computed once and reused for each)",
     )
     parser.add_argument(
         "--independent-seeds",
@@ -229,7 +230,7 @@ def main(argv=None) -> None:
                     journey = attribute_trajectory(trak, trajectory, STEPS, n_draws=args.draws)
                     label = f"{name}, K = {n_timesteps}, {n_checkpoints} checkpoint(s)"
                     if len(args.damping) > 1:
-                        label += f", λ = {damping:g}"
+                        label += f", λ = {damping}"
                     methods.append((label, journey.scores, time.perf_counter() - tick))
 
     results = []
@@ -255,7 +256,7 @@ def main(argv=None) -> None:
         f"{len(truth.masks)} DDPMs trained on random halves of {args.n_train} digits "
         f"({args.train_steps} steps of {args.batch_size}, "
         f"{'same' if recipe.same_seed else 'independent'} seeds); k = {args.proj_dim}, relative "
-        f"damping {', '.join(f'{d:g}' for d in args.damping)}, {args.draws} noise draws per "
+        f"damping {', '.join(str(d) for d in args.damping)}, {args.draws} noise draws per "
         f"target; total {time.perf_counter() - started:.0f} s (seconds per row: features are "
         "computed by the first row that needs them and reused after)\n"
     )

@@ -39,6 +39,11 @@ from datatrace.tasks import TextClassification, classification_margin
 HEAD = ["bert.pooler.*", "classifier.*"]
 
 
+def damping_value(text: str) -> float | str:
+    """``"auto"`` (TRAK's default rule) or a damping relative to the mean diagonal of ΦᵀΦ."""
+    return text if text == "auto" else float(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-class", type=int, default=60, help="texts per class")
@@ -47,7 +52,12 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoints", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--proj-dim", type=int, default=128, help="k < n_train")
-    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument(
+        "--damping",
+        type=damping_value,
+        default="auto",
+        help='"auto" (the default) or a relative value',
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
