@@ -13,6 +13,9 @@ number of patched images) of the first A-vs-B direction's positive end, for
 * the new defaults: ``TRAK()`` and ``ModelDiff()``;
 * every combination of ``k`` in 256, 1024, 2048, relative damping in 0.1, 1, 10 and Q divided
   out or not (the best is the row the table's "best" column reports).
+
+``--label-smoothing 0.1`` trains both algorithms with label smoothing: no example is then fit to
+``Q ≈ 0``, ``Q`` does not collapse on the patched images, and ModelDiff compares ``T ⊙ Q``.
 One CPU thread.
 """
 
@@ -58,11 +61,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        help="of both algorithms' training loss (with it, Q does not collapse)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
-        planted = PlantedPatch(fraction=args.fraction, seed=seed)
+        planted = PlantedPatch(
+            fraction=args.fraction, seed=seed, label_smoothing=args.label_smoothing
+        )
         data = planted.data()
         n_train = len(data.train_labels)
         states = {
@@ -89,7 +100,10 @@ def main(argv=None) -> None:
             row["best"], row["best setting"] = best
             rows.append(row)
             print(row, flush=True)
-    print(f"\nModelDiff on the planted patch (share {args.fraction}); precision of the patched")
+    print(
+        f"\nModelDiff on the planted patch (share {args.fraction}, label smoothing "
+        f"{args.label_smoothing}); precision of the patched"
+    )
     print("training images at the top-K of the first A-vs-B direction\n")
     print("| seed | K | old defaults | new defaults | best | best (k, damping, Q divided out) |")
     print("|---|---|---:|---:|---:|---|")

@@ -218,31 +218,33 @@ def test_auto_divides_out_a_collapsed_q_as_true_does():
     assert rows[0]["out_to_loss_note"] == auto.out_to_loss_note_
 
 
-def test_auto_keeps_a_flat_q_and_arrays_as_false_does():
+def test_auto_divides_a_flat_q_out_too_and_keeps_arrays_as_false_does():
+    """A flat Q (not collapsed) is divided out as well, and reported as not collapsed; arrays
+    and attributions without Q are compared as they are."""
     kernel_a, kernel_b, flat = planted_kernels()
     other = np.random.default_rng(7).uniform(5e-4, 2e-3, size=flat.size)
-    for a, b, spread in (
+    for a, b, has_q in (
         (trak(kernel_a, flat), trak(kernel_b, other), True),
         (kernel_a * flat, kernel_b * other, False),  # arrays: no Q to divide out
         (Attributions(kernel_a * flat, "test"), Attributions(kernel_b * other, "test"), False),
     ):
         auto = ModelDiff(n_components=3).fit(a, b)
-        kept = ModelDiff(n_components=3, divide_out_to_loss=False).fit(a, b)
-        assert not auto.divided_out_to_loss_
+        same = ModelDiff(n_components=3, divide_out_to_loss=has_q).fit(a, b)
+        assert auto.divided_out_to_loss_ == has_q
         for which in (A_VS_B, B_VS_A):
-            np.testing.assert_array_equal(auto.residuals_[which], kept.residuals_[which])
-            for mine, theirs in zip(auto.directions(which), kept.directions(which), strict=True):
+            np.testing.assert_array_equal(auto.residuals_[which], same.residuals_[which])
+            for mine, theirs in zip(auto.directions(which), same.directions(which), strict=True):
                 np.testing.assert_array_equal(mine.component, theirs.component)
-        if spread:
+        if has_q:
             assert 1 < auto.out_to_loss_spread_["a"] < OUT_TO_LOSS_SPREAD_LIMIT
-            assert "Q kept (auto)" in auto.out_to_loss_note_
-            # dividing this Q out would change the result, so the comparison above can fail
-            divided = ModelDiff(n_components=3, divide_out_to_loss=True).fit(a, b)
-            assert not np.allclose(divided.residuals_[A_VS_B], auto.residuals_[A_VS_B])
+            assert "Q divided out (auto)" in auto.out_to_loss_note_
+            assert "not collapsed" in auto.out_to_loss_note_
+            # keeping this Q would change the result, so the comparison above can fail
+            kept = ModelDiff(n_components=3, divide_out_to_loss=False).fit(a, b)
+            assert not np.allclose(kept.residuals_[A_VS_B], auto.residuals_[A_VS_B])
         else:
             assert auto.out_to_loss_spread_ == {"a": None, "b": None}
             assert "no out_to_loss" in auto.out_to_loss_note_
-
 
 def test_auto_does_not_divide_by_zero_q():
     kernel_a, kernel_b, flat = planted_kernels()

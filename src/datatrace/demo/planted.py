@@ -73,6 +73,8 @@ class PlantedPatch:
         model: architecture (see :func:`datatrace.demo.make_model`).
         seed: seed of the choice of patched images (and of the digits split).
         threads: torch threads while training.
+        label_smoothing: of the cross-entropy both algorithms train with (0: none). With it no
+            training example is fit to ``Q ≈ 0``, so ``Q`` no longer hides the patched images.
     """
 
     patched_class: int = 0
@@ -86,8 +88,11 @@ class PlantedPatch:
     model: str = "mlp"
     seed: int = 0
     threads: int = 1
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if not 1 <= self.patch_size <= self.erase_size <= 8:
@@ -97,7 +102,10 @@ class PlantedPatch:
 
     def description(self) -> dict:
         """The settings, for provenance."""
-        return {"planted": "datatrace.demo.planted:PlantedPatch", **asdict(self)}
+        settings = asdict(self)
+        if not settings["label_smoothing"]:  # as recorded before the option existed
+            del settings["label_smoothing"]
+        return {"planted": "datatrace.demo.planted:PlantedPatch", **settings}
 
     @property
     def n_train(self) -> int:
@@ -129,6 +137,7 @@ class PlantedPatch:
                 epochs=self.epochs,
                 batch_size=self.batch_size,
                 seed=seed,
+                label_smoothing=self.label_smoothing,
             )
 
     def train_a(self, train_indices: np.ndarray, seed: int) -> nn.Module:

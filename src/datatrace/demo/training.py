@@ -20,8 +20,10 @@ def train_classifier(
     batch_size: int = 64,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    label_smoothing: float = 0.0,
 ) -> nn.Module:
-    """Train ``model`` with Adam and cross-entropy; deterministic in ``seed``.
+    """Train ``model`` with Adam and cross-entropy (``label_smoothing`` as in torch's);
+    deterministic in ``seed``.
 
     Returns:
         The trained model, in eval mode.
@@ -35,7 +37,9 @@ def train_classifier(
         for lo in range(0, len(train), batch_size):
             index = order[lo : lo + batch_size]
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(train.images[index]), train.labels[index])
+            loss = nn.functional.cross_entropy(
+                model(train.images[index]), train.labels[index], label_smoothing=label_smoothing
+            )
             loss.backward()
             optimizer.step()
         schedule.step()
