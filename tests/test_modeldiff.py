@@ -246,6 +246,7 @@ def test_auto_divides_a_flat_q_out_too_and_keeps_arrays_as_false_does():
             assert auto.out_to_loss_spread_ == {"a": None, "b": None}
             assert "no out_to_loss" in auto.out_to_loss_note_
 
+
 def test_auto_does_not_divide_by_zero_q():
     kernel_a, kernel_b, flat = planted_kernels()
     with_zero = flat.copy()

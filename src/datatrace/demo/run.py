@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -39,7 +38,6 @@ from datatrace.demo.lds import (
 )
 from datatrace.demo.models import MODELS, make_model
 from datatrace.demo.training import accuracy, train_checkpoints
-from datatrace.kernel import SingularKernelWarning
 from datatrace.progress import progress_bar
 from datatrace.store import Store
 from datatrace.tasks import Classification
@@ -143,7 +141,6 @@ class DemoResult:
         trained_models: models trained by this run (the others were read from the output).
         featurized_chunks: row chunks of training features computed by this run (the others were
             already in the store).
-        warnings: messages of the warnings TRAK raised (e.g. a singular kernel).
         lds: LDS of TRAK and the baselines against the ground truth (empty if skipped).
     """
 
@@ -158,7 +155,6 @@ class DemoResult:
     timings: dict[str, float]
     trained_models: int
     featurized_chunks: int
-    warnings: list[str]
     lds: list[MethodScore]
 
 
@@ -240,13 +236,10 @@ def _run(config: DemoConfig, console: Console) -> DemoResult:
         batch_size=BATCH_SIZE,
         progress=config.progress,
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SingularKernelWarning)
-        with stage("featurizing"):
-            trak.fit(train.as_tuple(), checkpoints=checkpoints)
-        with stage("scoring"):
-            attributions = trak.score(test.as_tuple(), name=SCORES_NAME)
-    messages = _report_warnings(caught, console)
+    with stage("featurizing"):
+        trak.fit(train.as_tuple(), checkpoints=checkpoints)
+    with stage("scoring"):
+        attributions = trak.score(test.as_tuple(), name=SCORES_NAME)
     featurized = _completed_chunks(store_path) - done_before
     shown = choose_targets(labels, predictions, config.n_targets)
     console.print(attribution_table(attributions, shown, train, test, predictions, config.k))
@@ -313,7 +306,6 @@ def _run(config: DemoConfig, console: Console) -> DemoResult:
         timings=timings,
         trained_models=trained,
         featurized_chunks=featurized,
-        warnings=messages,
         lds=method_scores,
     )
 
@@ -507,20 +499,6 @@ def _completed_chunks(store_path: Path) -> int:
         for group in store.groups("features")
         if "done" in store.root[f"features/{group}"]
     )
-
-
-def _report_warnings(caught: list[warnings.WarningMessage], console: Console) -> list[str]:
-    """Print TRAK's kernel warnings in the console; pass any other warning on unchanged."""
-    messages = []
-    for warning in caught:
-        if issubclass(warning.category, SingularKernelWarning):
-            messages.append(str(warning.message))
-            console.print(f"[yellow]warning:[/] {_escape(warning.message)}")
-        else:
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
-    return messages
 
 
 def _summary(
