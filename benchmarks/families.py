@@ -489,27 +489,23 @@ class MotifSequences:
         return classification_margin(model.eval()(x), y).numpy()
 
 
-def sequence_family(out: Path, n_models: int = 200, checkpoints: int = 5) -> Family:
-    """:class:`MotifSequences` with a 1-D CNN: LDS on the 200 test sequences."""
+def generated_family(
+    out: Path, recipe: Any, name: str, what: str, n_models: int = 200, checkpoints: int = 5
+) -> Family:
+    """A classifier family on generated data: ``recipe`` has ``data()``, ``train``, ``evaluate``,
+    ``n_train`` and ``n_test``; LDS on its test rows."""
     import datatrace as dt
 
-    recipe = MotifSequences()
     truth = subset_truth(
-        out,
-        "sequences",
-        recipe.n_train,
-        recipe.n_test,
-        n_models,
-        recipe.train,
-        recipe.evaluate,
+        out, name, recipe.n_train, recipe.n_test, n_models, recipe.train, recipe.evaluate,
         {"recipe": str(recipe)},
-    )
+    )  # fmt: skip
     nets = [recipe.train(np.arange(recipe.n_train), seed) for seed in range(checkpoints)]
     x, y, x_test, y_test = recipe.data()
     n_params = sum(p.numel() for p in nets[0].parameters())
     return Family(
-        name="sequences-cnn1d",
-        description=f"1-D CNN on generated sequences ({n_params:,} parameters), LDS",
+        name=name,
+        description=f"{what} ({n_params:,} parameters), LDS",
         metric="LDS",
         model=nets[0],
         task=dt.Classification(),
@@ -596,39 +592,6 @@ class TabularClasses:
         return classification_margin(model.eval()(x), y).numpy()
 
 
-def tabular_family(out: Path, n_models: int = 200, checkpoints: int = 5) -> Family:
-    """:class:`TabularClasses`: LDS on the 200 test rows."""
-    import datatrace as dt
-
-    recipe = TabularClasses()
-    truth = subset_truth(
-        out,
-        "tabular",
-        recipe.n_train,
-        recipe.n_test,
-        n_models,
-        recipe.train,
-        recipe.evaluate,
-        {"recipe": str(recipe)},
-    )
-    nets = [recipe.train(np.arange(recipe.n_train), seed) for seed in range(checkpoints)]
-    x, y, x_test, y_test = recipe.data()
-    n_params = sum(p.numel() for p in nets[0].parameters())
-    return Family(
-        name="tabular-resmlp",
-        description=f"residual MLP on generated tabular data ({n_params:,} parameters), LDS",
-        metric="LDS",
-        model=nets[0],
-        task=dt.Classification(),
-        params=None,
-        train=(x, y),
-        checkpoints=[net.state_dict() for net in nets],
-        targets=(x_test, y_test),
-        truth=truth,
-        held_out=True,
-    )
-
-
 BUILDERS: dict[str, Callable[[Path], Family]] = {
     "digits-mlp": functools.partial(digits_family, model="mlp"),
     "digits-cnn": functools.partial(digits_family, model="cnn"),
@@ -642,9 +605,19 @@ BUILDERS: dict[str, Callable[[Path], Family]] = {
     # added to check the first rule (loss curvature); they showed the ensemble-size term
     "digits-cnn-bn": functools.partial(digits_family, model="cnn-bn"),
     "digits-resmlp": functools.partial(digits_family, model="resmlp"),
-    "sequences-cnn1d": sequence_family,
+    "sequences-cnn1d": functools.partial(
+        generated_family,
+        recipe=MotifSequences(),
+        name="sequences-cnn1d",
+        what="1-D CNN on generated sequences",
+    ),
     # added to check the second rule (redundancy ramp over 0.5-0.85)
-    "tabular-resmlp": tabular_family,
+    "tabular-resmlp": functools.partial(
+        generated_family,
+        recipe=TabularClasses(),
+        name="tabular-resmlp",
+        what="residual MLP on generated tabular data",
+    ),
     "facts-gpt2-wide": functools.partial(
         facts_family, kind="gpt2", entities=100, width=128, name="facts-gpt2-wide", held_out=True
     ),
