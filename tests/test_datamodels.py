@@ -154,6 +154,22 @@ def test_pooled_cross_validation_matches_sklearn_folds(pooled_fit):
         assert np.abs(model.weights_[j] - expected).max() <= 1e-6 * scale
 
 
+def test_relaxed_lasso_moves_the_support_towards_least_squares(pooled_fit):
+    masks, outputs, settings, model = pooled_fit
+    relaxed = Datamodels(**settings, relax=0.5).fit(masks, outputs)
+    std = masks.std(0)
+    X = (masks - masks.mean(0)) / std
+    X, centred = X - X.mean(0), outputs - outputs.mean(0)
+    for j in range(outputs.shape[1]):
+        support = np.flatnonzero(model.weights_[j])
+        np.testing.assert_array_equal(np.flatnonzero(relaxed.weights_[j]), support)
+        least_squares = np.linalg.lstsq(X[:, support], centred[:, j], rcond=None)[0] / std[support]
+        expected = model.weights_[j, support] + 0.5 * (least_squares - model.weights_[j, support])
+        np.testing.assert_allclose(relaxed.weights_[j, support], expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="relax"):
+        Datamodels(relax=2.0, progress=False).fit(masks, outputs)
+
+
 def test_pooled_lds_at_least_matches_sklearn_with_one_alpha_by_cross_validated_lds():
     """The reference users would write: scikit-learn's Lasso on standardised masks with one α
     for every target, α chosen by 5-fold cross-validation of the LDS on the fitting subsets.

@@ -89,6 +89,10 @@ def fit(
             help="Average the refit with the folds' fits at the chosen λ.",
         ),
     ] = DEFAULTS.cv_averaging,
+    relax: Annotated[
+        float,
+        typer.Option(help="Relaxed lasso: share of the way to least squares on each support."),
+    ] = DEFAULTS.relax,
     val_fraction: Annotated[
         float, typer.Option(help="--selection validation: share of subsets held out to choose λ.")
     ] = DEFAULTS.val_fraction,
@@ -131,6 +135,7 @@ def fit(
             cv_folds=cv_folds,
             target_shrinkage=target_shrinkage,
             cv_averaging=cv_averaging,
+            relax=relax,
             val_fraction=val_fraction,
             early_stop_patience=patience,
             max_iter=max_iter,
