@@ -8,6 +8,7 @@ Layout::
                                      and projection seed
         features     (n_train, k)    float32, chunked along training examples
         out_to_loss  (n_train,)      float32, same row chunks
+        example_hash (n_train,)      uint64 hash of each example, same row chunks (when given)
         done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
         gram         (k, k)          float64 ΦᵀΦ, written when every row chunk is done (k ≤ n)
         dual_gram    (n, n)          float64 ΦΦᵀ, instead, when k > n
@@ -19,10 +20,14 @@ crash at any point loses at most the chunks in flight, and independent processes
 object storage) can each write their own chunks of one store. Provenance is checked before any
 write: opening a store with a different model, task, projector, seed or training set raises
 :class:`StoreMismatchError` and leaves the store untouched.
+
+Every array carries a checksum per chunk and every read is checked (:mod:`datatrace.store.verify`):
+a damaged or lost chunk raises :class:`StoreCorruptionError` naming it, never serves wrong values.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -30,10 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+import zarr.errors
 import zarr.storage
+from zarr.core.sync import sync
 
 from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
 from datatrace.store.provenance import json_normalise
+from datatrace.store.verify import CheckedArray, create_array
 
 if TYPE_CHECKING:
     from datatrace.attributions import Attributions
@@ -43,10 +51,54 @@ FORMAT_VERSION = 1
 GRAM_CHUNK_ROWS = 512
 # Chunks of saved score matrices: (targets, training examples), ~4 MB of float32.
 SCORE_CHUNK = (256, 4096)
+ZARR_METADATA = "zarr.json"
+PARTIAL_SUFFIX = ".partial"
+# Entries of a foreign directory named when refusing it.
+SHOWN_ENTRIES = 5
 
 
 class StoreMismatchError(ValueError):
     """The store holds results of a different run than the one being asked for."""
+
+
+def check_store_directory(path: Path, read_only: bool) -> None:
+    """Refuse a local path that is not (and cannot become) a datatrace store.
+
+    Raises:
+        NotADirectoryError: ``path`` is a file.
+        ValueError: ``path`` is a directory holding something else (hidden and temporary
+            ``.partial`` entries are ignored), so that it is never silently turned into a store.
+        FileNotFoundError: ``read_only`` and ``path`` is an empty directory.
+    """
+    if path.is_file():
+        raise NotADirectoryError(
+            f"{path} is a file, not a datatrace store directory: choose a directory path"
+        )
+    if not path.is_dir():
+        return
+    # Hidden files, and the temporary files of zarr's atomic writes (another process creating
+    # the store, or a write killed midway), say nothing about what the directory holds.
+    entries = sorted(
+        entry.name
+        for entry in path.iterdir()
+        if not entry.name.startswith(".") and not entry.name.endswith(PARTIAL_SUFFIX)
+    )
+    if not entries:
+        if read_only:
+            raise FileNotFoundError(f"no datatrace store at {path}: the directory is empty")
+        return
+    metadata = path / ZARR_METADATA
+    if metadata.is_file():
+        root = json.loads(metadata.read_text())
+        ours = "datatrace" in root.get("attributes", {})
+        # A group without attributes yet is a store another process is creating this moment.
+        if root.get("node_type") == "group" and (ours or entries == [ZARR_METADATA]):
+            return
+    shown = ", ".join(entries[:SHOWN_ENTRIES]) + (", ..." if len(entries) > SHOWN_ENTRIES else "")
+    raise ValueError(
+        f"{path} exists and is not a datatrace store (it holds {shown}): pass an empty or new "
+        "directory"
+    )
 
 
 class Store:
@@ -77,10 +129,15 @@ class Store:
         else:
             if read_only and not Path(location).exists():
                 raise FileNotFoundError(f"no datatrace store at {location}")
+            check_store_directory(Path(location), read_only)
             zarr_store = zarr.storage.LocalStore(str(location), read_only=read_only)
         self.location = None if location is None else str(location)
         self.zarr_store = zarr_store
-        self.root = zarr.open_group(store=zarr_store, mode="r" if read_only else "a")
+        mode = "r" if read_only else "a"
+        try:
+            self.root = zarr.open_group(store=zarr_store, mode=mode)
+        except zarr.errors.ContainsGroupError:  # another process created it at the same moment
+            self.root = zarr.open_group(store=zarr_store, mode=mode)
         if not read_only and "datatrace" not in self.root.attrs:
             self.root.attrs["datatrace"] = {"format": FORMAT_VERSION}
         found = self.root.attrs.get("datatrace", {}).get("format")
@@ -160,7 +217,8 @@ class Store:
         if path in self.root:
             del self.root[path]
         group = self.root.create_group(path, attributes={"complete": False})
-        scores = group.create_array(
+        scores = create_array(
+            group,
             "scores",
             shape=attributions.scores.shape,
             dtype=attributions.scores.dtype,
@@ -171,8 +229,11 @@ class Store:
         )
         scores[:] = attributions.scores
         if attributions.out_to_loss is not None:
-            out_to_loss = group.create_array(
-                "out_to_loss", shape=(attributions.n_train,), dtype=attributions.out_to_loss.dtype
+            out_to_loss = create_array(
+                group,
+                "out_to_loss",
+                shape=(attributions.n_train,),
+                dtype=attributions.out_to_loss.dtype,
             )
             out_to_loss[:] = attributions.out_to_loss
         group.attrs.update(
@@ -188,6 +249,7 @@ class Store:
 
         Raises:
             KeyError: nothing complete is saved under that name (the message lists what is).
+            StoreCorruptionError: a chunk of the saved scores is damaged or lost.
         """
         from datatrace.attributions import Attributions
 
@@ -198,13 +260,17 @@ class Store:
                 f"no attributions named {name!r} in the store at {self.where} (saved: {saved})"
             )
         group = self.root[path]
-        out_to_loss = group["out_to_loss"][:] if "out_to_loss" in group else None
+        out_to_loss = self.checked(group["out_to_loss"])[:] if "out_to_loss" in group else None
         return Attributions(
-            group["scores"][:],
+            self.checked(group["scores"])[:],
             group.attrs.get("method", ""),
             out_to_loss,
             dict(group.attrs.get("info", {})),
         )
+
+    def checked(self, array: zarr.Array, marks: bool = False) -> CheckedArray:
+        """``array`` with checked reads (see :class:`~datatrace.store.verify.CheckedArray`)."""
+        return CheckedArray(array, self.where, marks)
 
     def groups(self, path: str) -> list[str]:
         """Names of the subgroups at ``path`` (empty if it does not exist)."""
@@ -214,7 +280,11 @@ class Store:
 
 
 class CheckpointFeatures:
-    """Row-chunked features and out-to-loss weights of the training set under one checkpoint."""
+    """Row-chunked features and out-to-loss weights of the training set under one checkpoint.
+
+    Reads are checked: a damaged chunk, or one marked done whose data is missing, raises
+    :class:`~datatrace.store.verify.StoreCorruptionError` naming it.
+    """
 
     def __init__(
         self,
@@ -250,18 +320,31 @@ class CheckpointFeatures:
         self.group = group
         self.features = self._array("features", (n_rows, dim), (chunk_rows, dim), "float32")
         self.out_to_loss = self._array("out_to_loss", (n_rows,), (chunk_rows,), "float32")
-        self.done = self._array("done", (self.n_chunks,), (1,), "uint8")
+        self.done = self._array("done", (self.n_chunks,), (1,), "uint8", marks=True)
+        # Created by the first write with hashes (stores written before have none).
+        self.example_hash = (
+            self._array("example_hash", (n_rows,), (chunk_rows,), "uint64")
+            if "example_hash" in group
+            else None
+        )
 
-    def _array(self, name: str, shape: tuple, chunks: tuple, dtype: str) -> zarr.Array:
-        if name in self.group:
-            array = self.group[name]
-            if array.shape != shape or array.chunks != chunks:
-                raise StoreMismatchError(
-                    f"{self.group.path}/{name} in the store at {self.store.where} has shape "
-                    f"{array.shape} in chunks {array.chunks}, expected {shape} in {chunks}"
+    def _array(
+        self, name: str, shape: tuple, chunks: tuple, dtype: str, marks: bool = False
+    ) -> CheckedArray:
+        if name not in self.group:
+            try:
+                create_array(
+                    self.group, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0
                 )
-            return array
-        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+            except zarr.errors.ContainsArrayError:
+                pass  # another process created it at the same moment
+        array = self.group[name]
+        if array.shape != shape or array.chunks != chunks:
+            raise StoreMismatchError(
+                f"{self.group.path}/{name} in the store at {self.store.where} has shape "
+                f"{array.shape} in chunks {array.chunks}, expected {shape} in {chunks}"
+            )
+        return self.store.checked(array, marks)
 
     def rows(self, chunk: int) -> tuple[int, int]:
         """First and past-the-end training rows of ``chunk``."""
@@ -269,8 +352,32 @@ class CheckpointFeatures:
         return start, min(start + self.chunk_rows, self.n_rows)
 
     def completed(self) -> np.ndarray:
-        """Boolean ``(n_chunks,)``: which row chunks are written."""
-        return self.done[:].astype(bool)
+        """Boolean ``(n_chunks,)``: which row chunks are written.
+
+        Raises:
+            StoreCorruptionError: a completion mark is damaged, or a chunk marked done lacks the
+                object of its features or out-to-loss weights.
+        """
+        done = self.done[:].astype(bool)
+        # The marks are read before the objects are listed: a mark is written after its data, so
+        # a chunk finished by another process meanwhile is never taken for a lost one.
+        for array in (self.features, self.out_to_loss):
+            if not array.stores_every_chunk:
+                continue  # written before every chunk was stored: absent may mean all zero
+            present = self._present_chunks(array)
+            for chunk in np.flatnonzero(done):
+                if int(chunk) not in present:
+                    array.read(slice(*self.rows(int(chunk))))  # raises, naming the chunk
+        return done
+
+    def _present_chunks(self, array: CheckedArray) -> set[int]:
+        """Row chunks of ``array`` whose objects exist (one listing)."""
+        prefix = f"{array.path}/c/"
+
+        async def collect() -> list[str]:
+            return [key async for key in self.store.zarr_store.list_prefix(prefix)]
+
+        return {int(key[len(prefix) :].split("/")[0]) for key in sync(collect())}
 
     def pending(self, shard: tuple[int, int] | None = None) -> list[int]:
         """Row chunks still to compute, restricted to shard ``(index, count)`` if given."""
@@ -280,12 +387,62 @@ class CheckpointFeatures:
             chunks = chunks[chunks % count == index]
         return chunks.tolist()
 
-    def write(self, chunk: int, features: np.ndarray, out_to_loss: np.ndarray) -> None:
-        """Write one row chunk, then its completion mark."""
+    def write(
+        self,
+        chunk: int,
+        features: np.ndarray,
+        out_to_loss: np.ndarray,
+        example_hashes: np.ndarray | None = None,
+    ) -> None:
+        """Write one row chunk's data, then its completion mark.
+
+        A write that fails (a full disk, any ``OSError``) raises before the mark is written, so
+        the chunk is computed again by the next run.
+
+        Args:
+            chunk: index of the row chunk.
+            features: ``(rows_in_chunk, k)`` float32.
+            out_to_loss: ``(rows_in_chunk,)`` float32.
+            example_hashes: optional ``(rows_in_chunk,)`` uint64 hash of each example, read back
+                by :meth:`example_hashes`.
+        """
         start, stop = self.rows(chunk)
+        if example_hashes is not None:
+            example_hashes = np.asarray(example_hashes)
+            if example_hashes.shape != (stop - start,) or example_hashes.dtype.kind not in "ui":
+                raise ValueError(
+                    f"example_hashes must be ({stop - start},) integers (one per row of chunk "
+                    f"{chunk}), got shape {example_hashes.shape} of {example_hashes.dtype}"
+                )
         self.features[start:stop] = features
         self.out_to_loss[start:stop] = out_to_loss
+        if example_hashes is not None:
+            if self.example_hash is None:
+                self.example_hash = self._array(
+                    "example_hash", (self.n_rows,), (self.chunk_rows,), "uint64"
+                )
+            self.example_hash[start:stop] = example_hashes.astype(np.uint64)
         self.done[chunk] = 1
+
+    def example_hashes(self, chunk: int) -> np.ndarray | None:
+        """The ``(rows_in_chunk,)`` uint64 hashes of ``chunk``'s examples written with it, or
+        ``None`` where there are none: a store written before hashes were kept has no
+        ``example_hash`` array, and a chunk written without hashes has no object in it.
+
+        Raises:
+            StoreCorruptionError: the chunk's hashes are damaged.
+        """
+        if self.example_hash is None:
+            if "example_hash" not in self.group:
+                return None
+            self.example_hash = self._array(
+                "example_hash", (self.n_rows,), (self.chunk_rows,), "uint64"
+            )
+        start, stop = self.rows(chunk)
+        hashes = self.example_hash.read(slice(start, stop), required=False)
+        if not hashes.any() and not self.example_hash.has_chunk((chunk,)):
+            return None
+        return hashes
 
     def is_complete(self) -> bool:
         return bool(self.completed().all())
@@ -301,7 +458,7 @@ class CheckpointFeatures:
         features once (with :meth:`statistics`) and stored."""
         name = "dual_gram" if dual else "gram"
         if name in self.group and self.group.attrs.get(f"{name}_complete"):
-            return self.group[name][:]
+            return self.store.checked(self.group[name])[:]
         self._require_complete("computing the kernel")
         dim = self.features.shape[1]
         if dual:
@@ -314,7 +471,8 @@ class CheckpointFeatures:
                 block = block.astype(np.float64)
                 gram += block.T @ block
         side = len(gram)
-        array = self.group.create_array(
+        array = create_array(
+            self.group,
             name,
             shape=(side, side),
             chunks=(min(side, GRAM_CHUNK_ROWS), side),
@@ -332,7 +490,7 @@ class CheckpointFeatures:
             return KernelStatistics(**recorded)
         self._require_complete("choosing the damping")
         rows = neighbour_sample(self.n_rows)
-        sample = self.features.get_orthogonal_selection((rows, slice(None)))
+        sample = self.features[rows, :]
         trace = 0.0
         for _, _, block in self.iter_chunks():
             trace += float(np.square(block, dtype=np.float64).sum())

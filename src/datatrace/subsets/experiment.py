@@ -11,7 +11,9 @@ n_seeds, masks source, user description)::
     config/                             attrs["config"]: the CLI config of the latest run
 
 A row's ``done`` mark is written after its outputs and seeds, so a reader (or a resumed run)
-never mistakes a half-written row for a finished one. Rows are independent chunks, so concurrent
+never mistakes a half-written row for a finished one. Every chunk carries a checksum, and reads
+of finished rows are checked: a damaged or lost chunk raises
+:class:`~datatrace.store.StoreCorruptionError` naming it. Rows are independent chunks, so concurrent
 runners (processes on one machine, or one driver per machine on a shared store) each write their
 own rows; claims (:mod:`datatrace.subsets.claims`) make sure no two compute the same row.
 """
@@ -28,6 +30,7 @@ import zarr
 import zarr.errors
 
 from datatrace.store import Store, StoreMismatchError
+from datatrace.store.verify import CheckedArray, create_array
 from datatrace.subsets.backends import Backend, EvaluateFn, TrainFn
 from datatrace.subsets.claims import RowClaims
 from datatrace.subsets.masks import check_masks, random_masks, train_seeds
@@ -233,21 +236,15 @@ class SubsetExperiment:
             if name in group:
                 continue
             try:
-                # Masks are written even when all False (a subset may be empty), so that a mask
-                # chunk's presence says the row's mask was written.
-                group.create_array(
-                    name,
-                    shape=shape,
-                    chunks=chunks,
-                    dtype=dtype,
-                    fill_value=fill,
-                    config={"write_empty_chunks": name == "masks"},
-                )
+                # Every chunk is stored, even an all-False mask (a subset may be empty), so that a
+                # mask chunk's presence says the row's mask was written.
+                create_array(group, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
             except zarr.errors.ContainsArrayError:
                 pass  # another runner created it at the same moment
         if "claims" not in group:
             try:
-                group.create_array(
+                create_array(
+                    group,
                     "claims",
                     shape=(0,),
                     dtype="uint8",
@@ -259,8 +256,9 @@ class SubsetExperiment:
             except zarr.errors.ContainsArrayError:
                 pass
 
-    def _array(self, name: str) -> zarr.Array:
-        return self.group[name]
+    def _array(self, name: str) -> CheckedArray:
+        """The array ``name``, with checked reads and every chunk written stored."""
+        return self.store.checked(self.group[name], marks=name == "done")
 
     def _resize(self, rows: int) -> None:
         for name, (shape, _, _, _) in self._array_specs(rows).items():
@@ -300,7 +298,7 @@ class SubsetExperiment:
         shared = min(len(explicit), self.n_rows)
         if shared == 0:
             return
-        stored = self._array("masks")[:shared]
+        stored = self._array("masks").read(slice(0, shared), required=False)
         written = self._written_mask_rows()
         differ = [
             row
@@ -425,14 +423,20 @@ class SubsetExperiment:
 
         Returns:
             :class:`SubsetResults`.
+
+        Raises:
+            StoreCorruptionError: a chunk of a finished row is damaged or lost.
         """
         if reduce not in ("mean", None):
             raise ValueError(f"reduce must be 'mean' or None, got {reduce!r}")
         done = self.completed
         rows = np.flatnonzero(done) if complete_only else np.arange(len(done))
-        masks = self._array("masks")[:][rows]
-        outputs = self._array("outputs")[:][rows]
-        seeds = self._array("train_seeds")[:][rows]
+        # Rows are read up to the marks' length: rows appended meanwhile have no mark yet.
+        read = {
+            name: self._array(name).read(slice(0, len(done)), required=done)[rows]
+            for name in ("masks", "outputs", "train_seeds")
+        }
+        masks, outputs, seeds = read["masks"], read["outputs"], read["train_seeds"]
         if reduce == "mean":
             outputs = outputs.mean(axis=1)
         return SubsetResults(masks=masks, outputs=outputs, rows=rows, seeds=seeds)
@@ -449,10 +453,9 @@ class SubsetExperiment:
         arrays["train_seeds"][row] = np.asarray(seeds, dtype=np.int64)
         arrays["done"][row] = 1
 
-    def row_arrays(self) -> dict[str, zarr.Array]:
-        """The arrays a row is read from and written to, opened once."""
-        group = self.group
-        return {name: group[name] for name in ("masks", "outputs", "train_seeds", "done")}
+    def row_arrays(self) -> dict[str, CheckedArray]:
+        """The arrays a row is read from and written to, opened once (reads checked)."""
+        return {name: self._array(name) for name in ("masks", "outputs", "train_seeds", "done")}
 
     def save_config(self, config: dict[str, Any]) -> None:
         """Keep the (CLI) config of a run beside the results, in ``config/`` attrs."""

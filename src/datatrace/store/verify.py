@@ -1,0 +1,557 @@
+"""What the store serves is what was written: checksummed chunks, checked reads, ``verify_store``.
+
+Every array the store creates gets zarr's CRC-32C codec after its compressor and is written with
+every chunk stored, even one holding only the fill value. So a flipped bit or a truncated object
+fails its checksum, and a missing object can only mean a lost one. Reads go through
+:class:`CheckedArray`, which turns both into a :class:`StoreCorruptionError` naming the array and
+the chunk, where zarr would raise a bare codec error or silently serve the fill value.
+:func:`verify_store` (``datatrace verify``) checks a whole store and, with ``repair``, drops what is
+damaged so that the next run recomputes only that.
+
+Arrays written before checksums (no CRC-32C codec) still read. zarr skipped writing their
+all-fill chunks, so there a missing object cannot be told from an empty chunk, and a flipped bit
+is caught only when the compressed stream no longer decodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+
+if TYPE_CHECKING:
+    from datatrace.store.store import Store
+
+# zarr's default compressor for numbers (zstd, level 0), then a CRC-32C of the compressed bytes:
+# zstd frames carry no checksum by default, so without it most flipped bits decode to wrong values.
+COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+# Store every chunk written, even one of fill values only (zarr skips those by default), so that
+# a missing chunk object always means a lost one.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+MISSING = "is missing, though it was written"
+
+
+class StoreCorruptionError(ValueError):
+    """A chunk of the store is damaged (fails its checksum, does not decode) or lost.
+
+    Attributes:
+        where: the store's location.
+        array: path of the array in the store, e.g. ``"features/0/features"``.
+        chunk: the chunk's grid coordinates, e.g. ``(3, 0)``.
+        problem: what is wrong with it.
+        key: the chunk's object in the store, e.g. ``"features/0/features/c/3/0"``.
+    """
+
+    def __init__(self, where: str, array: str, chunk: tuple[int, ...], problem: str, key: str):
+        self.where, self.array, self.chunk, self.problem, self.key = (
+            where,
+            array,
+            chunk,
+            problem,
+            key,
+        )
+        super().__init__(
+            f"chunk {format_chunk(chunk)} of {array} in the store at {where} {problem} "
+            f"(object {key}). `datatrace verify {where}` lists all damage; with --repair it "
+            "drops what is damaged so that the next run recomputes it"
+        )
+
+    def __reduce__(self):  # the message is built from the fields: pickle those
+        return type(self), (self.where, self.array, self.chunk, self.problem, self.key)
+
+
+def format_chunk(chunk: tuple[int, ...] | None) -> str:
+    """``"3"`` for a chunk of a 1-d array, ``"(3, 0)"`` otherwise, ``"—"`` for none."""
+    if chunk is None:
+        return "—"
+    return str(chunk[0]) if len(chunk) == 1 else f"({', '.join(map(str, chunk))})"
+
+
+def create_array(group: zarr.Group, name: str, **settings: Any) -> zarr.Array:
+    """``group.create_array(name, **settings)`` with the checksum and every chunk stored."""
+    return group.create_array(name, compressors=COMPRESSORS, config=WRITE_EVERY_CHUNK, **settings)
+
+
+def has_checksum(array: zarr.Array) -> bool:
+    """Whether ``array`` was created with the checksum (by this version of the store)."""
+    return any(isinstance(codec, Crc32cCodec) for codec in getattr(array.metadata, "codecs", ()))
+
+
+class CheckedArray:
+    """A zarr array whose reads raise :class:`StoreCorruptionError` rather than serve damage.
+
+    A read decodes as zarr does; if a chunk fails to decode, it is found and named. A chunk that
+    must have been written (``required``) and reads as nothing but the fill value is looked up,
+    and if its object is missing the read fails. So checking costs nothing beyond the read,
+    unless a chunk holds only the fill value (one existence check then). Writes store every chunk.
+    Other attributes (``shape``, ``chunks``, ``resize``, ...) are the zarr array's.
+
+    Args:
+        array: the zarr array.
+        where: the store's location, for messages.
+        marks: the array holds completion marks, where a missing chunk means "not done": only
+            decoding is checked.
+    """
+
+    def __init__(self, array: zarr.Array, where: str, marks: bool = False):
+        self.array = array.with_config(WRITE_EVERY_CHUNK)
+        self.where = where
+        self.marks = marks
+        # Arrays written before checksums did not store their all-fill chunks.
+        self.stores_every_chunk = has_checksum(array)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "array":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self.read(selection)
+
+    def __setitem__(self, selection: Any, values: Any) -> None:
+        self.array[selection] = values
+
+    def key(self, chunk: tuple[int, ...]) -> str:
+        """The store key of the object holding ``chunk``."""
+        return f"{self.array.path}/{self.array.metadata.encode_chunk_key(chunk)}".lstrip("/")
+
+    def has_chunk(self, chunk: tuple[int, ...]) -> bool:
+        """Whether the object of ``chunk`` exists."""
+        return bool(sync(self.array.store.exists(self.key(chunk))))
+
+    def read(self, selection: Any = slice(None), required: bool | np.ndarray = True) -> np.ndarray:
+        """The values at ``selection``: per axis an integer, a slice, or an integer array (integer
+        arrays select orthogonally, as ``zarr.Array.oindex``).
+
+        Args:
+            selection: what to read.
+            required: which chunks must have been written: all (``True``), none (``False``), or a
+                boolean array over the chunks' index along the first axis (e.g. rows marked done).
+
+        Raises:
+            StoreCorruptionError: a chunk read does not decode, or a required one is missing.
+        """
+        index = self._index(selection)
+        orthogonal = any(isinstance(item, np.ndarray) for item in _as_tuple(selection))
+        try:
+            values = self.array.oindex[selection] if orthogonal else self.array[selection]
+        except OSError:  # an I/O failure, not damage
+            raise
+        except Exception as error:
+            self._name_damaged_chunk(index, error)
+            raise
+        if required is not False and not self.marks and self.stores_every_chunk:
+            self._check_present(index, np.asarray(values), required)
+        return values
+
+    def _index(self, selection: Any) -> list[int | np.ndarray]:
+        """Per axis, the integer or the integer array of positions that ``selection`` reads."""
+        items = list(_as_tuple(selection))
+        ellipses = [position for position, item in enumerate(items) if item is Ellipsis]
+        if ellipses:
+            at = ellipses[0]
+            items[at : at + 1] = [slice(None)] * (self.array.ndim - len(items) + 1)
+        items += [slice(None)] * (self.array.ndim - len(items))
+        index: list[int | np.ndarray] = []
+        for item, size in zip(items, self.array.shape):
+            if isinstance(item, slice):
+                index.append(np.arange(*item.indices(size)))
+            elif isinstance(item, (int, np.integer)):
+                index.append(int(item) + size if item < 0 else int(item))
+            else:
+                positions = np.asarray(item)
+                if positions.dtype == bool:
+                    positions = np.flatnonzero(positions)
+                elif positions.dtype.kind not in "iu" or positions.ndim != 1:
+                    raise TypeError(
+                        f"CheckedArray reads integers, slices and 1-d integer arrays, got {item!r}"
+                    )
+                index.append(np.where(positions < 0, positions + size, positions))
+        return index
+
+    def _regions(self, index: list[int | np.ndarray]) -> Iterator[tuple[tuple[int, ...], Any]]:
+        """Each chunk that ``index`` touches: its grid coordinates and where its values are in
+        the result (a tuple of slices where possible, so that looking costs no copy)."""
+        per_axis = []
+        for positions, chunk in zip(index, self.array.chunks):
+            if isinstance(positions, int):  # the axis is dropped from the result
+                per_axis.append([(positions // chunk, None)])
+                continue
+            if positions.size == 0:
+                return
+            ids = positions // chunk
+            if np.all(ids[1:] >= ids[:-1]):
+                starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+                stops = np.r_[starts[1:], len(ids)]
+                per_axis.append(
+                    [(int(ids[s]), slice(int(s), int(e))) for s, e in zip(starts, stops)]
+                )
+            else:
+                unique, inverse = np.unique(ids, return_inverse=True)
+                order = np.argsort(inverse, kind="stable")
+                groups = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+                per_axis.append(list(zip(unique.tolist(), groups)))
+        for combination in itertools.product(*per_axis):
+            chunk = tuple(coordinate for coordinate, _ in combination)
+            parts = [part for _, part in combination if part is not None]
+            if any(isinstance(part, np.ndarray) for part in parts):
+                parts = np.ix_(
+                    *[
+                        part if isinstance(part, np.ndarray) else np.arange(part.start, part.stop)
+                        for part in parts
+                    ]
+                )
+            yield chunk, tuple(parts)
+
+    def _name_damaged_chunk(self, index: list[int | np.ndarray], error: Exception) -> None:
+        """Raise :class:`StoreCorruptionError` for the first chunk of ``index`` that does not
+        decode on its own; return if each does (``error`` was not damage)."""
+        grid = self.array.cdata_shape
+        for chunk, _ in self._regions(index):
+            if not all(0 <= coordinate < size for coordinate, size in zip(chunk, grid)):
+                continue
+            try:
+                self.array.get_block_selection(chunk)
+            except OSError:
+                raise
+            except Exception as chunk_error:
+                problem = _decode_problem(chunk_error)
+                raise StoreCorruptionError(
+                    self.where, self.array.path, chunk, problem, self.key(chunk)
+                ) from error
+
+    def _check_present(
+        self, index: list[int | np.ndarray], values: np.ndarray, required: bool | np.ndarray
+    ) -> None:
+        fill = self.array.fill_value
+        for chunk, region in self._regions(index):
+            if required is not True and not (chunk[0] < len(required) and required[chunk[0]]):
+                continue
+            if _all_fill(values[region], fill) and not self.has_chunk(chunk):
+                raise StoreCorruptionError(
+                    self.where,
+                    self.array.path,
+                    chunk,
+                    MISSING,
+                    self.key(chunk),
+                )
+
+
+def _as_tuple(selection: Any) -> tuple:
+    return selection if isinstance(selection, tuple) else (selection,)
+
+
+def _all_fill(values: np.ndarray, fill: Any) -> bool:
+    """Whether ``values`` are all ``fill`` (NaN matching NaN); looks at the first value first."""
+    if values.size == 0:
+        return False
+    first = values.flat[0]
+    if isinstance(fill, (float, np.floating)) and np.isnan(fill):
+        return bool(np.isnan(first)) and bool(np.isnan(values).all())
+    return bool(first == fill) and bool((values == fill).all())
+
+
+def _decode_problem(error: Exception) -> str:
+    if isinstance(error, ValueError) and "checksum" in str(error).lower():
+        return "fails its checksum: the object was truncated or altered"
+    return f"does not decode ({type(error).__name__}: {error})"
+
+
+def block_selection(array: zarr.Array, chunk: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slices of ``array`` that chunk ``chunk`` holds."""
+    return tuple(
+        slice(coordinate * size, min((coordinate + 1) * size, length))
+        for coordinate, size, length in zip(chunk, array.chunks, array.shape)
+    )
+
+
+# -- the whole-store check -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarkedLayout:
+    """Groups (under ``section``) whose ``done`` array marks row chunks finished.
+
+    Attributes:
+        section: top-level group the layout is found under.
+        rows: arrays chunked along rows like the marks: chunk ``c`` along the first axis is row
+            chunk ``c``.
+        required: of these, those every finished row chunk has.
+        finite: of these, those whose finished chunks must hold finite values.
+        derived: arrays computed from the rows (deleted when a row is dropped); each may have an
+            attribute ``<name>_complete`` saying it is finished.
+        derived_attrs: group attributes computed from the rows (deleted with them).
+        rerun: what recomputes a dropped row chunk.
+    """
+
+    section: str
+    rows: tuple[str, ...]
+    required: tuple[str, ...]
+    finite: tuple[str, ...]
+    derived: tuple[str, ...]
+    derived_attrs: tuple[str, ...]
+    rerun: str
+
+
+# The layouts of store.py (features) and subsets/experiment.py (subset tables).
+MARKED_LAYOUTS = (
+    MarkedLayout(
+        section="features",
+        rows=("features", "out_to_loss", "example_hash"),
+        required=("features", "out_to_loss"),
+        finite=("features", "out_to_loss"),
+        derived=("gram", "dual_gram"),
+        derived_attrs=("gram_complete", "dual_gram_complete", "statistics"),
+        rerun="the next fit recomputes it",
+    ),
+    MarkedLayout(
+        section="subsets",
+        rows=("masks", "outputs", "train_seeds"),
+        required=("masks", "outputs", "train_seeds"),
+        finite=(),
+        derived=(),
+        derived_attrs=(),
+        rerun="the next subsets run recomputes it",
+    ),
+)
+SCORES_SECTION = "scores"
+REBUILD = "delete it: the next fit rebuilds it"
+NOT_FINITE = "holds NaN or infinite values"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a store.
+
+    Attributes:
+        array: path of the array (or group) in the store.
+        chunk: grid coordinates of the chunk, or ``None`` for the whole array or group.
+        problem: what is wrong.
+        repair: what ``repair=True`` does about it.
+    """
+
+    array: str
+    chunk: tuple[int, ...] | None
+    problem: str
+    repair: str
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` found.
+
+    Attributes:
+        where: the store's location.
+        problems: everything wrong, in store order.
+        arrays: number of arrays checked.
+        chunks: number of chunk objects decoded.
+        unchecksummed: arrays written before checksums (damage there may go unnoticed).
+        repaired: whether the problems were repaired.
+    """
+
+    where: str
+    problems: list[Problem] = field(default_factory=list)
+    arrays: int = 0
+    chunks: int = 0
+    unchecksummed: list[str] = field(default_factory=list)
+    repaired: bool = False
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+def verify_store(store: Store | str | Path, repair: bool = False) -> VerifyReport:
+    """Check a whole store: every chunk of every array decodes, completion marks agree with the
+    chunks present, the features and out-to-loss weights of finished chunks are finite, and
+    saved scores are complete.
+
+    With ``repair``, drop what is damaged so that the next run recomputes only that: the marks of
+    damaged feature and subset row chunks (and their damaged objects), the arrays and attributes
+    derived from those rows (``gram``, ``dual_gram``, ``statistics``), and damaged or incomplete
+    saved scores. Damage elsewhere is reported and left as is.
+
+    Args:
+        store: a :class:`~datatrace.store.Store`, a directory or an fsspec URL (opened read-only
+            unless ``repair``).
+        repair: drop what is damaged.
+
+    Returns:
+        :class:`VerifyReport`.
+    """
+    from datatrace.store.store import Store
+
+    if not isinstance(store, Store):
+        store = Store(store, read_only=not repair)
+    check = _Verification(store)
+    check.run()
+    if repair and check.report.problems:
+        check.repair()
+    return check.report
+
+
+class _Verification:
+    def __init__(self, store: Store):
+        self.store = store
+        self.report = VerifyReport(store.where)
+        self.nodes = dict(store.root.members(max_depth=None))
+        # What repair does, applied once the whole store is read.
+        self.delete_keys: set[str] = set()
+        self.delete_nodes: set[str] = set()
+        self.drop_attrs: set[tuple[str, str]] = set()
+
+    def run(self) -> None:
+        checked: set[str] = set()
+        for path, node in self.nodes.items():
+            if not isinstance(node, zarr.Group):
+                continue
+            layout = self._marked_layout(path)
+            if layout is not None:
+                checked |= self._check_marked(path, node, layout)
+            elif path.startswith(f"{SCORES_SECTION}/") and "scores" in node:
+                checked |= self._check_scores(path, node)
+        for path, node in self.nodes.items():
+            if isinstance(node, zarr.Array) and path not in checked:
+                for chunk, problem in self._check_array(path, node, required=False):
+                    self._problem(path, chunk, problem, "left as is: verify cannot recompute it")
+
+    def _marked_layout(self, path: str) -> MarkedLayout | None:
+        done = self.nodes.get(f"{path}/done")
+        if not isinstance(done, zarr.Array) or done.ndim != 1 or done.chunks != (1,):
+            return None
+        for layout in MARKED_LAYOUTS:
+            if path.startswith(f"{layout.section}/"):
+                return layout
+        return None
+
+    def _check_marked(self, path: str, group: zarr.Group, layout: MarkedLayout) -> set[str]:
+        done_array = self.nodes[f"{path}/done"]
+        done = np.zeros(done_array.shape[0], bool)
+
+        def keep_mark(chunk: tuple[int, ...], block: np.ndarray) -> None:
+            done[chunk[0]] = bool(block[0])
+
+        damaged_rows = {}
+        for chunk, problem in self._check_array(f"{path}/done", done_array, False, keep_mark):
+            damaged_rows.setdefault(chunk[0], []).append((f"{path}/done", chunk, problem))
+        checked = {f"{path}/done"}
+        for name in layout.rows:
+            array = self.nodes.get(f"{path}/{name}")
+            if not isinstance(array, zarr.Array) or array.cdata_shape[:1] != (len(done),):
+                continue  # not chunked like the marks: checked as any other array
+            checked.add(f"{path}/{name}")
+            required = done if name in layout.required else False
+            problems = self._check_array(
+                f"{path}/{name}", array, required, finite=name in layout.finite
+            )
+            for chunk, problem in problems:
+                damaged_rows.setdefault(chunk[0], []).append((f"{path}/{name}", chunk, problem))
+        repair = "unmark row chunk {row}: " + layout.rerun
+        if layout.derived:
+            repair += f" (and rebuilds {', '.join(layout.derived)})"
+        for row in sorted(damaged_rows):
+            for array_path, chunk, problem in damaged_rows[row]:
+                self._problem(array_path, chunk, problem, repair.format(row=row))
+                if problem != MISSING:
+                    self.delete_keys.add(CheckedArray(self.nodes[array_path], "").key(chunk))
+            self.delete_keys.add(CheckedArray(done_array, "").key((row,)))
+        if damaged_rows:
+            self.delete_nodes |= {f"{path}/{name}" for name in layout.derived}
+            self.drop_attrs |= {(path, name) for name in layout.derived_attrs}
+        for name in layout.derived:
+            complete = bool(group.attrs.get(f"{name}_complete"))
+            array = self.nodes.get(f"{path}/{name}")
+            problems = []
+            if isinstance(array, zarr.Array):
+                checked.add(f"{path}/{name}")
+                problems = self._check_array(f"{path}/{name}", array, complete)
+            elif complete:
+                problems = [(None, "is marked complete but missing")]
+            for chunk, problem in problems:
+                self._problem(f"{path}/{name}", chunk, problem, REBUILD)
+            if problems:
+                self.delete_nodes.add(f"{path}/{name}")
+                self.drop_attrs.add((path, f"{name}_complete"))
+        return checked
+
+    def _check_scores(self, path: str, group: zarr.Group) -> set[str]:
+        complete = bool(group.attrs.get("complete"))
+        problems = [] if complete else [(path, None, "is incomplete: its save was interrupted")]
+        checked = set()
+        for name in ("scores", "out_to_loss"):
+            array = self.nodes.get(f"{path}/{name}")
+            if isinstance(array, zarr.Array):
+                checked.add(f"{path}/{name}")
+                for chunk, problem in self._check_array(f"{path}/{name}", array, complete):
+                    problems.append((f"{path}/{name}", chunk, problem))
+        for array_path, chunk, problem in problems:
+            self._problem(array_path, chunk, problem, f"delete {path}: score again to save it")
+        if problems:
+            self.delete_nodes.add(path)
+        return checked
+
+    def _check_array(
+        self,
+        path: str,
+        array: zarr.Array,
+        required: bool | np.ndarray,
+        marks: Callable[[tuple[int, ...], np.ndarray], None] | None = None,
+        finite: bool = False,
+    ) -> list[tuple[tuple[int, ...], str]]:
+        """Decode every chunk of ``array`` that is present or ``required`` (as for
+        :meth:`CheckedArray.read`), returning the problems found. ``marks``: the array holds
+        completion marks (a missing chunk is not done), each decoded chunk is passed to it."""
+        self.report.arrays += 1
+        checked = CheckedArray(array, self.store.where, marks=marks is not None)
+        if not checked.stores_every_chunk and array.nchunks > 0:
+            self.report.unchecksummed.append(path)
+        present = set(sync(_list(self.store.zarr_store, f"{array.path}/")))
+        found = []
+        for chunk in np.ndindex(*array.cdata_shape):
+            needed = bool(
+                required is True
+                or (required is not False and chunk[0] < len(required) and required[chunk[0]])
+            )
+            if checked.key(chunk) not in present:
+                if needed and checked.stores_every_chunk and marks is None:
+                    found.append((chunk, MISSING))
+                continue
+            try:
+                block = checked.read(block_selection(array, chunk), required=False)
+            except StoreCorruptionError as error:
+                found.append((chunk, error.problem))
+                continue
+            self.report.chunks += 1
+            if finite and needed and not np.isfinite(block).all():
+                found.append((chunk, NOT_FINITE))
+            elif marks is not None:
+                marks(chunk, np.asarray(block).reshape(-1))
+        return found
+
+    def _problem(self, path: str, chunk: tuple[int, ...] | None, problem: str, repair: str):
+        self.report.problems.append(Problem(path, chunk, problem, repair))
+
+    def repair(self) -> None:
+        for key in sorted(self.delete_keys):
+            sync(self.store.zarr_store.delete(key))
+        for path in sorted(self.delete_nodes):
+            if path in self.store.root:
+                del self.store.root[path]
+        for path, name in sorted(self.drop_attrs):
+            if path in self.store.root and name in self.store.root[path].attrs:
+                del self.store.root[path].attrs[name]
+        self.report.repaired = True
+
+
+async def _list(zarr_store: zarr.abc.store.Store, prefix: str) -> list[str]:
+    return [key async for key in zarr_store.list_prefix(prefix)]
