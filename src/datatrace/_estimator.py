@@ -1,16 +1,40 @@
-"""Pieces shared by the estimators: the fitted-state check, checkpoint lists, feature settings."""
+"""Pieces shared by the estimators: the fitted-state check, checkpoint lists, feature settings,
+the checks of data before anything is stored, and reopening a fitted store."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.featurize import GradientFeatures
-from datatrace.grads.projectors import Projector, make_projector
+from datatrace.grads.projectors import (
+    DenseProjector,
+    IdentityProjector,
+    Projector,
+    SparseJLProjector,
+    make_projector,
+)
+from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
+from datatrace.store.provenance import json_normalise, tensors_fingerprint
 from datatrace.tasks.base import Task
+
+# The keys of the features' provenance that describe the model and the method (the others
+# describe the training data and the layout), with what to do when one differs on reopening.
+REOPEN_CHECKS = {
+    "model": "another model architecture: pass the model the store was fitted with",
+    "params": "another parameter selection: pass the params= the store was fitted with",
+    "task": "another task or task settings: pass the task the store was fitted with",
+    "projector": "another projector: leave projector= and proj_dim= out to use the stored one",
+    "feature_dim": "another feature dimension",
+    "seed": "another projection seed: leave seed= out to use the stored one",
+}
+ZARR_METADATA = "zarr.json"
 
 
 class NotFittedError(RuntimeError):
@@ -60,3 +84,182 @@ def gradient_features(
         device=estimator.device,
         progress=estimator.progress,
     )
+
+
+def checked_examples(
+    data: Any, role: str, task: Task, model: nn.Module, batch_size: int
+) -> Examples:
+    """``data`` as :class:`~datatrace.data.Examples`, refused with a clear error when it is
+    empty or when its first batch is malformed (``task.check_batch``), before anything is
+    computed or stored. Featurization checks every later batch.
+
+    Args:
+        role: ``"train"`` or ``"targets"``, for the messages.
+
+    Raises:
+        ValueError, TypeError: from the emptiness check or ``task.check_batch``.
+    """
+    examples = Examples(data)
+    if examples.n == 0:
+        if role == "train":
+            raise ValueError(
+                "the training set is empty (0 examples): fit needs at least one training example"
+            )
+        raise ValueError("no targets: the targets hold 0 examples; score needs at least one")
+    task.check_batch(model, examples.read(0, min(examples.n, batch_size)))
+    return examples
+
+
+def open_existing_store(location: str | Path | Store, read_only: bool = False) -> Store:
+    """A store that must already exist: nothing is created where there is none.
+
+    Raises:
+        FileNotFoundError: nothing at ``location`` (``"no datatrace store at ..."``), or a
+            directory that is not a store.
+        ValueError: ``location`` is a Zarr group but not a datatrace store.
+    """
+    if isinstance(location, Store):
+        return location
+    text = str(location)
+    if "://" not in text:
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"no datatrace store at {text}: the path does not exist")
+        if not (path / ZARR_METADATA).is_file():
+            hint = ""
+            if (path / "store" / ZARR_METADATA).is_file():
+                hint = f" (did you mean {path / 'store'}?)"
+            raise FileNotFoundError(f"{text} is not a datatrace store{hint}")
+    try:
+        opened = Store(location, read_only=True)
+    except FileNotFoundError:  # an fsspec URL with nothing there
+        raise FileNotFoundError(f"no datatrace store at {text}") from None
+    if "datatrace" not in opened.root.attrs:
+        raise ValueError(f"{text} is a Zarr group but not a datatrace store")
+    return opened if read_only else Store(location)
+
+
+def projector_from_config(config: dict[str, Any]) -> Projector:
+    """The built-in projector whose ``config()`` is ``config``.
+
+    Raises:
+        ValueError: the configuration is not that of a built-in projector.
+    """
+    name = config.get("name")
+    if name == "sparse_jl":
+        return SparseJLProjector(config["proj_dim"], config["nnz"])
+    if name == "dense":
+        return DenseProjector(config["proj_dim"], config["distribution"])
+    if name == IdentityProjector.__name__:
+        return IdentityProjector()
+    raise ValueError(
+        f"the store's features were projected with {config}, not a built-in projector: pass "
+        "the projector object they were fitted with (projector=...)"
+    )
+
+
+def reopen_features(
+    cls: type,
+    store: str | Path | Store,
+    model: nn.Module,
+    task: Task,
+    checkpoints: Sequence[Checkpoint] | Checkpoint | None,
+    settings: dict[str, Any],
+) -> tuple[Any, list[CheckpointFeatures]]:
+    """An estimator of class ``cls`` on the features a complete store holds, verified.
+
+    The projector, its seed and the chunk size come from the store's provenance unless given in
+    ``settings`` (then they must match it); the other ``settings`` are constructor arguments of
+    ``cls``. The model's architecture, the parameter selection, the task and the projection are
+    checked against the provenance, and each checkpoint's fingerprint against the one recorded
+    when it was featurized.
+
+    Returns:
+        ``(estimator, stored)``: the estimator with ``features_``, ``checkpoints_`` and
+        ``store_`` set, and the stored features of each checkpoint.
+
+    Raises:
+        FileNotFoundError: no store at ``store``.
+        StoreMismatchError: the model, parameters, task, projection or a checkpoint differ from
+            what the store was fitted with, or more checkpoints are given than it holds.
+        ValueError: the store holds no features, or not all of them yet.
+    """
+    opened = open_existing_store(store)
+    recorded = opened.provenance("features")
+    if recorded is None:
+        raise ValueError(
+            f"the store at {opened.where} holds no features: fit an estimator with store=... first"
+        )
+    defaults: dict[str, Any] = {"seed": recorded["seed"], "chunk_size": recorded["chunk_rows"]}
+    if "projector" not in settings and "proj_dim" not in settings:
+        defaults["projector"] = projector_from_config(recorded["projector"])
+        defaults["proj_dim"] = recorded["projector"].get("proj_dim")
+    estimator = cls(model, task, store=opened, **{**defaults, **settings})
+    features = gradient_features(estimator)
+    # Only the model-side entries are compared: the training data is not at hand.
+    expected = json_normalise(features.provenance(Examples((torch.zeros(0),))))
+    differing = [key for key in REOPEN_CHECKS if recorded.get(key) != expected.get(key)]
+    if "model" in differing:  # the parameters of another architecture differ as a consequence
+        differing = ["model"]
+    differences = [
+        f"  {key}: stored {recorded.get(key)!r}, now {expected.get(key)!r} ({REOPEN_CHECKS[key]})"
+        for key in differing
+    ]
+    if differences:
+        raise StoreMismatchError(
+            f"the store at {opened.where} holds features of a different run:\n"
+            + "\n".join(differences)
+        )
+    checkpoints = checkpoint_list(model, checkpoints)
+    held = sum(name.isdigit() for name in opened.groups("features"))
+    if len(checkpoints) > held:
+        raise StoreMismatchError(
+            f"{len(checkpoints)} checkpoints given, but the store at {opened.where} holds the "
+            f"features of {held}: pass the checkpoints it was fitted with, in the same order"
+        )
+    stored = [
+        _verified_checkpoint(opened, features, recorded, index, checkpoint)
+        for index, checkpoint in enumerate(checkpoints)
+    ]
+    estimator.features_ = features
+    estimator.checkpoints_ = checkpoints
+    estimator.store_ = opened
+    return estimator, stored
+
+
+def _verified_checkpoint(
+    store: Store,
+    features: GradientFeatures,
+    recorded: dict[str, Any],
+    index: int,
+    checkpoint: Checkpoint,
+) -> CheckpointFeatures:
+    """The stored features of checkpoint ``index``, after checking that ``checkpoint`` is the
+    one they were computed from and that every row chunk is written."""
+    identity = dict(store.root[f"features/{index}"].attrs.get("identity", {}))
+    now = {
+        "checkpoint": tensors_fingerprint(features.load(checkpoint)),
+        "projection_seed": features.projection_seed(index),
+    }
+    differences = [
+        f"  {key}: stored {identity.get(key)!r}, now {value!r}"
+        for key, value in now.items()
+        if identity.get(key) != value
+    ]
+    if differences:
+        raise StoreMismatchError(
+            f"checkpoint {index} is not the one whose features the store at {store.where} "
+            "holds:\n" + "\n".join(differences) + "\nPass the checkpoints the store was fitted "
+            "with, in the same order."
+        )
+    part = store.checkpoint_features(
+        index, recorded["n_train"], features.dim, recorded["chunk_rows"], identity
+    )
+    if not part.is_complete():
+        missing = int((~part.completed()).sum())
+        raise ValueError(
+            f"the store at {store.where} is incomplete: checkpoint {index} has {missing} of "
+            f"{part.n_chunks} row chunks still to featurize. Finish fitting it (every shard) "
+            "with the training data, then reopen it"
+        )
+    return part

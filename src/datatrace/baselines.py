@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._estimator import check_fitted, checkpoint_list, gradient_features
+from datatrace._estimator import (
+    check_fitted,
+    checked_examples,
+    checkpoint_list,
+    gradient_features,
+    reopen_features,
+)
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
@@ -71,17 +77,46 @@ class _GradientBaseline:
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError, TypeError: the training set is empty or its first batch is malformed;
+                raised before the store is opened.
         """
-        self.features_ = gradient_features(self)
+        features = gradient_features(self)
+        train = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
+        self.features_ = features
         self.checkpoints_ = checkpoint_list(self.model, checkpoints)
         store = self.store if isinstance(self.store, Store) else Store(self.store)
-        self.stored_ = self.features_.featurize_train(train_data, self.checkpoints_, store)
+        self.store_ = store
+        self.stored_ = self.features_.featurize_train(train, self.checkpoints_, store)
         self.n_train_ = self.stored_[0].n_rows
         return self
+
+    @classmethod
+    def from_store(
+        cls,
+        store: str | Path | Store,
+        model: nn.Module,
+        task: Task,
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
+        **settings: Any,
+    ) -> _GradientBaseline:
+        """A fitted estimator on the features of a complete store, without the training data.
+
+        Verifies the store as :meth:`TRAK.from_store <datatrace.TRAK.from_store>` does (model,
+        parameters, task, projection, checkpoints, completeness); arguments as there.
+        """
+        estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
+        estimator.stored_ = stored
+        estimator.n_train_ = stored[0].n_rows
+        return estimator
 
     def score(self, targets: Any) -> Attributions:
         """Scores ``(n_targets, n_train)``: the mean over checkpoints of :meth:`_combine`."""
         check_fitted(self, "stored_")
+        targets = checked_examples(
+            targets, "targets", self.features_.task, self.model, self.batch_size
+        )
         total = None
         for index, checkpoint in enumerate(self.checkpoints_):
             target_features, _ = self.features_.featurize_all(
@@ -184,18 +219,23 @@ class RepresentationSimilarity:
         device = torch.device(self.device) if self.device else default_device(self.model)
         state = load_checkpoint(checkpoint, self.model, device)
         runner = PerExampleGradients(self.model, self.task, [])
+        layer = self._layer()
         captured: list[torch.Tensor] = []
-        hook = self._layer().register_forward_hook(
-            lambda module, inputs, output: captured.append(inputs[0].flatten(1).float().cpu())
-        )
         examples = Examples(data)
-        try:
-            with progress_bar(examples.n, "representations", self.progress) as advance:
-                for batch in examples.batches(0, examples.n, self.batch_size):
-                    runner.outputs(state, batch_to(batch, device))
-                    advance(len(captured[-1]))
-        finally:
-            hook.remove()
+        with progress_bar(examples.n, "representations", self.progress) as advance:
+            for batch in examples.batches(0, examples.n, self.batch_size):
+                # Checked before the layer is hooked: the check may run the model on an example.
+                batch = batch_to(self.task.check_batch(self.model, batch), device)
+                hook = layer.register_forward_hook(
+                    lambda module, inputs, output: captured.append(
+                        inputs[0].flatten(1).float().cpu()
+                    )
+                )
+                try:
+                    runner.outputs(state, batch)
+                finally:
+                    hook.remove()
+                advance(len(captured[-1]))
         features = torch.cat(captured)
         return features / features.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
@@ -203,6 +243,7 @@ class RepresentationSimilarity:
         self, train_data: Any, checkpoints: Sequence[Checkpoint] | Checkpoint | None = None
     ) -> RepresentationSimilarity:
         """Compute the training set's normalised representations under each checkpoint."""
+        train_data = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
         self.checkpoints_ = checkpoint_list(self.model, checkpoints)
         self.train_representations_ = [
             self._representations(train_data, c) for c in self.checkpoints_
@@ -212,6 +253,7 @@ class RepresentationSimilarity:
     def score(self, targets: Any) -> Attributions:
         """Mean cosine similarity over checkpoints, ``(n_targets, n_train)``."""
         check_fitted(self, "train_representations_")
+        targets = checked_examples(targets, "targets", self.task, self.model, self.batch_size)
         total = sum(
             self._representations(targets, checkpoint) @ train.T
             for checkpoint, train in zip(self.checkpoints_, self.train_representations_)

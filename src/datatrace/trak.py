@@ -10,7 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._estimator import check_fitted, checkpoint_list, gradient_features
+from datatrace._estimator import (
+    check_fitted,
+    checked_examples,
+    checkpoint_list,
+    gradient_features,
+    reopen_features,
+)
 from datatrace.attributions import Attributions
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.projectors import Projector
@@ -22,7 +28,7 @@ from datatrace.kernel import (
     damping_from_features,
     uses_dual,
 )
-from datatrace.store import Store
+from datatrace.store import CheckpointFeatures, Store
 from datatrace.tasks.base import Task
 
 
@@ -119,20 +125,73 @@ class TRAK:
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError, TypeError: the training set is empty, or its first batch is malformed
+                (:meth:`Task.check_batch <datatrace.tasks.Task.check_batch>`); raised before
+                the store is opened, so nothing is written.
         """
         features = gradient_features(self)
+        train = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
         checkpoints = checkpoint_list(self.model, checkpoints)
         store = Store(self.store) if not isinstance(self.store, Store) else self.store
-        stored = features.featurize_train(train_data, checkpoints, store, shard)
+        stored = features.featurize_train(train, checkpoints, store, shard)
         self.store_ = store
         self.features_ = features
         self.checkpoints_ = checkpoints
         if not all(part.is_complete() for part in stored):
             del self.store_  # not fitted until every shard is written
             return self
+        return self._build_kernels(stored)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: str | Path | Store,
+        model: nn.Module,
+        task: Task,
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
+        **settings: Any,
+    ) -> TRAK:
+        """A fitted TRAK rebuilt from a complete store, without the training data.
+
+        The projector, its seed and the chunk size are read from the store's provenance; the
+        kernels are rebuilt from the stored Grams. Before anything is used, the model's
+        architecture, the parameter selection, the task and the projection are checked against
+        the provenance, and each checkpoint against the fingerprint recorded when it was
+        featurized. ``score(targets)`` then gives the scores the fitted estimator gave (with the
+        same damping settings).
+
+        Args:
+            store: a directory, an fsspec URL or a :class:`~datatrace.store.Store` that a
+                ``fit`` completed; nothing is created where there is no store.
+            model: the module it was fitted with (same architecture).
+            task: the task it was fitted with.
+            checkpoints: the checkpoints it was fitted with, in the same order (the first ones
+                of the store when fewer are given); ``None`` for the model as it is.
+            **settings: other constructor arguments: ``damping``, ``damping_absolute``,
+                ``params`` (the parameter selection of the fit: only its fingerprint is
+                stored, so a selection other than the default must be passed again),
+                ``batch_size``, ``device``, ``progress``; ``projector``, ``proj_dim`` and
+                ``seed`` only to insist on values (checked against the store).
+
+        Returns:
+            A fitted :class:`TRAK`.
+
+        Raises:
+            FileNotFoundError: no store at ``store``.
+            StoreMismatchError: the model, parameters, task, projection or a checkpoint differ
+                from the fit's (the message names what differs).
+            ValueError: the store holds no features, or not every row chunk of them.
+        """
+        estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
+        return estimator._build_kernels(stored)
+
+    def _build_kernels(self, stored: list[CheckpointFeatures]) -> TRAK:
+        """Fitted state from the complete stored features of every checkpoint."""
         self._stored = stored
         self.n_train_ = stored[0].n_rows
-        self.feature_dim_ = features.dim
+        self.feature_dim_ = self.features_.dim
         self.out_to_loss_ = np.stack([part.out_to_loss[:] for part in stored])
         statistics = [part.statistics() for part in stored]
         self.damping_ = np.array([self._damping(stats) for stats in statistics])
@@ -175,11 +234,16 @@ class TRAK:
 
         Returns:
             :class:`~datatrace.Attributions` with ``scores`` of shape ``(n_targets, n_train)``.
+
+        Raises:
+            ValueError, TypeError: no targets, or their first batch is malformed
+                (:meth:`Task.check_batch <datatrace.tasks.Task.check_batch>`).
         """
         check_fitted(self, "store_")
         features = self.features_
         if task is not None and task is not self.task:
             features = gradient_features(self, task, features.projector)
+        targets = checked_examples(targets, "targets", features.task, self.model, self.batch_size)
         total = None
         for index, checkpoint in enumerate(self.checkpoints_):
             target_features, _ = features.featurize_all(

@@ -1,5 +1,7 @@
-"""Tasks: what output of a model is attributed (``output``) and its out-to-loss weight."""
+"""Tasks: what output of a model is attributed (``output``), its out-to-loss weight, and the
+checks of a batch before it is featurized (``check_batch``)."""
 
+from datatrace.tasks._checks import InputDtypeWarning
 from datatrace.tasks.base import Task
 from datatrace.tasks.classification import (
     Classification,
@@ -32,6 +34,7 @@ __all__ = [
     "ClassLogit",
     "Classification",
     "Diffusion",
+    "InputDtypeWarning",
     "Seq2SeqLM",
     "Task",
     "TextClassification",

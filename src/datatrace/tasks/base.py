@@ -33,6 +33,38 @@ class Task(ABC):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The out-to-loss weight ``Q`` of each example of ``batch``, shape ``(batch_size,)``."""
 
+    def check_batch(self, model: nn.Module, batch: Any) -> Any:
+        """Check a batch before it is featurized; return it as the task reads it.
+
+        Per-example gradients run under ``torch.vmap``, where no code can look at a tensor's
+        values: a label out of range would surface there as an indexing error deep inside torch.
+        This hook runs outside ``vmap`` and turns bad input into an error that says what is wrong
+        and how to fix it.
+
+        Contract:
+
+        - Called outside ``vmap`` on a whole batch (examples along dim 0, on whatever device the
+          data is), with the user's module as ``model`` (its own parameters: checkpoints share
+          its architecture, so shapes and dtypes are those of every checkpoint). The estimators
+          call it on the first batch of the training set and of the targets before anything is
+          computed or stored; featurization calls it on every batch before featurizing it.
+        - Returns the batch to featurize instead of the given one: possibly converted (floating
+          inputs cast to the model's parameter dtype, noted once by an
+          :class:`~datatrace.tasks.InputDtypeWarning`; labels that are floating whole numbers as
+          integers), never modified in place. Calling it again on its result returns it as is.
+        - Raises ``ValueError`` (bad values or shapes) or ``TypeError`` (bad types) with a
+          message that names the problem and the fix. Never modifies the model.
+        - Cheap enough for every batch: shapes, dtypes and signs are checked without running the
+          model; a task whose labels index the model's output (classes, vocabulary) also runs
+          one forward pass of the batch's first example, in eval mode, without gradients, to
+          check them against the output's size (and that the inputs fit the model). That forward
+          pass runs the model's hooks like any other: a caller that hooks the model calls
+          ``check_batch`` before registering its hooks, or outside the region they observe.
+
+        The default returns ``batch`` unchanged.
+        """
+        return batch
+
     def for_checkpoint(self, model: nn.Module, checkpoint: int) -> Task:
         """The task to use while featurizing under checkpoint number ``checkpoint``.
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from datatrace.data import batch_size_of
+from datatrace.tasks._checks import (
+    cast_floating,
+    check_label_range,
+    class_labels,
+    run_on_first_example,
+)
+from datatrace.tasks._inputs import model_dtype
 from datatrace.tasks.base import Task
 
 
@@ -53,6 +62,54 @@ class Classification(Task):
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, labels = batch
         return classification_margin(self._logits(model, inputs), labels)
+
+    def check_batch(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
+        """``(inputs, labels)`` checked (see :meth:`Task.check_batch`): floating inputs in the
+        model's dtype; labels ``(batch_size,)`` integers in ``0 … n_classes − 1``, where
+        ``n_classes`` is the number of logits of one forward pass of the first example (which
+        also shows whether the inputs fit the model).
+
+        Raises:
+            TypeError: the batch is not an ``(inputs, labels)`` pair.
+            ValueError: labels of shape ``(n, 1)`` or one-hot ``(n, C)``, floating labels that
+                are not whole numbers, negative labels, labels ``≥ n_classes``; inputs on which
+                the model fails.
+        """
+        inputs, labels = self._pair(batch)
+        inputs = cast_floating(inputs, model_dtype(model), "the inputs")
+        labels = class_labels(labels, batch_size_of(inputs))
+        check_label_range(labels, self._n_classes(model, inputs))
+        return inputs, labels
+
+    def _pair(self, batch: Any) -> tuple[Any, Any]:
+        name = type(self).__name__
+        if isinstance(batch, Mapping):
+            raise TypeError(
+                f"{name} reads batches (inputs, labels), got a dict with the columns "
+                f"{sorted(batch)}: pass the data as a tuple (X, y) (for a model called on named "
+                "columns, use TextClassification)"
+            )
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            got = (
+                f"a {type(batch).__name__} of {len(batch)} columns"
+                if isinstance(batch, (tuple, list))
+                else f"a {type(batch).__name__}"
+            )
+            raise TypeError(
+                f"{name} reads batches (inputs, labels), got {got}: pass the data as (X, y), or "
+                "((x1, x2), y) for a model called with several inputs"
+            )
+        return batch[0], batch[1]
+
+    def _n_classes(self, model: nn.Module, inputs: Any) -> int:
+        logits = run_on_first_example(model, self._logits, inputs, type(self).__name__)
+        if not torch.is_tensor(logits) or logits.dim() != 2:
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise ValueError(
+                f"the model's output on one example is {shape}: {type(self).__name__} "
+                "attributes a margin of (batch_size, n_classes) logits"
+            )
+        return logits.shape[-1]
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))

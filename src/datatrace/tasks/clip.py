@@ -33,7 +33,8 @@ from torch.func import functional_call
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
-from datatrace.tasks._inputs import call_model, check_columns, model_inputs
+from datatrace.tasks._checks import cast_columns, check_id_columns
+from datatrace.tasks._inputs import call_model, check_columns, model_dtype, model_inputs
 from datatrace.tasks.base import Task
 
 Embedder = Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, ...]]
@@ -276,6 +277,15 @@ class CLIPContrastive(Task):
         inputs = {k: v for k, v in batch.items() if k not in self.ignore}
         image, text, scale = self.embed(model, inputs)
         return contrastive_margins(image, text, scale, self.negatives)
+
+    def check_batch(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """The batch checked (see :meth:`Task.check_batch`): a dict of columns, id columns
+        (``input_ids``, ...) non-negative integers, floating columns (``pixel_values``) in the
+        model's dtype. No forward pass: CLIP batches carry no labels."""
+        batch = check_columns(batch, [], type(self).__name__)
+        checked = cast_columns(batch, model_dtype(model), keep=self.ignore)
+        checked.update(check_id_columns(checked))
+        return checked
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         image_margin, text_margin = self.margins(model, batch)

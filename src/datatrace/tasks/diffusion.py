@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace.tasks._checks import cast_columns, integer_values
+from datatrace.tasks._inputs import model_dtype
 from datatrace.tasks.base import Task
 
 # Keys of a diffusion batch that are not conditioning inputs of the model.
@@ -128,6 +130,30 @@ def schedule_of(scheduler: Any) -> tuple[torch.Tensor, str]:
     return torch.as_tensor(alphas_cumprod).detach().cpu().float(), str(prediction_type)
 
 
+def _draw_shapes(batch: Mapping[str, torch.Tensor]) -> tuple[int, int, torch.Size]:
+    """``(n_examples, n_draws, sample_shape)`` of a diffusion batch, its shapes checked."""
+    x0, timesteps, noise = batch[IMAGE_KEY], batch[TIMESTEPS_KEY], batch[NOISE_KEY]
+    if timesteps.dim() != 2 or len(timesteps) != len(x0):
+        raise ValueError(
+            f"timesteps have shape {tuple(timesteps.shape)}, expected (batch, draws) with "
+            f"batch = {len(x0)}, the rows of x0"
+        )
+    n_examples, n_draws = timesteps.shape
+    sample_shape = x0.shape[1:]
+    if noise.shape != (n_examples, n_draws, *sample_shape):
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)}, expected (batch, draws, *sample_shape) = "
+            f"{(n_examples, n_draws, *sample_shape)}"
+        )
+    weights = batch.get(WEIGHTS_KEY)
+    if weights is not None and tuple(weights.shape) != (n_examples, n_draws):
+        raise ValueError(
+            f"{WEIGHTS_KEY} has shape {tuple(weights.shape)}, expected (batch, draws) = "
+            f"{(n_examples, n_draws)}"
+        )
+    return n_examples, n_draws, sample_shape
+
+
 class Diffusion(Task):
     """Attribute a denoising model through its denoising loss or a D-TRAK output function.
 
@@ -183,13 +209,7 @@ class Diffusion(Task):
         """The output function of every draw, ``(B, K)``; :meth:`output` sums it over ``K``,
         weighted by ``"draw_weights"`` when the batch has them."""
         x0, timesteps, noise = batch[IMAGE_KEY], batch[TIMESTEPS_KEY], batch[NOISE_KEY]
-        n_examples, n_draws = timesteps.shape
-        sample_shape = x0.shape[1:]
-        if noise.shape != (n_examples, n_draws, *sample_shape):
-            raise ValueError(
-                f"noise has shape {tuple(noise.shape)}, expected (batch, draws, *sample_shape) = "
-                f"{(n_examples, n_draws, *sample_shape)}"
-            )
+        n_examples, n_draws, sample_shape = _draw_shapes(batch)
         flat_x0 = x0.unsqueeze(1).expand(-1, n_draws, *sample_shape).reshape(-1, *sample_shape)
         flat_noise = noise.reshape(-1, *sample_shape)
         flat_timesteps = timesteps.reshape(-1)
@@ -214,12 +234,46 @@ class Diffusion(Task):
         weights = batch.get(WEIGHTS_KEY)
         if weights is None:
             return per_draw.sum(1)
-        if weights.shape != per_draw.shape:
-            raise ValueError(
-                f"{WEIGHTS_KEY} has shape {tuple(weights.shape)}, expected (batch, draws) = "
-                f"{tuple(per_draw.shape)}"
-            )
         return (per_draw * weights.to(per_draw.dtype)).sum(1)
+
+    def check_batch(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """The batch checked (see :meth:`Task.check_batch`), without a forward pass: the columns
+        ``x0``, ``timesteps`` and ``noise`` present; ``timesteps`` ``(B, K)`` integers in
+        ``0 … num_train_timesteps − 1``; ``noise`` ``(B, K, *sample_shape)`` and
+        ``draw_weights`` ``(B, K)``; floating columns in the model's dtype.
+
+        Raises:
+            TypeError: the batch is not a dict, or ``x0`` is not floating.
+            KeyError: a required column is missing.
+            ValueError: shapes that do not match, timesteps out of the schedule.
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"Diffusion reads dicts with the columns {list(RESERVED_KEYS[:3])}, got a "
+                f"{type(batch).__name__}: build them with DiffusionTrainingExamples (training "
+                "set) and DiffusionTargets (targets)"
+            )
+        missing = [key for key in RESERVED_KEYS[:3] if key not in batch]
+        if missing:
+            raise KeyError(
+                f"Diffusion needs the column(s) {missing}; the batch has {sorted(batch)}. "
+                "DiffusionTrainingExamples and DiffusionTargets build complete batches"
+            )
+        if not torch.is_tensor(batch[IMAGE_KEY]) or not batch[IMAGE_KEY].is_floating_point():
+            raise TypeError(f"{IMAGE_KEY!r} must be a floating tensor of clean images (or latents)")
+        checked = cast_columns(batch, model_dtype(model), keep=(TIMESTEPS_KEY,))
+        timesteps = integer_values(
+            batch[TIMESTEPS_KEY], f"the {TIMESTEPS_KEY!r}", "timesteps index the noise schedule"
+        )
+        checked[TIMESTEPS_KEY] = timesteps
+        _draw_shapes(checked)
+        outside = (timesteps < 0) | (timesteps >= self.num_train_timesteps)
+        if outside.any():
+            raise ValueError(
+                f"the {TIMESTEPS_KEY!r} hold {int(timesteps[outside][0])}, outside the schedule "
+                f"of the scheduler: timesteps are 0 … {self.num_train_timesteps - 1}"
+            )
+        return checked
 
     def out_to_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x0 = batch[IMAGE_KEY]

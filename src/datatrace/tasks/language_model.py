@@ -25,6 +25,13 @@ import torch
 from torch import nn
 
 from datatrace.attributions import Attributions
+from datatrace.tasks._checks import (
+    ID_COLUMNS,
+    cast_columns,
+    check_id_columns,
+    integer_values,
+    run_on_first_example,
+)
 from datatrace.tasks._inputs import (
     BIDIRECTIONAL_MASKS,
     call_model,
@@ -128,6 +135,57 @@ class _LanguageModel(Task):
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return sequence_output(*self.token_margins(model, batch))
+
+    def check_batch(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """The batch checked (see :meth:`Task.check_batch`): ``labels`` ``(batch_size,
+        seq_len)`` integers, each ``ignore_index`` or a token id below the vocabulary size (the
+        last dimension of the logits of one forward pass of the first sequence, which also shows
+        whether the inputs fit the model); id columns non-negative integers; other floating
+        columns in the model's dtype."""
+        name = type(self).__name__
+        batch = check_columns(batch, [self.label_key], name)
+        what = f"the labels (column {self.label_key!r})"
+        keep = (self.label_key, self.position_key, *self.ignore)
+        checked = cast_columns(batch, model_dtype(model), keep=keep)
+        checked.update(check_id_columns(checked, (*ID_COLUMNS, self.position_key)))
+        hint = f"labels are token ids (or {self.ignore_index} where a token is not attributed)"
+        labels = integer_values(batch[self.label_key], what, hint)
+        checked[self.label_key] = labels
+        if labels.dim() != 2:
+            raise ValueError(
+                f"{what} have shape {tuple(labels.shape)}: {name} takes (batch_size, seq_len) "
+                "token ids, one row per sequence"
+            )
+        input_ids = checked.get("input_ids")
+        if self.label_shift and input_ids is not None and input_ids.shape != labels.shape:
+            raise ValueError(
+                f"{what} have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}: "
+                f"{name} reads labels[t] as the token at position t of input_ids (the model "
+                "shifts them), so both have one entry per position; causal_lm_examples builds "
+                "them"
+            )
+        attributed = labels != self.ignore_index
+        negative = attributed & (labels < 0)
+        if negative.any():
+            raise ValueError(
+                f"{what} hold {int(labels[negative][0])}, neither a token id nor ignore_index "
+                f"({self.ignore_index}): mark the tokens that are not attributed (prompt, "
+                "padding) with ignore_index"
+            )
+        # The probe needs no labels (a seq2seq decoder reads them): none, so that labels out of
+        # range reach the check below rather than the model.
+        probe = {key: value for key, value in checked.items() if key != self.position_key}
+        probe[self.label_key] = torch.full_like(labels, self.ignore_index)
+        logits, _ = run_on_first_example(model, self._aligned, probe, name)
+        vocab_size = logits.shape[-1]
+        too_large = attributed & (labels >= vocab_size)
+        if too_large.any():
+            raise ValueError(
+                f"{what} hold the token id {int(labels[too_large][0])}, out of range: the "
+                f"model's logits cover {vocab_size} tokens (ids 0 … {vocab_size - 1}). Use "
+                "the model's own tokenizer"
+            )
+        return checked
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return sequence_out_to_loss(*self.token_margins(model, batch))

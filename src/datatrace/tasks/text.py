@@ -8,6 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace.data import batch_size_of
+from datatrace.tasks._checks import (
+    cast_columns,
+    check_id_columns,
+    check_label_range,
+    class_labels,
+    run_on_first_example,
+)
 from datatrace.tasks._inputs import (
     BIDIRECTIONAL_MASKS,
     call_model,
@@ -71,6 +79,23 @@ class TextClassification(Task):
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
+
+    def check_batch(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """The batch checked (see :meth:`Task.check_batch`): the label column ``(batch_size,)``
+        integers in ``0 … n_classes − 1`` (one forward pass of the first example gives
+        ``n_classes``), id columns (``input_ids``, ...) non-negative integers, other floating
+        columns in the model's dtype."""
+        batch = check_columns(batch, [self.label_key], type(self).__name__)
+        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, *self.ignore)}
+        n_rows = batch_size_of(inputs) if inputs else None
+        checked = cast_columns(batch, model_dtype(model), keep=(self.label_key, *self.ignore))
+        checked.update(check_id_columns(checked))
+        what = f"the labels (column {self.label_key!r})"
+        labels = class_labels(batch[self.label_key], n_rows, what)
+        checked[self.label_key] = labels
+        logits = run_on_first_example(model, self.logits, checked, type(self).__name__)
+        check_label_range(labels, logits.shape[-1], what)
+        return checked
 
     def config(self) -> dict[str, Any]:
         return {
