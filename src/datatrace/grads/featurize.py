@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,16 +18,50 @@ from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
 from datatrace.grads.projectors import Projector, derive_seed
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.progress import progress_bar
-from datatrace.store import CheckpointFeatures, Store
+from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
 from datatrace.store.provenance import (
     architecture_fingerprint,
     batch_fingerprint,
+    example_fingerprints,
     tensors_fingerprint,
 )
 from datatrace.tasks.base import Task
 
-# Training examples whose values are hashed into the provenance to recognise the training set.
+# Training examples whose values are hashed into the provenance to recognise the training set
+# at once; every example is also hashed into its chunk (example_fingerprints) as it is featurized.
 FINGERPRINT_EXAMPLES = 16
+# Offending examples named in a NonFiniteError (the count is always given).
+SHOWN_EXAMPLES = 10
+
+
+class NonFiniteError(ValueError):
+    """Gradients or out-to-loss weights that are NaN or infinite: nothing of them was stored."""
+
+
+def check_finite(
+    features: torch.Tensor, out_to_loss: torch.Tensor, first: int, what: str, where: str
+) -> None:
+    """Raise :class:`NonFiniteError` naming the examples whose features or ``Q`` are not
+    finite; ``first`` is the index of the first row, ``what`` names the examples."""
+    bad_features = ~torch.isfinite(features).all(dim=1)
+    bad = bad_features | ~torch.isfinite(out_to_loss)
+    if not bad.any():
+        return
+    rows = (torch.nonzero(bad).flatten() + first).tolist()
+    shown = ", ".join(map(str, rows[:SHOWN_EXAMPLES])) + (
+        ", ..." if len(rows) > SHOWN_EXAMPLES else ""
+    )
+    kinds = []
+    if bad_features.any():
+        kinds.append("projected gradients")
+    if (~torch.isfinite(out_to_loss)).any():
+        kinds.append("out-to-loss weights Q")
+    raise NonFiniteError(
+        f"the {' and '.join(kinds)} of {len(rows)} {what} are NaN or infinite {where}: "
+        f"{what} {shown}. The model's output (or loss) is not finite there; nothing of them was "
+        "stored. Fix the model or those examples (e.g. an overflow in float16, a log of 0, a "
+        "division by zero in the task) and run again: what is already stored is kept."
+    )
 
 
 def default_device(model: nn.Module) -> torch.device:
@@ -34,6 +69,42 @@ def default_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def check_training_examples(
+    train: Examples, features: CheckpointFeatures, checked: set[int], where: str
+) -> None:
+    """Refuse a store whose finished chunks were featurized from other training examples.
+
+    Each finished chunk keeps a hash of each of its examples, written when it was featurized.
+    The chunks of ``features`` that are finished and not in ``checked`` are read now (read, not
+    featurized), hashed and compared; the first example that differs is named. ``checked``
+    collects the chunks verified (or featurized) in this run, so each is read at most once.
+    Chunks written before these hashes existed are not checked (the provenance's hash of the
+    first examples and the training set's size still are).
+
+    Raises:
+        StoreMismatchError: an example differs; nothing has been written.
+    """
+    done = features.completed()
+    for chunk in range(features.n_chunks):
+        if not done[chunk] or chunk in checked:
+            continue
+        stored = features.example_hashes(chunk)
+        if stored is None:
+            continue
+        start, stop = features.rows(chunk)
+        now = example_fingerprints(train.read(start, stop), stop - start)
+        differs = np.flatnonzero(now != stored)
+        if differs.size:
+            first = start + int(differs[0])
+            raise StoreMismatchError(
+                f"training example {first} differs from the one featurized into the store at "
+                f"{where} ({differs.size} of rows {start}–{stop - 1} differ): this is another "
+                "training set (or another order of it). Use a new store location for it, or pass "
+                "the training data the store was built from."
+            )
+        checked.add(chunk)
 
 
 class GradientFeatures:
@@ -125,9 +196,10 @@ class GradientFeatures:
         self, state: dict[str, torch.Tensor], batch: Any, checkpoint: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(batch_size, k)`` and out-to-loss weights ``(batch_size,)`` of one batch,
-        on the CPU in float32."""
+        on the CPU in float32. The batch is checked first (``Task.check_batch``)."""
         gradients = self.gradients_for(state, checkpoint)
-        batch = batch_to(batch, self.device)
+        # Outside vmap, where bad labels and dtypes can still be named (Task.check_batch).
+        batch = batch_to(self.task.check_batch(self.model, batch), self.device)
         grads = gradients.gradients(state, batch)
         features = self.projector.project(
             [grads[name] for name in self.param_names], self.projection_seed(checkpoint)
@@ -146,6 +218,9 @@ class GradientFeatures:
             for lo in range(0, examples.n, self.batch_size):
                 hi = min(lo + self.batch_size, examples.n)
                 batch_features, batch_weights = self.featurize(state, examples.read(lo, hi), index)
+                check_finite(
+                    batch_features, batch_weights, lo, "examples", f"under checkpoint {index}"
+                )
                 features.append(batch_features)
                 weights.append(batch_weights)
                 advance(hi - lo)
@@ -176,7 +251,7 @@ class GradientFeatures:
         train = Examples(data)
         recorded = store.check_provenance("features", self.provenance(train), adopt=["chunk_rows"])
         chunk_rows = recorded["chunk_rows"]
-        stored = []
+        stored, checked = [], set()
         for index, checkpoint in enumerate(checkpoints):
             state = self.load(checkpoint)
             identity = {
@@ -184,21 +259,35 @@ class GradientFeatures:
                 "projection_seed": self.projection_seed(index),
             }
             features = store.checkpoint_features(index, train.n, self.dim, chunk_rows, identity)
+            check_training_examples(train, features, checked, store.where)
             pending = features.pending(shard)
             rows = sum(stop - start for start, stop in map(features.rows, pending))
             description = f"checkpoint {index + 1}/{len(checkpoints)}"
             with progress_bar(rows, description, self.progress) as advance:
                 for chunk in pending:
                     start, stop = features.rows(chunk)
-                    parts = [
-                        self.featurize(state, batch, index)
-                        for batch in train.batches(start, stop, self.batch_size)
+                    bounds = [
+                        (lo, min(lo + self.batch_size, stop))
+                        for lo in range(start, stop, self.batch_size)
                     ]
-                    features.write(
-                        chunk,
-                        torch.cat([p[0] for p in parts]).numpy(),
-                        torch.cat([p[1] for p in parts]).numpy(),
+                    batches = [train.read(lo, hi) for lo, hi in bounds]
+                    parts = [self.featurize(state, batch, index) for batch in batches]
+                    chunk_features = torch.cat([p[0] for p in parts])
+                    chunk_weights = torch.cat([p[1] for p in parts])
+                    check_finite(
+                        chunk_features, chunk_weights, start, "training examples",
+                        f"under checkpoint {index}",
+                    )  # fmt: skip
+                    hashes = np.concatenate(
+                        [
+                            example_fingerprints(batch, hi - lo)
+                            for batch, (lo, hi) in zip(batches, bounds)
+                        ]
                     )
+                    features.write(
+                        chunk, chunk_features.numpy(), chunk_weights.numpy(), example_hashes=hashes
+                    )
+                    checked.add(chunk)
                     advance(stop - start)
             stored.append(features)
         self._prepared = None

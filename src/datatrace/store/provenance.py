@@ -71,6 +71,52 @@ def batch_fingerprint(batch: Any) -> str:
     return _digest(update)
 
 
+def example_fingerprints(batch: Any, n_rows: int) -> np.ndarray:
+    """A 64-bit hash of each example (row) of a batch: its slice of every tensor, with shapes and
+    dtypes, in a fixed order of the batch's keys. ``(n_rows,)`` uint64.
+
+    Computed while a chunk is featurized and stored with it, so that a later run on the same
+    store can tell which example, if any, differs from the one that was featurized.
+    """
+    hashers = [hashlib.blake2b(digest_size=8) for _ in range(n_rows)]
+
+    def visit(value):
+        if isinstance(value, np.ndarray):
+            value = torch.as_tensor(value)
+        if torch.is_tensor(value):
+            tensor = value.detach().cpu().contiguous()
+            if tensor.ndim == 0 or len(tensor) != n_rows:
+                raise ValueError(
+                    f"a batch column of shape {tuple(tensor.shape)} does not have one row per "
+                    f"example ({n_rows})"
+                )
+            header = f"{tuple(tensor.shape[1:])}:{tensor.dtype};".encode()
+            rows = tensor.reshape(n_rows, -1).view(torch.uint8).numpy()
+            for hasher, row in zip(hashers, rows):
+                hasher.update(header)
+                hasher.update(row.tobytes())
+        elif isinstance(value, Mapping):
+            for key in sorted(value):
+                for hasher in hashers:
+                    hasher.update(str(key).encode())
+                visit(value[key])
+        elif isinstance(value, (tuple, list)) and all(
+            torch.is_tensor(item) or isinstance(item, (np.ndarray, Mapping, tuple, list))
+            for item in value
+        ):  # columns of the batch
+            for item in value:
+                visit(item)
+        elif isinstance(value, (tuple, list)) and len(value) == n_rows:  # one entry per example
+            for hasher, item in zip(hashers, value):
+                hasher.update(repr(item).encode())
+        else:
+            for hasher in hashers:
+                hasher.update(repr(value).encode())
+
+    visit(batch)
+    return np.array([int.from_bytes(h.digest(), "little") for h in hashers], dtype=np.uint64)
+
+
 def json_normalise(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(value))
