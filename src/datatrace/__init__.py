@@ -2,106 +2,86 @@
 
 The public API is listed in ``__all__``; everything else is reachable through the subpackages
 (``datatrace.tasks``, ``datatrace.grads``, ``datatrace.store``, ``datatrace.subsets``,
-``datatrace.diffusion``). Optional dependencies (transformers, diffusers, Ray) are imported only
-by the pieces that need them.
+``datatrace.diffusion``).
+
+``import datatrace`` imports nothing heavy: each public name is imported from its module the
+first time it is used (``datatrace.TRAK`` imports torch, zarr and the TRAK module then), so that
+the ``datatrace`` command starts quickly and optional dependencies (transformers, diffusers, Ray,
+matplotlib) are imported only by the pieces that need them.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from datatrace.attributions import Attributions, Ranking
-from datatrace.baselines import GradientCosine, GradientDot, RepresentationSimilarity
-from datatrace.counterfactual import (
-    BrittlenessResult,
-    CounterfactualResult,
-    brittleness,
-    counterfactual_removal,
-)
-from datatrace.datamodels import Datamodels
-from datatrace.evaluate import LDSResult, lds, predict_outputs
-from datatrace.kernel import DEFAULT_DAMPING, SingularKernelWarning
-from datatrace.lasso import LassoConvergenceWarning
-from datatrace.modeldiff import DirectionCheck, ModelDiff, verify_direction
-from datatrace.store import Store, StoreMismatchError
-from datatrace.subsets import (
-    LocalBackend,
-    RayBackend,
-    SubsetExperiment,
-    SubsetResults,
-    random_masks,
-)
-from datatrace.tasks import (
-    CausalLM,
-    Classification,
-    CLIPContrastive,
-    CLIPNegatives,
-    Diffusion,
-    Seq2SeqLM,
-    Task,
-    TextClassification,
-)
-from datatrace.trak import TRAK
-from datatrace.tuning import DampingSelection, select_damping
-from datatrace.unlearning import (
-    GradientAscentSettings,
-    MatchingSettings,
-    RetainFinetuneSettings,
-    datamodel_matching,
-    gradient_ascent,
-    klom,
-    oracle_matching,
-    retain_finetune,
-)
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("datatrace")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0+unknown"
 
-__all__ = [
-    "DEFAULT_DAMPING",
-    "TRAK",
-    "Attributions",
-    "BrittlenessResult",
-    "CLIPContrastive",
-    "CLIPNegatives",
-    "CausalLM",
-    "Classification",
-    "CounterfactualResult",
-    "DampingSelection",
-    "Datamodels",
-    "Diffusion",
-    "DirectionCheck",
-    "GradientAscentSettings",
-    "GradientCosine",
-    "GradientDot",
-    "LDSResult",
-    "LassoConvergenceWarning",
-    "LocalBackend",
-    "MatchingSettings",
-    "ModelDiff",
-    "Ranking",
-    "RayBackend",
-    "RepresentationSimilarity",
-    "RetainFinetuneSettings",
-    "Seq2SeqLM",
-    "SingularKernelWarning",
-    "Store",
-    "StoreMismatchError",
-    "SubsetExperiment",
-    "SubsetResults",
-    "Task",
-    "TextClassification",
-    "__version__",
-    "brittleness",
-    "counterfactual_removal",
-    "datamodel_matching",
-    "gradient_ascent",
-    "klom",
-    "lds",
-    "oracle_matching",
-    "predict_outputs",
-    "random_masks",
-    "retain_finetune",
-    "select_damping",
-    "verify_direction",
-]
+# Public name → the module that defines it.
+_EXPORTS = {
+    "DEFAULT_DAMPING": "datatrace.kernel",
+    "TRAK": "datatrace.trak",
+    "Attributions": "datatrace.attributions",
+    "BrittlenessResult": "datatrace.counterfactual",
+    "CLIPContrastive": "datatrace.tasks",
+    "CLIPNegatives": "datatrace.tasks",
+    "CausalLM": "datatrace.tasks",
+    "Classification": "datatrace.tasks",
+    "CounterfactualResult": "datatrace.counterfactual",
+    "DampingSelection": "datatrace.tuning",
+    "Datamodels": "datatrace.datamodels",
+    "Diffusion": "datatrace.tasks",
+    "DirectionCheck": "datatrace.modeldiff",
+    "GradientAscentSettings": "datatrace.unlearning",
+    "GradientCosine": "datatrace.baselines",
+    "GradientDot": "datatrace.baselines",
+    "LDSResult": "datatrace.evaluate",
+    "LassoConvergenceWarning": "datatrace.lasso",
+    "LocalBackend": "datatrace.subsets",
+    "MatchingSettings": "datatrace.unlearning",
+    "ModelDiff": "datatrace.modeldiff",
+    "Ranking": "datatrace.attributions",
+    "RayBackend": "datatrace.subsets",
+    "RepresentationSimilarity": "datatrace.baselines",
+    "RetainFinetuneSettings": "datatrace.unlearning",
+    "Seq2SeqLM": "datatrace.tasks",
+    "SingularKernelWarning": "datatrace.kernel",
+    "Store": "datatrace.store",
+    "StoreMismatchError": "datatrace.store",
+    "SubsetExperiment": "datatrace.subsets",
+    "SubsetResults": "datatrace.subsets",
+    "Task": "datatrace.tasks",
+    "TextClassification": "datatrace.tasks",
+    "brittleness": "datatrace.counterfactual",
+    "counterfactual_removal": "datatrace.counterfactual",
+    "datamodel_matching": "datatrace.unlearning",
+    "gradient_ascent": "datatrace.unlearning",
+    "klom": "datatrace.unlearning",
+    "lds": "datatrace.evaluate",
+    "oracle_matching": "datatrace.unlearning",
+    "predict_outputs": "datatrace.evaluate",
+    "random_masks": "datatrace.subsets",
+    "retain_finetune": "datatrace.unlearning",
+    "select_damping": "datatrace.tuning",
+    "verify_direction": "datatrace.modeldiff",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (and keep it here)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'datatrace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

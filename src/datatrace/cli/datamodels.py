@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
 import typer
 from rich.markup import escape
 
-from datatrace.cli.app import app, console, error_console, user_errors
+from datatrace.cli.app import app, console, error_console, open_store, user_errors
 from datatrace.datamodels import Datamodels
 from datatrace.evaluate import lds as linear_datamodeling_score
-from datatrace.store import Store
+
+if TYPE_CHECKING:
+    from datatrace.store import Store
 
 datamodels_app = typer.Typer(
     help="Datamodels: sparse linear models of each target's output on subset masks.",
@@ -126,7 +128,7 @@ def fit(
     """
     with user_errors(context):
         _set_threads(threads)
-        opened = Store(store)
+        opened = open_store(store, read_only=False)  # refuses a path with no store
         masks, outputs = read_subsets(opened, subsets)
         estimator = Datamodels(
             l1_path_steps=l1_path_steps,
@@ -185,7 +187,7 @@ def lds_command(
 ) -> None:
     """Linear datamodeling score of saved attributions against a subset experiment."""
     with user_errors(context):
-        opened = Store(store)
+        opened = open_store(store)
         attributions = opened.load_attributions(scores)
         masks, outputs = read_subsets(opened, subsets)
         if attributions.info.get("subsets") == subsets:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from datatrace.cli.app import app, console, user_errors
-from datatrace.store import Store
+from datatrace.cli.app import app, console, open_store, user_errors
+
+if TYPE_CHECKING:
+    from datatrace.store import Store
 
 # Provenance values longer than this are shortened.
 MAX_VALUE_CHARS = 80
-ZARR_METADATA = "zarr.json"
 
 
 @app.command()
@@ -26,7 +27,7 @@ def info(
 ) -> None:
     """Show what a store holds: provenance, featurized checkpoints, saved scores, subsets."""
     with user_errors(context):
-        opened = _open_store(store)
+        opened = open_store(store)
         console.print(
             f"[bold]datatrace store[/] at {escape(opened.where)} · format "
             f"{opened.root.attrs['datatrace'].get('format')}"
@@ -41,23 +42,6 @@ def info(
         beside = Path(store).parent / "config.json"
         if "://" not in store and beside.is_file():
             console.print(f"config beside it: {escape(str(beside))}")
-
-
-def _open_store(location: str) -> Store:
-    """Open a store read-only, with a message that says what is wrong if it is not one."""
-    if "://" not in location:
-        path = Path(location)
-        if not path.exists():
-            raise FileNotFoundError(f"no datatrace store at {location}: the path does not exist")
-        if not (path / ZARR_METADATA).is_file():
-            hint = ""
-            if (path / "store" / ZARR_METADATA).is_file():
-                hint = f" (did you mean {path / 'store'}?)"
-            raise FileNotFoundError(f"{location} is not a datatrace store{hint}")
-    store = Store(location, read_only=True)
-    if "datatrace" not in store.root.attrs:
-        raise ValueError(f"{location} is a Zarr group but not a datatrace store")
-    return store
 
 
 def _provenance_table(store: Store) -> Table:

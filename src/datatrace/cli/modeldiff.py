@@ -12,9 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace.cli.app import app, console, user_errors
+from datatrace.cli.app import app, console, open_store, user_errors
 from datatrace.modeldiff import A_VS_B, B_VS_A, OUT_TO_LOSS_SPREAD_LIMIT, RANK_BY, ModelDiff
-from datatrace.store import Store
 
 STORE_HELP = "A datatrace store holding both attributions: a directory or an fsspec URL."
 DEFAULTS = ModelDiff()
@@ -120,7 +119,7 @@ def modeldiff_command(
                 f"--divide-out-to-loss must be {', '.join(DIVIDE_OUT_TO_LOSS_CHOICES)}, got "
                 f"{divide_out_to_loss!r}"
             )
-        opened = Store(store, read_only=True)
+        opened = open_store(store)
         attributions_a = opened.load_attributions(a)
         attributions_b = opened.load_attributions(b)
         diff = ModelDiff(

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from datatrace.cli.app import app, console, user_errors
+from datatrace.cli.app import app, console, open_store, user_errors
 
 subsets_app = typer.Typer(
     help="Subset experiments: train models on random subsets of the training set.",
@@ -93,11 +93,10 @@ def status(
     ] = None,
 ) -> None:
     """Show the rows of a subset experiment: finished, claimed by runners, stale claims."""
-    from datatrace.cli.info import _open_store
     from datatrace.subsets import SubsetExperiment, list_experiments
 
     with user_errors(context):
-        opened = _open_store(store)
+        opened = open_store(store)
         if name is None:
             names = list_experiments(opened)
             console.print(f"subset experiments in {opened.where}: {', '.join(names) or 'none'}")

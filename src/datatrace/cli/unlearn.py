@@ -14,8 +14,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace.cli.app import app, console, user_errors
+from datatrace.cli.app import app, console, open_store, user_errors
 from datatrace.cli.modeldiff import read_array
+from datatrace.tasks import Classification
 from datatrace.unlearning import (
     KLOM_BINS,
     KLOM_CLIP,
@@ -186,15 +187,15 @@ def unlearn_command(
         forget_indices = read_array(forget, "forget indices")
         point_indices = read_array(points, "points")
         trained = load_model(model, model_kwargs, checkpoint)
+        # Labels of the wrong shape, range or type get a clear error before any training.
+        train_data = Classification().check_batch(trained, train_data)
         function = METHODS[method][0]
         extra: tuple[Any, ...] = ()
         keywords: dict[str, Any] = {}
         if method == "datamodel-matching":
             if store is None or attributions is None:
                 raise ValueError("datamodel-matching needs --store and --attributions")
-            from datatrace.store import Store
-
-            extra = (Store(store, read_only=True).load_attributions(attributions),)
+            extra = (open_store(store).load_attributions(attributions),)
             keywords["points"] = point_indices
         elif method == "oracle-matching":
             if oracle_logits is None:
