@@ -49,6 +49,12 @@ def test_bad_inputs_are_refused():
         Examples(42)
     with pytest.raises(IndexError):
         Examples((X, Y)).read(5, 11)
+    with pytest.raises(ValueError, match="column 1 of the data is a single number"):
+        Examples((X, torch.tensor(3)))
+    with pytest.raises(ValueError, match="column 'labels' is a single number"):
+        Examples({"input_ids": X, "labels": torch.tensor(3)})
+    with pytest.raises(TypeError, match="column 1 of the data holds <U1 values, not numbers"):
+        Examples((X, np.array(list("abcdefghij"))))
 
 
 def test_map_tensors_keeps_structure():

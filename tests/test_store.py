@@ -32,19 +32,25 @@ def done_chunks(path: Path) -> int:
         return 0
 
 
-def test_killed_featurization_resumes_to_identical_scores(tmp_path, monkeypatch):
+# Finished chunks (of 24: 12 per checkpoint) after which the featurizing process is killed: the
+# first chunk, inside and at the end of the first checkpoint, late in the second.
+KILL_AFTER = (1, 6, 12, 20)
+
+
+@pytest.mark.parametrize("kill_after", KILL_AFTER)
+def test_killed_featurization_resumes_to_identical_scores(tmp_path, monkeypatch, kill_after):
     store = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, str(TESTS / "_featurize_worker.py"), str(store), "0.004"], cwd=TESTS
     )
     total = 2 * worker.N_TRAIN // worker.CHUNK
     deadline = time.time() + 120
-    while done_chunks(store) < 5 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while done_chunks(store) < kill_after and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     finished_before = done_chunks(store)
-    assert 5 <= finished_before < total, "the run must be killed midway"
+    assert kill_after <= finished_before < total, "the run must be killed midway"
 
     computed = []
     original = GradientFeatures.featurize

@@ -12,7 +12,7 @@ from torch import nn
 
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint
-from datatrace.grads.featurize import GradientFeatures
+from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
 from datatrace.grads.projectors import (
     DenseProjector,
     IdentityProjector,
@@ -22,6 +22,7 @@ from datatrace.grads.projectors import (
 )
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
 from datatrace.store.provenance import json_normalise, tensors_fingerprint
+from datatrace.tasks._checks import examples_from
 from datatrace.tasks.base import Task
 
 # The keys of the features' provenance that describe the model and the method (the others
@@ -106,7 +107,11 @@ def checked_examples(
                 "the training set is empty (0 examples): fit needs at least one training example"
             )
         raise ValueError("no targets: the targets hold 0 examples; score needs at least one")
-    task.check_batch(model, examples.read(0, min(examples.n, batch_size)))
+    # At least the examples the provenance fingerprints, so that a bad one among them is refused
+    # before the store records it (and would then refuse the corrected data).
+    first = examples.read(0, min(examples.n, max(batch_size, FINGERPRINT_EXAMPLES)))
+    with examples_from(0):
+        task.check_batch(model, first)
     return examples
 
 

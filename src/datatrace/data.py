@@ -21,6 +21,24 @@ DataLike = Any
 with labels)."""
 
 
+def _column(name: int | str, value: Any) -> torch.Tensor:
+    """One column of the data as a tensor with the examples along dim 0, or a clear error."""
+    what = f"column {name!r}" if isinstance(name, str) else f"column {name} of the data"
+    if not torch.is_tensor(value):
+        array = np.asarray(value)
+        if array.dtype.kind not in "biufc":
+            raise TypeError(
+                f"{what} holds {array.dtype} values, not numbers: pass tensors or numeric arrays "
+                "(tokenize texts, encode labels as integer classes)"
+            )
+        value = torch.as_tensor(array)
+    if value.dim() == 0:
+        raise ValueError(
+            f"{what} is a single number (a 0-d tensor): pass one row per example, e.g. shape (n,)"
+        )
+    return value
+
+
 class Examples:
     """A fixed, ordered collection of examples that can be read in index ranges.
 
@@ -52,8 +70,9 @@ class Examples:
             )
 
     def _init_columns(self, columns: list | dict) -> None:
+        names = list(columns) if isinstance(columns, dict) else list(range(len(columns)))
         values = list(columns.values()) if isinstance(columns, dict) else columns
-        values = [torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for v in values]
+        values = [_column(name, value) for name, value in zip(names, values)]
         lengths = {len(v) for v in values}
         if len(lengths) != 1:
             raise ValueError(

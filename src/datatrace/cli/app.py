@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 # Exceptions that describe a mistake in what the user asked for, not a bug: shown as a message.
 # A StoreMismatchError is a ValueError (imported here, it would load zarr on every start).
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError)
+# TypeError: the data has the wrong type (Task.check_batch); --traceback shows where it came from.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError)
 # Modules of this package that register no command.
 NOT_COMMANDS = ("app",)
 

@@ -36,7 +36,12 @@ def read_array(path: Path | None, what: str) -> np.ndarray | None:
         raise FileNotFoundError(f"no {what} file at {path}")
     if path.suffix != ".npy":
         raise ValueError(f"{what} must be a .npy file (numpy.save), got {path.name}")
-    return np.load(path, allow_pickle=False)
+    array = np.load(path, allow_pickle=False)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"the {what} in {path} are {array.dtype} values: save numbers (integers or floats)"
+        )
+    return array
 
 
 def read_texts(path: Path | None) -> list[str] | None:

@@ -17,6 +17,7 @@ from rich.table import Table
 from datatrace.cli.app import app, console, open_store, user_errors
 from datatrace.cli.modeldiff import read_array
 from datatrace.tasks import Classification
+from datatrace.tasks._checks import examples_from
 from datatrace.unlearning import (
     KLOM_BINS,
     KLOM_CLIP,
@@ -188,7 +189,8 @@ def unlearn_command(
         point_indices = read_array(points, "points")
         trained = load_model(model, model_kwargs, checkpoint)
         # Labels of the wrong shape, range or type get a clear error before any training.
-        train_data = Classification().check_batch(trained, train_data)
+        with examples_from(0):
+            train_data = Classification().check_batch(trained, train_data)
         function = METHODS[method][0]
         extra: tuple[Any, ...] = ()
         keywords: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from datatrace.store.provenance import (
     example_fingerprints,
     tensors_fingerprint,
 )
+from datatrace.tasks._checks import examples_from
 from datatrace.tasks.base import Task
 
 # Training examples whose values are hashed into the provenance to recognise the training set
@@ -217,7 +218,10 @@ class GradientFeatures:
         with progress_bar(examples.n, description, self.progress) as advance:
             for lo in range(0, examples.n, self.batch_size):
                 hi = min(lo + self.batch_size, examples.n)
-                batch_features, batch_weights = self.featurize(state, examples.read(lo, hi), index)
+                with examples_from(lo):
+                    batch_features, batch_weights = self.featurize(
+                        state, examples.read(lo, hi), index
+                    )
                 check_finite(
                     batch_features, batch_weights, lo, "examples", f"under checkpoint {index}"
                 )
@@ -271,7 +275,10 @@ class GradientFeatures:
                         for lo in range(start, stop, self.batch_size)
                     ]
                     batches = [train.read(lo, hi) for lo, hi in bounds]
-                    parts = [self.featurize(state, batch, index) for batch in batches]
+                    parts = []
+                    for batch, (lo, _) in zip(batches, bounds):
+                        with examples_from(lo):
+                            parts.append(self.featurize(state, batch, index))
                     chunk_features = torch.cat([p[0] for p in parts])
                     chunk_weights = torch.cat([p[1] for p in parts])
                     check_finite(

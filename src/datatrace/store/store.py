@@ -37,7 +37,6 @@ import numpy as np
 import zarr
 import zarr.errors
 import zarr.storage
-from zarr.core.sync import sync
 
 from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
 from datatrace.store.provenance import json_normalise
@@ -89,8 +88,14 @@ def check_store_directory(path: Path, read_only: bool) -> None:
         return
     metadata = path / ZARR_METADATA
     if metadata.is_file():
-        root = json.loads(metadata.read_text())
-        ours = "datatrace" in root.get("attributes", {})
+        try:
+            root = json.loads(metadata.read_bytes())
+        except ValueError:  # not JSON, or not UTF-8: not a Zarr group's metadata
+            root = {}
+        if not isinstance(root, dict):
+            root = {}
+        attributes = root.get("attributes")
+        ours = isinstance(attributes, dict) and "datatrace" in attributes
         # A group without attributes yet is a store another process is creating this moment.
         if root.get("node_type") == "group" and (ours or entries == [ZARR_METADATA]):
             return
@@ -180,7 +185,11 @@ class Store:
         provenance = json_normalise(provenance)
         recorded = self.provenance(section)
         if recorded is None:
-            self.root.require_group(section).attrs["provenance"] = provenance
+            try:
+                group = self.root.require_group(section)
+            except zarr.errors.ContainsGroupError:  # another process created it at the same moment
+                group = self.root[section]
+            group.attrs["provenance"] = provenance
             return provenance
         adopted = {**provenance, **{key: recorded[key] for key in adopt if key in recorded}}
         differences = [
@@ -301,22 +310,24 @@ class CheckpointFeatures:
         self.chunk_rows = chunk_rows
         self.n_chunks = -(-n_rows // chunk_rows)
         path = f"features/{checkpoint}"
-        if path in store.root:
-            group = store.root[path]
-            recorded = dict(group.attrs.get("identity", {}))
-            if recorded != attrs:
-                differences = [
-                    f"  {key}: stored {recorded.get(key)!r}, now {attrs.get(key)!r}"
-                    for key in sorted(set(recorded) | set(attrs))
-                    if recorded.get(key) != attrs.get(key)
-                ]
-                raise StoreMismatchError(
-                    f"checkpoint {checkpoint} in the store at {store.where} was featurized "
-                    "differently:\n" + "\n".join(differences) + "\nPass the same checkpoints "
-                    "in the same order, or use a new store location."
-                )
-        else:
-            group = store.root.create_group(path, attributes={"identity": attrs})
+        if path not in store.root:
+            try:
+                store.root.create_group(path, attributes={"identity": attrs})
+            except zarr.errors.ContainsGroupError:
+                pass  # another process created it at the same moment: checked as any other
+        group = store.root[path]
+        recorded = dict(group.attrs.get("identity", {}))
+        if recorded != attrs:
+            differences = [
+                f"  {key}: stored {recorded.get(key)!r}, now {attrs.get(key)!r}"
+                for key in sorted(set(recorded) | set(attrs))
+                if recorded.get(key) != attrs.get(key)
+            ]
+            raise StoreMismatchError(
+                f"checkpoint {checkpoint} in the store at {store.where} was featurized "
+                "differently:\n" + "\n".join(differences) + "\nPass the same checkpoints "
+                "in the same order, or use a new store location."
+            )
         self.group = group
         self.features = self._array("features", (n_rows, dim), (chunk_rows, dim), "float32")
         self.out_to_loss = self._array("out_to_loss", (n_rows,), (chunk_rows,), "float32")
@@ -364,20 +375,11 @@ class CheckpointFeatures:
         for array in (self.features, self.out_to_loss):
             if not array.stores_every_chunk:
                 continue  # written before every chunk was stored: absent may mean all zero
-            present = self._present_chunks(array)
+            present = array.present_rows()
             for chunk in np.flatnonzero(done):
                 if int(chunk) not in present:
                     array.read(slice(*self.rows(int(chunk))))  # raises, naming the chunk
         return done
-
-    def _present_chunks(self, array: CheckedArray) -> set[int]:
-        """Row chunks of ``array`` whose objects exist (one listing)."""
-        prefix = f"{array.path}/c/"
-
-        async def collect() -> list[str]:
-            return [key async for key in self.store.zarr_store.list_prefix(prefix)]
-
-        return {int(key[len(prefix) :].split("/")[0]) for key in sync(collect())}
 
     def pending(self, shard: tuple[int, int] | None = None) -> list[int]:
         """Row chunks still to compute, restricted to shard ``(index, count)`` if given."""
@@ -422,15 +424,16 @@ class CheckpointFeatures:
                     "example_hash", (self.n_rows,), (self.chunk_rows,), "uint64"
                 )
             self.example_hash[start:stop] = example_hashes.astype(np.uint64)
-        self.done[chunk] = 1
+        self.done.set_mark(chunk)
 
     def example_hashes(self, chunk: int) -> np.ndarray | None:
         """The ``(rows_in_chunk,)`` uint64 hashes of ``chunk``'s examples written with it, or
         ``None`` where there are none: a store written before hashes were kept has no
-        ``example_hash`` array, and a chunk written without hashes has no object in it.
+        ``example_hash`` array (nor checksums), and a chunk not yet written has no object in it.
 
         Raises:
-            StoreCorruptionError: the chunk's hashes are damaged.
+            StoreCorruptionError: the chunk's hashes are damaged, or lost from a chunk marked
+                done (featurization writes them with every chunk).
         """
         if self.example_hash is None:
             if "example_hash" not in self.group:
@@ -441,6 +444,9 @@ class CheckpointFeatures:
         start, stop = self.rows(chunk)
         hashes = self.example_hash.read(slice(start, stop), required=False)
         if not hashes.any() and not self.example_hash.has_chunk((chunk,)):
+            if self.example_hash.stores_every_chunk and self.done[chunk]:
+                # Featurization writes the hashes of every chunk it marks done: they are lost.
+                self.example_hash.read(slice(start, stop))  # raises, naming the chunk
             return None
         return hashes
 

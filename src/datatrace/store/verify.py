@@ -15,6 +15,7 @@ is caught only when the compressed stream no longer decodes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,6 +122,21 @@ class CheckedArray:
     def __setitem__(self, selection: Any, values: Any) -> None:
         self.array[selection] = values
 
+    def set_mark(self, index: int) -> None:
+        """Set completion mark ``index`` (of an array of ``marks``, one per chunk) to 1.
+
+        If the write fails (a full disk, any ``OSError``), the mark's object is deleted before
+        the error is raised: where writes are not atomic (fsspec's local filesystem, ``file://``
+        URLs) the failed write may have left a torn object, which would read as damage, so that
+        the next run would stop on it instead of computing the chunk again.
+        """
+        try:
+            self.array[index] = 1
+        except OSError:
+            with contextlib.suppress(OSError):  # the error raised is the write's
+                sync(self.array.store.delete(self.key((index,))))
+            raise
+
     def key(self, chunk: tuple[int, ...]) -> str:
         """The store key of the object holding ``chunk``."""
         return f"{self.array.path}/{self.array.metadata.encode_chunk_key(chunk)}".lstrip("/")
@@ -128,6 +144,20 @@ class CheckedArray:
     def has_chunk(self, chunk: tuple[int, ...]) -> bool:
         """Whether the object of ``chunk`` exists."""
         return bool(sync(self.array.store.exists(self.key(chunk))))
+
+    def present_rows(self) -> set[int]:
+        """Indices along the first axis of the chunks whose objects exist (one listing).
+
+        Temporary objects of writes in progress (zarr's local store writes ``<key>.<id>.partial``
+        and then renames it), which another process may be writing this moment, are not chunks.
+        """
+        prefix = f"{self.array.path}/c/".lstrip("/")
+        rows = set()
+        for key in sync(_list(self.array.store, prefix)):
+            coordinates = key[len(prefix) :].split("/")
+            if all(coordinate.isdigit() for coordinate in coordinates):
+                rows.add(int(coordinates[0]))
+        return rows
 
     def read(self, selection: Any = slice(None), required: bool | np.ndarray = True) -> np.ndarray:
         """The values at ``selection``: per axis an integer, a slice, or an integer array (integer
@@ -308,7 +338,7 @@ MARKED_LAYOUTS = (
     MarkedLayout(
         section="features",
         rows=("features", "out_to_loss", "example_hash"),
-        required=("features", "out_to_loss"),
+        required=("features", "out_to_loss", "example_hash"),
         finite=("features", "out_to_loss"),
         derived=("gram", "dual_gram"),
         derived_attrs=("gram_complete", "dual_gram_complete", "statistics"),

@@ -24,6 +24,7 @@ docs/subsets.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -159,10 +160,19 @@ class RowClaims:
 
     def _put(self, key: str, record: dict[str, Any], exclusive: bool) -> None:
         buffer = self._prototype.buffer.from_bytes(json.dumps(record).encode())
-        if exclusive:
-            sync(self.zarr_store.set_if_not_exists(key, buffer))
-        else:
-            sync(self.zarr_store.set(key, buffer))
+        try:
+            if exclusive:
+                sync(self.zarr_store.set_if_not_exists(key, buffer))
+            else:
+                sync(self.zarr_store.set(key, buffer))
+        except OSError:
+            # Where writes are not atomic, a failed write (a full disk) may leave a torn record:
+            # it reads as nobody's claim, yet its key is taken, so the row could never be
+            # claimed again. A readable record (another runner's) is left alone.
+            with contextlib.suppress(OSError):  # the error raised is the write's
+                if self._get(key) is None:
+                    sync(self.zarr_store.delete(key))
+            raise
 
     def _list(self, prefix: str) -> list[str]:
         async def collect() -> list[str]:

@@ -268,14 +268,7 @@ class SubsetExperiment:
 
     def _written_mask_rows(self) -> set[int]:
         """Rows whose mask chunk exists in the store."""
-        prefix = f"{self.group.path}/masks/c/"
-
-        async def collect() -> list[str]:
-            return [key async for key in self.store.zarr_store.list_prefix(prefix)]
-
-        from zarr.core.sync import sync
-
-        return {int(key[len(prefix) :].split("/")[0]) for key in sync(collect())}
+        return self._array("masks").present_rows()
 
     def _repair_masks(self, explicit: np.ndarray | None) -> None:
         """Write the masks of rows whose mask is missing (a run killed while creating them)."""
@@ -431,9 +424,11 @@ class SubsetExperiment:
             raise ValueError(f"reduce must be 'mean' or None, got {reduce!r}")
         done = self.completed
         rows = np.flatnonzero(done) if complete_only else np.arange(len(done))
-        # Rows are read up to the marks' length: rows appended meanwhile have no mark yet.
+        # Only the rows asked for are read (up to the marks' length: rows appended meanwhile have
+        # no mark yet), so that an unfinished row, perhaps being written or left torn by a failed
+        # write, never stops the finished ones from being read.
         read = {
-            name: self._array(name).read(slice(0, len(done)), required=done)[rows]
+            name: self._array(name).read(rows, required=done)
             for name in ("masks", "outputs", "train_seeds")
         }
         masks, outputs, seeds = read["masks"], read["outputs"], read["train_seeds"]
@@ -451,7 +446,7 @@ class SubsetExperiment:
         arrays = arrays or self.row_arrays()
         arrays["outputs"][row] = outputs
         arrays["train_seeds"][row] = np.asarray(seeds, dtype=np.int64)
-        arrays["done"][row] = 1
+        arrays["done"].set_mark(row)
 
     def row_arrays(self) -> dict[str, CheckedArray]:
         """The arrays a row is read from and written to, opened once (reads checked)."""

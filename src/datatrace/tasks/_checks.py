@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,45 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+# Index in the data of the first example of the batch being checked, where the caller knows it
+# (featurization, the estimators): messages then name examples of the data, not rows of a batch.
+FIRST_EXAMPLE: ContextVar[int | None] = ContextVar("first_example", default=None)
+
+
+@contextmanager
+def examples_from(first: int) -> Iterator[None]:
+    """Within this block, the batches checked start at example ``first`` of the data."""
+    token = FIRST_EXAMPLE.set(first)
+    try:
+        yield
+    finally:
+        FIRST_EXAMPLE.reset(token)
+
+
 def _position(mask: torch.Tensor) -> str:
-    """Where the first ``True`` of ``mask`` is: ``row i`` (1-D) or ``index (i, j, ...)``."""
+    """Where the first ``True`` of ``mask`` is: ``example i`` (1-D) or ``example i at position
+    (j, ...)``, counted in the data when the caller said where the batch starts
+    (:func:`examples_from`); otherwise ``row i of the batch`` or ``index (i, j, ...) of the
+    batch``."""
     flat = int(torch.nonzero(mask.flatten())[0])
     index = [int(i) for i in np.unravel_index(flat, tuple(mask.shape))]
+    first = FIRST_EXAMPLE.get()
+    if first is None:
+        if len(index) == 1:
+            return f"row {index[0]} of the batch"
+        return f"index ({', '.join(map(str, index))}) of the batch"
+    example = f"example {first + index[0]}"
     if len(index) == 1:
-        return f"row {index[0]}"
-    return f"index ({', '.join(map(str, index))})"
+        return example
+    return f"{example} at position ({', '.join(map(str, index[1:]))})"
+
+
+def _shape(shape: tuple[int, ...], per_example: bool) -> str:
+    """``shape`` as text; with ``per_example``, the first dimension as ``n``."""
+    if not per_example or not shape:
+        return str(tuple(shape))
+    rest = "".join(f", {size}" for size in shape[1:])
+    return f"(n{rest})" if shape[1:] else "(n,)"
 
 
 def integer_values(values: Any, what: str, hint: str) -> torch.Tensor:
@@ -93,10 +126,18 @@ def integer_values(values: Any, what: str, hint: str) -> torch.Tensor:
         if not_whole.any():
             raise ValueError(
                 f"{what} are floating point and not whole numbers ("
-                f"{values[not_whole][0].item():g} at {_position(not_whole)}): {hint}"
+                f"{_number(values[not_whole][0])} at {_position(not_whole)}): {hint}"
             )
         return values.long()
     return values
+
+
+def _number(value: torch.Tensor) -> str:
+    """A 0-d floating tensor written in full, as short as its dtype allows: ``:g`` would write
+    3.0000000000000004 (0.1 · 3 · 10) as "3", which reads as a whole number."""
+    if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+        value = value.float()
+    return str(value.cpu().numpy())
 
 
 def _looks_one_hot(labels: torch.Tensor) -> bool:
@@ -116,9 +157,13 @@ def class_labels(labels: Any, n_rows: int | None, what: str = "the labels") -> t
         TypeError: labels that are not a tensor.
     """
     labels = as_tensor(labels, what)
-    shape = tuple(labels.shape)
-    expected = f"one integer class per example, shape ({n_rows if n_rows is not None else 'n'},)"
-    if labels.dim() == 2 and shape[1] == 1:
+    # Where the caller checks a part of the data (examples_from), the batch's length is not the
+    # data's: the shapes are given per example, ``(n, ...)``.
+    per_example = FIRST_EXAMPLE.get() is not None
+    shape = _shape(labels.shape, per_example)
+    rows = "n" if per_example or n_rows is None else n_rows
+    expected = f"one integer class per example, shape ({rows},)"
+    if labels.dim() == 2 and labels.shape[1] == 1:
         raise ValueError(
             f"{what} have shape {shape}: expected {expected}. Squeeze the extra dimension: "
             "labels.squeeze(1) (numpy: labels.ravel())"
@@ -167,14 +212,32 @@ def check_label_range(labels: torch.Tensor, n_classes: int, what: str = "the lab
         )
 
 
+def input_vocab_size(model: nn.Module) -> int | None:
+    """The number of rows of the model's input embedding table (``get_input_embeddings()`` of a
+    Hugging Face model), or ``None`` for a model that does not expose one."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if not callable(get_embeddings):
+        return None
+    try:
+        embeddings = get_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+
+
 def check_id_columns(
-    batch: Mapping[str, Any], columns: Iterable[str] = ID_COLUMNS
+    batch: Mapping[str, Any], columns: Iterable[str] = ID_COLUMNS, vocab_size: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The id columns of ``batch`` that are present, as non-negative integer tensors.
 
+    ``vocab_size`` (see :func:`input_vocab_size`) bounds ``input_ids`` in every row: the probing
+    forward pass sees only the first example, and an id out of range in another one would
+    surface under ``vmap`` as torch's "index out of range in self".
+
     Raises:
         ValueError: ids that are not whole numbers, or negative (padding in ``input_ids`` takes
-            the tokenizer's ``pad_token_id``; only ``labels`` take ``ignore_index``).
+            the tokenizer's ``pad_token_id``; only ``labels`` take ``ignore_index``), or
+            ``input_ids`` not below ``vocab_size``.
     """
     checked = {}
     for name in columns:
@@ -190,6 +253,15 @@ def check_id_columns(
                 f"{_position(negative)}): ids index an embedding table and are ≥ 0. Pad "
                 "input_ids with the tokenizer's pad_token_id; only labels take ignore_index"
             )
+        if name == "input_ids" and vocab_size is not None:
+            too_large = ids >= vocab_size
+            if too_large.any():
+                raise ValueError(
+                    f"the column {name!r} holds the token id {int(ids[too_large][0])} (at "
+                    f"{_position(too_large)}), out of range: the model's input embedding has "
+                    f"{vocab_size} rows (ids 0 … {vocab_size - 1}). Tokenize with the model's "
+                    "own tokenizer (tokens added to it: model.resize_token_embeddings(...))"
+                )
         checked[name] = ids
     return checked
 
@@ -198,8 +270,10 @@ def cast_columns(
     batch: Mapping[str, Any], dtype: torch.dtype, keep: Iterable[str] = ()
 ) -> dict[str, Any]:
     """The columns of ``batch`` with floating tensors in ``dtype`` (see :func:`cast_floating`),
-    except the columns in ``keep``, which are returned as they are."""
-    kept = set(keep)
+    except the columns in ``keep`` and the id columns (:data:`ID_COLUMNS`: ids are checked and
+    made integers by :func:`check_id_columns`, and a cast would round what it checks), which
+    are returned as they are."""
+    kept = {*keep, *ID_COLUMNS}
     return {
         name: value if name in kept else cast_floating(value, dtype, f"the column {name!r}")
         for name, value in batch.items()

@@ -29,6 +29,7 @@ from datatrace.tasks._checks import (
     ID_COLUMNS,
     cast_columns,
     check_id_columns,
+    input_vocab_size,
     integer_values,
     run_on_first_example,
 )
@@ -147,7 +148,8 @@ class _LanguageModel(Task):
         what = f"the labels (column {self.label_key!r})"
         keep = (self.label_key, self.position_key, *self.ignore)
         checked = cast_columns(batch, model_dtype(model), keep=keep)
-        checked.update(check_id_columns(checked, (*ID_COLUMNS, self.position_key)))
+        columns = (*ID_COLUMNS, self.position_key)
+        checked.update(check_id_columns(checked, columns, input_vocab_size(model)))
         hint = f"labels are token ids (or {self.ignore_index} where a token is not attributed)"
         labels = integer_values(batch[self.label_key], what, hint)
         checked[self.label_key] = labels

@@ -14,6 +14,7 @@ from datatrace.tasks._checks import (
     check_id_columns,
     check_label_range,
     class_labels,
+    input_vocab_size,
     run_on_first_example,
 )
 from datatrace.tasks._inputs import (
@@ -89,7 +90,7 @@ class TextClassification(Task):
         inputs = {k: v for k, v in batch.items() if k not in (self.label_key, *self.ignore)}
         n_rows = batch_size_of(inputs) if inputs else None
         checked = cast_columns(batch, model_dtype(model), keep=(self.label_key, *self.ignore))
-        checked.update(check_id_columns(checked))
+        checked.update(check_id_columns(checked, vocab_size=input_vocab_size(model)))
         what = f"the labels (column {self.label_key!r})"
         labels = class_labels(batch[self.label_key], n_rows, what)
         checked[self.label_key] = labels

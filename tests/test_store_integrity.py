@@ -1,0 +1,207 @@
+"""Damaged stores: a deleted, truncated or bit-flipped chunk of every array kind.
+
+Each case copies one complete store (TRAK features and kernel, saved scores, a subset
+experiment), damages one chunk object, and checks four things: using the store either raises a
+:class:`StoreCorruptionError` naming the array and chunk or (a lost completion mark) recomputes
+that chunk; using it wrote nothing (every other object is byte-identical); ``verify_store``
+reports the damage; and after ``repair=True`` the same run gives results identical to the
+undamaged store's. Nothing earlier is lost.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+import datatrace as dt
+from datatrace.store import Store, StoreCorruptionError, verify_store
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _subsets_worker as toy  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_TRAIN, CHUNK, PROJ_DIM = 300, 64, 32
+SCORES = "saved"
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def make_data():
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(N_TRAIN + 10, 8, generator=generator)
+    y = torch.randint(0, 3, (N_TRAIN + 10,), generator=generator)
+    return (X[:N_TRAIN], y[:N_TRAIN]), (X[N_TRAIN:], y[N_TRAIN:])
+
+
+def trak(path) -> dt.TRAK:
+    return dt.TRAK(
+        make_model(),
+        dt.Classification(),
+        proj_dim=PROJ_DIM,
+        store=path,
+        chunk_size=CHUNK,
+        batch_size=50,
+        progress=False,
+    )
+
+
+def use_features(path) -> np.ndarray:
+    train, targets = make_data()
+    return trak(path).fit(train).score(targets).scores
+
+
+def use_scores(path) -> np.ndarray:
+    return Store(path, read_only=True).load_attributions(SCORES).scores
+
+
+def use_subsets(path) -> np.ndarray:
+    model = toy.Additive()
+    experiment = toy.experiment(path)
+    experiment.run(model.train, model.evaluate, progress=False)
+    return experiment.results(reduce=None).outputs
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A complete store and what each use of it gives."""
+    path = tmp_path_factory.mktemp("pristine") / "store"
+    train, targets = make_data()
+    trak(path).fit(train).score(targets, name=SCORES)
+    use_subsets(path)
+    assert verify_store(path).clean
+    return path, {
+        "features": use_features(path),
+        "scores": use_scores(path),
+        "subsets": use_subsets(path),
+    }
+
+
+def objects(path: Path) -> dict[str, bytes]:
+    return {
+        str(file.relative_to(path)): file.read_bytes()
+        for file in sorted(path.rglob("*"))
+        if file.is_file()
+    }
+
+
+def delete(file: Path) -> None:
+    file.unlink()
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def flip_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+DAMAGE = {"deleted": delete, "truncated": truncate, "bit-flipped": flip_bit}
+
+# (array, chunk, the use that reads it) for every kind of stored array.
+ARRAYS = [
+    ("features/0/features", (2, 0), "features"),
+    ("features/0/out_to_loss", (3,), "features"),
+    ("features/0/example_hash", (1,), "features"),
+    ("features/0/done", (2,), "features"),
+    ("features/0/gram", (0, 0), "features"),
+    (f"scores/{SCORES}/scores", (0, 0), "scores"),
+    (f"scores/{SCORES}/out_to_loss", (0,), "scores"),
+    (f"subsets/{toy.NAME}/masks", (5, 0), "subsets"),
+    (f"subsets/{toy.NAME}/outputs", (5, 0, 0), "subsets"),
+    (f"subsets/{toy.NAME}/train_seeds", (5, 0), "subsets"),
+    (f"subsets/{toy.NAME}/done", (5,), "subsets"),
+]
+USES = {"features": use_features, "scores": use_scores, "subsets": use_subsets}
+
+
+def chunk_file(store: Path, array: str, chunk: tuple[int, ...]) -> Path:
+    return store / array / "c" / Path(*map(str, chunk))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize(("array", "chunk", "use"), ARRAYS, ids=[a for a, _, _ in ARRAYS])
+def test_a_damaged_chunk_is_named_nothing_is_lost_and_repair_recomputes_it(
+    pristine, tmp_path, array, chunk, use, damage
+):
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    target = chunk_file(path, array, chunk)
+    assert target.is_file(), f"the layout changed: no object {target}"
+    DAMAGE[damage](target)
+    damaged = objects(path)
+
+    # A lost completion mark only means "not done": that chunk is computed again, the same. A
+    # lost random mask is drawn again from the experiment's seed (as after a killed creation).
+    recomputed = damage == "deleted" and array.endswith(("/done", f"{toy.NAME}/masks"))
+    if recomputed:
+        np.testing.assert_array_equal(USES[use](path), expected[use])
+        assert verify_store(path).clean
+        return
+    with pytest.raises(StoreCorruptionError) as raised:
+        USES[use](path)
+    error = raised.value
+    assert (error.array, error.chunk) == (array, chunk)
+    assert f"chunk {chunk[0] if len(chunk) == 1 else chunk}" in str(error)
+    assert array in str(error) and "datatrace verify" in str(error)
+    assert objects(path) == damaged, "a use of a damaged store wrote to it"
+
+    report = verify_store(path)
+    assert [(p.array, p.chunk) for p in report.problems] == [(array, chunk)]
+    assert objects(path) == damaged, "verify without repair wrote to the store"
+
+    repaired = verify_store(path, repair=True)
+    assert repaired.repaired
+    # What repair drops is recomputed by the next run, and only that: the rest is kept.
+    after = objects(path)
+    kept = {name for name in damaged if name in after}
+    assert all(after[name] == damaged[name] for name in kept if "/c/" in name)
+    if use == "scores":  # saved scores are dropped whole: score again to save them
+        assert f"{SCORES}" not in Store(path, read_only=True).groups("scores")
+        train, targets = make_data()
+        trak(path).fit(train).score(targets, name=SCORES)
+    np.testing.assert_array_equal(USES[use](path), expected[use])
+    assert verify_store(path).clean
+
+
+def test_repair_recomputes_only_the_dropped_feature_chunk(pristine, tmp_path):
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    before = objects(path)
+    flip_bit(chunk_file(path, "features/0/features", (2, 0)))
+    verify_store(path, repair=True)
+    assert zarr.open_group(str(path), mode="r")["features/0/done"][:].tolist() == [1, 1, 0, 1, 1]
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    after = objects(path)
+    for chunk in (0, 1, 3, 4):  # the chunks that were sound are the same objects
+        name = f"features/0/features/c/{chunk}/0"
+        assert after[name] == before[name]
+    assert after["features/0/features/c/2/0"] == before["features/0/features/c/2/0"]
+
+
+def test_verify_reports_non_finite_features_in_a_finished_chunk(pristine, tmp_path):
+    source, _ = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    features = zarr.open_group(str(path), mode="a")["features/0/features"]
+    block = features[0:CHUNK]
+    block[3, 0] = np.nan
+    features[0:CHUNK] = block  # written through zarr: a valid checksum, a bad value
+    problems = verify_store(path).problems
+    assert [(p.array, p.chunk, p.problem) for p in problems] == [
+        ("features/0/features", (0, 0), "holds NaN or infinite values")
+    ]
