@@ -205,3 +205,35 @@ def test_verify_reports_non_finite_features_in_a_finished_chunk(pristine, tmp_pa
     assert [(p.array, p.chunk, p.problem) for p in problems] == [
         ("features/0/features", (0, 0), "holds NaN or infinite values")
     ]
+
+
+# Metadata of every kind of node: the root, a section, a checkpoint's group, arrays, saved
+# scores, a subset experiment's table.
+METADATA = [
+    ("/", "features"),
+    ("features", "features"),
+    ("features/0", "features"),
+    ("features/0/features", "features"),
+    ("features/0/done", "features"),
+    (f"scores/{SCORES}", "scores"),
+    (f"scores/{SCORES}/scores", "scores"),
+    (f"subsets/{toy.NAME}/outputs", "subsets"),
+]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize(("node", "use"), METADATA, ids=[node for node, _ in METADATA])
+def test_lost_or_damaged_metadata_is_named_and_nothing_is_written(
+    pristine, tmp_path, node, use, damage
+):
+    source, _ = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    metadata = path / ("zarr.json" if node == "/" else f"{node}/zarr.json")
+    DAMAGE[damage](metadata)
+    before = objects(path)
+    with pytest.raises(StoreCorruptionError) as raised:
+        USES[use](path)
+    assert raised.value.array == node
+    assert "restore the file from a copy" in str(raised.value)
+    assert objects(path) == before, "a use of a store with damaged metadata wrote to it"

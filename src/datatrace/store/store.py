@@ -28,6 +28,7 @@ a damaged or lost chunk raises :class:`StoreCorruptionError` naming it, never se
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,10 +38,16 @@ import numpy as np
 import zarr
 import zarr.errors
 import zarr.storage
+from zarr.core.sync import sync
 
 from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
 from datatrace.store.provenance import json_normalise
-from datatrace.store.verify import CheckedArray, create_array
+from datatrace.store.verify import (
+    METADATA_ADVICE,
+    CheckedArray,
+    StoreCorruptionError,
+    create_array,
+)
 
 if TYPE_CHECKING:
     from datatrace.attributions import Attributions
@@ -52,6 +59,11 @@ GRAM_CHUNK_ROWS = 512
 SCORE_CHUNK = (256, 4096)
 ZARR_METADATA = "zarr.json"
 PARTIAL_SUFFIX = ".partial"
+# Top-level groups a datatrace store may hold: a directory with them is a damaged store, not a
+# foreign directory, when its root metadata is lost.
+SECTIONS = ("features", "scores", "subsets")
+# Directories of chunk objects (zarr's default chunk key encoding), skipped by check_metadata.
+CHUNK_DIRECTORY = "c"
 # Entries of a foreign directory named when refusing it.
 SHOWN_ENTRIES = 5
 
@@ -87,10 +99,16 @@ def check_store_directory(path: Path, read_only: bool) -> None:
             raise FileNotFoundError(f"no datatrace store at {path}: the directory is empty")
         return
     metadata = path / ZARR_METADATA
+    sections = [name for name in SECTIONS if (path / name / ZARR_METADATA).is_file()]
     if metadata.is_file():
         try:
             root = json.loads(metadata.read_bytes())
         except ValueError:  # not JSON, or not UTF-8: not a Zarr group's metadata
+            if sections:
+                raise StoreCorruptionError(
+                    str(path), "/", None, "has damaged root metadata (it does not parse)",
+                    ZARR_METADATA, METADATA_ADVICE,
+                ) from None  # fmt: skip
             root = {}
         if not isinstance(root, dict):
             root = {}
@@ -99,11 +117,42 @@ def check_store_directory(path: Path, read_only: bool) -> None:
         # A group without attributes yet is a store another process is creating this moment.
         if root.get("node_type") == "group" and (ours or entries == [ZARR_METADATA]):
             return
+    elif sections:
+        raise StoreCorruptionError(
+            str(path), "/", None,
+            f"has lost its root metadata (no {ZARR_METADATA}, though it holds "
+            f"{', '.join(sections)})", ZARR_METADATA, METADATA_ADVICE,
+        )  # fmt: skip
     shown = ", ".join(entries[:SHOWN_ENTRIES]) + (", ..." if len(entries) > SHOWN_ENTRIES else "")
     raise ValueError(
         f"{path} exists and is not a datatrace store (it holds {shown}): pass an empty or new "
         "directory"
     )
+
+
+def check_metadata(path: Path) -> None:
+    """Refuse a local store whose metadata is damaged: every group's and array's ``zarr.json``
+    must parse (zarr would raise a bare JSON error on the first read). Chunk directories are not
+    walked, so the cost is one small read per group and array.
+
+    Raises:
+        StoreCorruptionError: naming the first group or array whose metadata does not parse.
+    """
+    for directory, subdirectories, files in os.walk(path):
+        subdirectories[:] = sorted(
+            name for name in subdirectories if name != CHUNK_DIRECTORY and not name.startswith(".")
+        )
+        if ZARR_METADATA not in files:
+            continue
+        relative = Path(directory).relative_to(path).as_posix()
+        node = "/" if relative == "." else relative
+        key = ZARR_METADATA if node == "/" else f"{node}/{ZARR_METADATA}"
+        try:
+            json.loads((Path(directory) / ZARR_METADATA).read_bytes())
+        except ValueError as error:
+            raise StoreCorruptionError(
+                str(path), node, None, f"has damaged metadata ({error})", key, METADATA_ADVICE
+            ) from None
 
 
 class Store:
@@ -135,6 +184,8 @@ class Store:
             if read_only and not Path(location).exists():
                 raise FileNotFoundError(f"no datatrace store at {location}")
             check_store_directory(Path(location), read_only)
+            if Path(location).is_dir():
+                check_metadata(Path(location))
             zarr_store = zarr.storage.LocalStore(str(location), read_only=read_only)
         self.location = None if location is None else str(location)
         self.zarr_store = zarr_store
@@ -155,6 +206,27 @@ class Store:
     @property
     def where(self) -> str:
         return self.location or "<memory>"
+
+    def lost_metadata(self, path: str) -> bool:
+        """Whether objects exist under ``path`` although no group or array is there: its
+        ``zarr.json`` was lost (zarr would silently create a new, empty node in its place)."""
+        if path in self.root:
+            return False
+
+        async def first() -> bool:
+            async for _ in self.zarr_store.list_prefix(f"{path}/"):
+                return True
+            return False
+
+        return bool(sync(first()))
+
+    def refuse_lost_metadata(self, path: str) -> None:
+        """Raise :class:`StoreCorruptionError` if ``path`` has lost its metadata."""
+        if self.lost_metadata(path):
+            raise StoreCorruptionError(
+                self.where, path, None, "has lost its metadata (its zarr.json is missing)",
+                f"{path}/{ZARR_METADATA}", METADATA_ADVICE,
+            )  # fmt: skip
 
     def provenance(self, section: str) -> dict[str, Any] | None:
         """The provenance recorded for the group ``section`` (e.g. ``"features"``), or ``None``."""
@@ -184,6 +256,13 @@ class Store:
         """
         provenance = json_normalise(provenance)
         recorded = self.provenance(section)
+        if recorded is None and (
+            self.lost_metadata(section) or (section in self.root and self.groups(section))
+        ):
+            raise StoreCorruptionError(
+                self.where, section, None, "holds results but has lost its provenance",
+                f"{section}/{ZARR_METADATA}", METADATA_ADVICE,
+            )  # fmt: skip
         if recorded is None:
             try:
                 group = self.root.require_group(section)
@@ -263,6 +342,10 @@ class Store:
         from datatrace.attributions import Attributions
 
         path = f"scores/{name}"
+        self.refuse_lost_metadata(path)
+        if path in self.root:
+            for array in ("scores", "out_to_loss"):
+                self.refuse_lost_metadata(f"{path}/{array}")
         if path not in self.root or not self.root[path].attrs.get("complete"):
             saved = ", ".join(self.groups("scores")) or "none"
             raise KeyError(
@@ -310,6 +393,7 @@ class CheckpointFeatures:
         self.chunk_rows = chunk_rows
         self.n_chunks = -(-n_rows // chunk_rows)
         path = f"features/{checkpoint}"
+        store.refuse_lost_metadata(path)
         if path not in store.root:
             try:
                 store.root.create_group(path, attributes={"identity": attrs})
@@ -343,6 +427,7 @@ class CheckpointFeatures:
         self, name: str, shape: tuple, chunks: tuple, dtype: str, marks: bool = False
     ) -> CheckedArray:
         if name not in self.group:
+            self.store.refuse_lost_metadata(f"{self.group.path}/{name}")
             try:
                 create_array(
                     self.group, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0

@@ -37,6 +37,11 @@ COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 # a missing chunk object always means a lost one.
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 MISSING = "is missing, though it was written"
+# What to do about lost or damaged metadata, which verify cannot rebuild.
+METADATA_ADVICE = (
+    "The data chunks may be intact, but what they are cannot be read or checked without it: "
+    "restore the file from a copy, or move the store aside and start a new one"
+)
 
 
 class StoreCorruptionError(ValueError):
@@ -50,7 +55,15 @@ class StoreCorruptionError(ValueError):
         key: the chunk's object in the store, e.g. ``"features/0/features/c/3/0"``.
     """
 
-    def __init__(self, where: str, array: str, chunk: tuple[int, ...], problem: str, key: str):
+    def __init__(
+        self,
+        where: str,
+        array: str,
+        chunk: tuple[int, ...] | None,
+        problem: str,
+        key: str,
+        advice: str | None = None,
+    ):
         self.where, self.array, self.chunk, self.problem, self.key = (
             where,
             array,
@@ -58,14 +71,18 @@ class StoreCorruptionError(ValueError):
             problem,
             key,
         )
-        super().__init__(
-            f"chunk {format_chunk(chunk)} of {array} in the store at {where} {problem} "
-            f"(object {key}). `datatrace verify {where}` lists all damage; with --repair it "
-            "drops what is damaged so that the next run recomputes it"
-        )
+        self.advice = advice
+        part = array if chunk is None else f"chunk {format_chunk(chunk)} of {array}"
+        if advice is None:
+            advice = (
+                f"`datatrace verify {where}` lists all damage; with --repair it drops what is "
+                "damaged so that the next run recomputes it"
+            )
+        super().__init__(f"{part} in the store at {where} {problem} (object {key}). {advice}")
 
     def __reduce__(self):  # the message is built from the fields: pickle those
-        return type(self), (self.where, self.array, self.chunk, self.problem, self.key)
+        fields = (self.where, self.array, self.chunk, self.problem, self.key, self.advice)
+        return type(self), fields
 
 
 def format_chunk(chunk: tuple[int, ...] | None) -> str:

@@ -235,6 +235,7 @@ class SubsetExperiment:
         for name, (shape, chunks, dtype, fill) in self._array_specs(rows).items():
             if name in group:
                 continue
+            self.store.refuse_lost_metadata(f"{group.path}/{name}")
             try:
                 # Every chunk is stored, even an all-False mask (a subset may be empty), so that a
                 # mask chunk's presence says the row's mask was written.
