@@ -176,3 +176,25 @@ def test_seeds_are_stable():
     assert len({derive_seed(s, "checkpoint", c) for s in range(5) for c in range(5)}) == 25
     # pinned: a change here silently changes every projection and invalidates stored features
     assert derive_seed(1, 2, 3) == 0x3A2DCC51502C3215
+
+
+def test_a_dense_matrix_larger_than_its_cache_is_refused_before_any_work():
+    import numpy as np
+    from torch import nn
+
+    import datatrace as dt
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))  # 2,410 parameters
+    small_cache = DenseProjector(64, max_cache_bytes=4 * 2410 * 64 - 1)
+    with pytest.raises(ValueError, match=r"would be generated again for every batch.*factorized"):
+        dt.TRAK(model, dt.Classification(), projector=small_cache).fit(
+            (torch.randn(8, 64), torch.randint(0, 10, (8,)))
+        )
+    fits = DenseProjector(64, max_cache_bytes=4 * 2410 * 64)
+    allowed = DenseProjector(64, max_cache_bytes=0, regenerate=True)
+    data = (torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    scores = [
+        dt.TRAK(model, dt.Classification(), projector=p, progress=False).fit(data).score(data)
+        for p in (fits, allowed)
+    ]
+    np.testing.assert_allclose(scores[0].scores, scores[1].scores, rtol=1e-4, atol=1e-6)

@@ -199,11 +199,19 @@ def dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 TRAIN, TARGETS = dataset(N_TRAIN, 0), dataset(N_TARGETS, 1)
 
 
-def estimator(kind, store: Path | None, model: nn.Module = MODEL, task=None, batch_size=BATCH):
+def estimator(
+    kind,
+    store: Path | None,
+    model: nn.Module = MODEL,
+    task=None,
+    batch_size=BATCH,
+    projector="auto",
+):
     task = dt.Classification() if task is None else task
     return kind(
         model,
         task,
+        projector=projector,
         proj_dim=8,
         store=store,
         batch_size=batch_size,
@@ -249,9 +257,12 @@ def test_malformed_target_labels_are_refused_and_the_store_is_unchanged(bad, kin
 
 
 @pytest.fixture(scope="module")
-def clean_fit(fitted):
-    """The features TRAIN gets, and the scores of TARGETS, from the fitted TRAK's store."""
-    fitted_estimator, store = fitted[dt.TRAK]
+def clean_fit(tmp_path_factory):
+    """The features TRAIN gets, and the scores of TARGETS, with the per-example projector
+    (``"sparse"``, which featurizes nothing before the first chunk: the default's split is
+    measured on the first examples, whose batches are checked then)."""
+    store = tmp_path_factory.mktemp("clean") / "store"
+    fitted_estimator = estimator(dt.TRAK, store, projector="sparse").fit(TRAIN)
     features = zarr.open_group(str(store), mode="r")["features/0/features"][:]
     return features, fitted_estimator.score(TARGETS).scores
 
@@ -263,7 +274,7 @@ def test_a_bad_label_in_a_later_batch_stops_before_its_chunk_is_stored(
 ):
     store = tmp_path_factory.mktemp("later") / "store"
     with pytest.raises(bad.error) as raised:
-        estimator(dt.TRAK, store).fit((TRAIN[0], bad.value))
+        estimator(dt.TRAK, store, projector="sparse").fit((TRAIN[0], bad.value))
     message = str(raised.value)
     assert all(fragment in message for fragment in bad.fragments), message
     if bad.row < FINGERPRINT_EXAMPLES:
@@ -283,8 +294,24 @@ def test_a_bad_label_in_a_later_batch_stops_before_its_chunk_is_stored(
     # values), the store resumes from its finished chunks to the clean scores.
     fixed = bad.value.clone()
     fixed[bad.row] = TRAIN[1][bad.row]
-    resumed = estimator(dt.TRAK, store).fit((TRAIN[0], fixed)).score(TARGETS).scores
+    resumed = estimator(dt.TRAK, store, projector="sparse").fit((TRAIN[0], fixed))
+    resumed = resumed.score(TARGETS).scores
     np.testing.assert_array_equal(resumed, clean_scores)
+
+
+@EXAMPLES
+@given(bad=bad_label_values(N_TRAIN, N_CLASSES, st.integers(0, N_TRAIN - 1), BATCH, TRAIN[1]))
+def test_the_default_projector_refuses_bad_pilot_examples_before_storing_features(
+    bad, tmp_path_factory
+):
+    # The default projector measures its split of k on the first examples (PILOT_EXAMPLES, more
+    # than this training set): their batches are checked then, before any feature is stored.
+    store = tmp_path_factory.mktemp("pilot") / "store"
+    with pytest.raises(bad.error) as raised:
+        estimator(dt.TRAK, store).fit((TRAIN[0], bad.value))
+    message = str(raised.value)
+    assert all(fragment in message for fragment in bad.fragments), message
+    assert not (store / "features").exists()
 
 
 @EXAMPLES

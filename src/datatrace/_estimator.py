@@ -150,7 +150,37 @@ def projector_from_config(config: dict[str, Any]) -> Projector:
     Raises:
         ValueError: the configuration is not that of a built-in projector.
     """
+    # Imported here so that this change stays inside the function; there is no cycle.
+    from datatrace.grads import factorized
+
     name = config.get("name")
+    if name == "factorized":
+        constants = {
+            "min_layer_dim": factorized.MIN_LAYER_DIM,
+            "sparse_blowup": factorized.SPARSE_BLOWUP,
+        }
+        differing = {
+            key: config.get(key) for key, value in constants.items() if config.get(key) != value
+        }
+        if differing:
+            raise ValueError(
+                f"the store's features were projected with {config}, whose {differing} differ "
+                f"from this version's {constants}: the same settings no longer give the same "
+                "map, so reopen the store with the datatrace version that fitted it"
+            )
+        split, layer_dims = config.get("split", "params"), config.get("layer_dims")
+        if split == "gradient" and layer_dims is None:
+            raise ValueError(
+                f"the store's features were projected with {config}, whose gradient split was "
+                "not recorded: this store was not written by a completed featurization"
+            )
+        return factorized.FactorizedProjector(
+            config["proj_dim"],
+            variant=config["variant"],
+            nnz=config["nnz"],
+            split=split,
+            layer_dims=layer_dims,
+        )
     if name == "sparse_jl":
         return SparseJLProjector(config["proj_dim"], config["nnz"])
     if name == "dense":
@@ -201,6 +231,19 @@ def reopen_features(
         defaults["proj_dim"] = recorded["projector"].get("proj_dim")
     estimator = cls(model, task, store=opened, **{**defaults, **settings})
     features = gradient_features(estimator)
+    # Imported here, as in projector_from_config, so that this change stays inside the function.
+    from datatrace.grads.factorized import FactorizedProjector
+
+    # A projector named in settings takes the split the store recorded if its settings match.
+    projector = features.projector
+    if isinstance(projector, FactorizedProjector):
+        projector.adopt_split(recorded.get("projector"))
+        if not projector.split_fitted:
+            raise StoreMismatchError(
+                f"the store at {opened.where} holds features of a different run:\n  projector: "
+                f"stored {recorded.get('projector')!r}, now {projector.config()!r} "
+                f"({REOPEN_CHECKS['projector']})"
+            )
     # Only the model-side entries are compared: the training data is not at hand.
     expected = json_normalise(features.provenance(Examples((torch.zeros(0),))))
     differing = [key for key in REOPEN_CHECKS if recorded.get(key) != expected.get(key)]

@@ -49,7 +49,7 @@ class _GradientBaseline:
         task: Task,
         *,
         proj_dim: int | None = 2048,
-        projector: str | Projector = "sparse",
+        projector: str | Projector = "auto",
         params: ParamSelection = None,
         store: str | Path | Store | None = None,
         seed: int = 0,

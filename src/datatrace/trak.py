@@ -46,8 +46,13 @@ class TRAK:
         model: the module; it is never modified (checkpoints are swapped in functionally).
         task: what output is attributed (e.g. :class:`~datatrace.tasks.Classification`).
         proj_dim: projection dimension ``k``.
-        projector: ``"sparse"`` (sparse JL, default: cost independent of ``k``), ``"dense"``
-            (Gaussian), ``"rademacher"``, ``"identity"`` (no projection), or a ``Projector``.
+        projector: ``"auto"`` (default): per-layer projections computed from each layer's
+            inputs and output gradients, never forming a per-example gradient (TensorSketch,
+            ``k`` split across layers by gradient energy; other parameters by per-example
+            gradients and sparse JL; docs/trak.md "Projections"); ``"sparse"`` (per-example
+            gradients, then sparse JL), ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``
+            (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
+            projection), or a ``Projector``.
         damping: ``"auto"`` (default): ``λ_c`` from each checkpoint's features and the number of
             checkpoints (:func:`~datatrace.kernel.damping_from_features`, docs/trak.md); a
             number: ``λ_c`` relative to the mean diagonal entry of ``Φ_cᵀΦ_c``
@@ -80,7 +85,7 @@ class TRAK:
         task: Task,
         *,
         proj_dim: int | None = 2048,
-        projector: str | Projector = "sparse",
+        projector: str | Projector = "auto",
         damping: float | str = DEFAULT_DAMPING,
         damping_absolute: float | None = None,
         params: ParamSelection = None,

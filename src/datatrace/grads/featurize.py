@@ -14,6 +14,7 @@ from torch import nn
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
+from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
 from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
 from datatrace.grads.projectors import Projector, derive_seed
 from datatrace.grads.selection import ParamSelection, select_parameters
@@ -152,7 +153,64 @@ class GradientFeatures:
         self._prepared: tuple[int, dict, PerExampleGradients] | None = None
         named = dict(model.named_parameters())
         self.sizes = [named[name].numel() for name in self.param_names]
-        self.dim = projector.output_dim(self.sizes)
+        if not isinstance(projector, FactorizedProjector):
+            projector.check_sizes(self.sizes)
+
+    @property
+    def dim(self) -> int:
+        """The number of features ``k`` (a factorized projector's plan: its split must be
+        fitted, see :meth:`fit_split`)."""
+        if isinstance(self.projector, FactorizedProjector):
+            return self.projector.plan(self.model, self.param_names).output_dim
+        return self.projector.output_dim(self.sizes)
+
+    def _dim_or_none(self) -> int | None:
+        """:attr:`dim`, or ``None`` where a split adopted from a store serves other parameters
+        (the provenance then differs in ``params`` and is refused as such)."""
+        try:
+            return self.dim
+        except SplitMismatchError:
+            return None
+
+    def fit_split(
+        self,
+        train: Examples,
+        checkpoint: Checkpoint,
+        index: int = 0,
+        recorded: dict[str, Any] | None = None,
+    ) -> None:
+        """Fit a :class:`~datatrace.grads.factorized.FactorizedProjector`'s ``"gradient"``
+        split if it is not set (nothing to do for other projectors): adopt the one recorded in
+        ``recorded`` (a store's provenance) if it was made with the same projector settings,
+        else measure it by a pilot pass over the first ``min(n, PILOT_EXAMPLES)`` examples of
+        ``train`` under ``checkpoint`` (index ``index``, whose seed projects them)."""
+        projector = self.projector
+        if not isinstance(projector, FactorizedProjector) or projector.split_fitted:
+            return
+        if recorded is not None and projector.adopt_split(recorded.get("projector")):
+            try:
+                projector.plan(self.model, self.param_names)
+                return
+            except SplitMismatchError:  # recorded for other parameters: the provenance refuses
+                projector.reset_split()
+        state = self.load(checkpoint)
+        count = min(train.n, PILOT_EXAMPLES)
+
+        def batches():
+            for lo in range(0, count, self.batch_size):
+                with examples_from(lo):
+                    batch = self._checked_batch(train.read(lo, min(lo + self.batch_size, count)))
+                yield batch
+
+        task = self.gradients_for(state, index).task
+        projector.fit_split(
+            self.model, task, self.param_names, state, batches(), self.projection_seed(index)
+        )
+        self._prepared = None  # let the pilot's checkpoint go
+
+    def _checked_batch(self, batch: Any) -> Any:
+        # Outside vmap, where bad labels and dtypes can still be named (Task.check_batch).
+        return batch_to(self.task.check_batch(self.model, batch), self.device)
 
     def projection_seed(self, checkpoint: int) -> int:
         return derive_seed(self.seed, "checkpoint", checkpoint)
@@ -170,7 +228,7 @@ class GradientFeatures:
             },
             "task": self.task.config(),
             "projector": self.projector.config(),
-            "feature_dim": self.dim,
+            "feature_dim": self._dim_or_none(),
             "seed": self.seed,
             "n_train": train.n,
             "train_data": batch_fingerprint(train.read(0, min(train.n, FINGERPRINT_EXAMPLES))),
@@ -197,22 +255,29 @@ class GradientFeatures:
         self, state: dict[str, torch.Tensor], batch: Any, checkpoint: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(batch_size, k)`` and out-to-loss weights ``(batch_size,)`` of one batch,
-        on the CPU in float32. The batch is checked first (``Task.check_batch``)."""
+        on the CPU in float32. The batch is checked first (``Task.check_batch``). A
+        :class:`~datatrace.grads.factorized.FactorizedProjector` computes the features from the
+        model and the batch directly, without per-example gradients."""
         gradients = self.gradients_for(state, checkpoint)
-        # Outside vmap, where bad labels and dtypes can still be named (Task.check_batch).
-        batch = batch_to(self.task.check_batch(self.model, batch), self.device)
-        grads = gradients.gradients(state, batch)
-        features = self.projector.project(
-            [grads[name] for name in self.param_names], self.projection_seed(checkpoint)
-        )
+        batch = self._checked_batch(batch)
+        seed = self.projection_seed(checkpoint)
+        if isinstance(self.projector, FactorizedProjector):
+            features = self.projector.features(
+                self.model, gradients.task, self.param_names, state, batch, seed
+            )
+        else:
+            grads = gradients.gradients(state, batch)
+            features = self.projector.project([grads[name] for name in self.param_names], seed)
         out_to_loss = gradients.out_to_loss(state, batch)
         return features.float().cpu(), out_to_loss.float().cpu()
 
     def featurize_all(
         self, data: Any, checkpoint: Checkpoint, index: int, description: str = "featurizing"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and weights of all of ``data`` under checkpoint ``index``, in memory."""
+        """Features and weights of all of ``data`` under checkpoint ``index``, in memory (a
+        factorized projector's split, if not fitted, is fitted on ``data``: :meth:`fit_split`)."""
         examples = Examples(data)
+        self.fit_split(examples, checkpoint, index)
         state = self.load(checkpoint)
         features, weights = [], []
         with progress_bar(examples.n, description, self.progress) as advance:
@@ -240,6 +305,13 @@ class GradientFeatures:
     ) -> list[CheckpointFeatures]:
         """Featurize the training set under every checkpoint into ``store``, resuming what is done.
 
+        A factorized projector's ``"gradient"`` split, if not set, is the one the store records
+        when its other settings are the same (so shards and resumed fits use one map), else it
+        is measured on the first training examples under the first checkpoint
+        (:meth:`fit_split`) and recorded with the provenance. Shards that start on an empty store
+        at the same moment each measure it, from the same examples, checkpoint and seed, so they
+        record one split (a shard on other hardware whose rounding differed would be refused).
+
         Args:
             data: the training set.
             checkpoints: one per model in the ensemble.
@@ -253,6 +325,8 @@ class GradientFeatures:
         if shard is not None and not (0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         train = Examples(data)
+        if checkpoints:
+            self.fit_split(train, checkpoints[0], 0, store.provenance("features"))
         recorded = store.check_provenance("features", self.provenance(train), adopt=["chunk_rows"])
         chunk_rows = recorded["chunk_rows"]
         stored, checked = [], set()

@@ -71,6 +71,11 @@ class Projector(ABC):
         """Settings that determine the matrix (for a store's provenance)."""
         return {"name": type(self).__name__}
 
+    def check_sizes(self, sizes: Sequence[int]) -> None:
+        """Refuse parameter blocks of these sizes before any work, if projecting them would be
+        unreasonable (the default accepts any)."""
+        return None
+
     def matrix(self, sizes: Sequence[int], seed: int) -> torch.Tensor:
         """The whole ``(p, k)`` matrix, for tests and small models, built by projecting the
         identity block by block."""
@@ -117,11 +122,18 @@ class DenseProjector(Projector):
     Costs ``p·k`` multiply-adds per example (plus generating ``P`` unless it is cached): the
     reference projection, exact in distribution, slow for large models.
 
+    A matrix larger than ``max_cache_bytes`` would be generated again for every batch (measured:
+    a 2-D CNN of 422k parameters at k = 2048 took 126 training epochs that way), so it is refused
+    with advice unless ``regenerate=True``. For large models the per-layer dense factors of
+    ``projector="factorized"`` (LoGra) keep only ``out × k_out + in × k_in`` numbers per layer.
+
     Args:
         proj_dim: ``k``.
         distribution: ``"gaussian"`` or ``"rademacher"``.
         max_cache_bytes: keep ``P`` in memory between batches when it is at most this large.
         work_bytes: size of the blocks of ``P`` generated at a time when it is not cached.
+        regenerate: accept a matrix larger than ``max_cache_bytes``, generated block by block
+            for every batch.
     """
 
     def __init__(
@@ -130,6 +142,7 @@ class DenseProjector(Projector):
         distribution: str = "gaussian",
         max_cache_bytes: int = 1 << 30,
         work_bytes: int = 64 << 20,
+        regenerate: bool = False,
     ):
         super().__init__(max_cache_bytes)
         if proj_dim < 1:
@@ -141,9 +154,27 @@ class DenseProjector(Projector):
         self.proj_dim = proj_dim
         self.distribution = distribution
         self.work_bytes = work_bytes
+        self.regenerate = regenerate
 
     def config(self) -> dict[str, Any]:
         return {"name": "dense", "proj_dim": self.proj_dim, "distribution": self.distribution}
+
+    def check_sizes(self, sizes: Sequence[int]) -> None:
+        """Refuse a matrix that does not fit in the cache (see the class docstring).
+
+        Raises:
+            ValueError: ``4·p·k`` bytes exceed ``max_cache_bytes`` and ``regenerate`` is off.
+        """
+        total_bytes = 4 * int(sum(sizes)) * self.proj_dim
+        if total_bytes > self.max_cache_bytes and not self.regenerate:
+            raise ValueError(
+                f"the dense projection of {int(sum(sizes)):,} parameters to k = {self.proj_dim} "
+                f"is a {total_bytes / 2**30:.1f} GiB matrix, more than the "
+                f"{self.max_cache_bytes / 2**30:.1f} GiB cache: it would be generated again for "
+                "every batch, many training epochs of work. Use projector='factorized' (per-layer "
+                "dense factors) or 'sparse', select fewer parameters (params=...), or pass "
+                "DenseProjector(k, max_cache_bytes=...) with room for it (or regenerate=True)"
+            )
 
     def output_dim(self, sizes: Sequence[int]) -> int:
         return self.proj_dim
@@ -259,23 +290,46 @@ class SparseJLProjector(Projector):
 PROJECTORS = {"sparse": SparseJLProjector, "dense": DenseProjector, "identity": IdentityProjector}
 
 
+# Names of the per-layer factorised projections (datatrace.grads.factorized) and their variant.
+FACTORIZED_NAMES = {
+    "factorized": "dense",
+    "logra": "dense",
+    "factgrass": "sparse",
+    "tensorsketch": "sketch",
+}
+# What ``projector="auto"`` (the default) builds: per-layer TensorSketch of the factorised
+# gradients with the gradient-energy split of k, other parameters by per-example gradients and
+# sparse JL. Chosen in benchmarks/projector_study.py (docs/trak.md, "Projections").
+AUTO_PROJECTOR = "tensorsketch"
+
+
 def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:
-    """A projector named ``"sparse"``, ``"dense"``, ``"rademacher"`` or ``"identity"``, or as given.
+    """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR`), ``"sparse"``, ``"dense"``,
+    ``"rademacher"``, ``"identity"``, ``"factorized"`` (or ``"logra"``: per-layer Gaussian
+    factors), ``"factgrass"`` (per-layer masks and sparse JL) or ``"tensorsketch"`` (per-layer
+    TensorSketch), or as given.
 
     Raises:
         ValueError: unknown name, or ``proj_dim`` missing for a random projection.
     """
     if isinstance(projector, Projector):
         return projector
+    if projector == "auto":
+        projector = AUTO_PROJECTOR
     if projector == "identity":
         return IdentityProjector()
-    if projector not in ("sparse", "dense", "gaussian", "rademacher"):
+    if projector not in ("sparse", "dense", "gaussian", "rademacher", *FACTORIZED_NAMES):
         raise ValueError(
-            f"unknown projector {projector!r}: use 'sparse' (default), 'dense' (Gaussian), "
-            "'rademacher', 'identity', or a Projector object"
+            f"unknown projector {projector!r}: use 'auto' (default: per-layer TensorSketch), "
+            "'sparse', 'dense' (Gaussian), 'rademacher', 'identity', 'factorized' (or 'logra'), "
+            "'factgrass', 'tensorsketch', or a Projector object"
         )
     if proj_dim is None:
         raise ValueError(f"the {projector!r} projector needs proj_dim")
+    if projector in FACTORIZED_NAMES:
+        from datatrace.grads.factorized import FactorizedProjector  # imports this module
+
+        return FactorizedProjector(proj_dim, variant=FACTORIZED_NAMES[projector])
     if projector == "sparse":
         return SparseJLProjector(proj_dim)
     return DenseProjector(proj_dim, "rademacher" if projector == "rademacher" else "gaussian")

@@ -1,0 +1,1110 @@
+"""Per-layer projections of gradients from layer inputs and output gradients (LoGra, FactGraSS,
+TensorSketch), never forming the gradients.
+
+For a linear map with weight ``W`` (``out × in``) applied at positions ``t`` (tokens, conv
+patches), the gradient of example ``i``'s output is ``G_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (``g``: the
+gradient w.r.t. the layer's output, ``a``: its input). With ``P = P_out ⊗ P_in`` its projection is
+``vec(P_outᵀ G_i P_in) = Σ_t (P_outᵀ g_{i,t}) ⊗ (P_inᵀ a_{i,t})``: one batched forward and one
+backward capture ``a`` and ``g`` with hooks, and only the projected factors are multiplied.
+
+**The map.** Each projected parameter is seen as a matrix in its stored layout: rows = its first
+axis, columns = the others flattened (a conv weight ``(out, in, kh, kw)`` is ``out × in·kh·kw``, an
+embedding ``vocab × dim``, Hugging Face's ``Conv1D`` ``in × out``). Its map is ``F_out ⊗ F_in`` over
+(rows, columns); the same parameter always gets the same map, whichever modules use it (a tied
+embedding and LM head add their terms into one block). Variants:
+
+- ``"dense"`` (LoGra): ``F`` i.i.d. Gaussian, variance ``1/k`` per side.
+- ``"sparse"`` (FactGraSS): ``F`` keeps a uniformly random subset of ``k'`` coordinates scaled by
+  ``√(dim/k')``, then a sparse JL (:class:`~datatrace.grads.projectors.SparseJLProjector`'s tables)
+  maps the ``k'_out·k'_in`` products to the layer's ``k``; ``k'_out·k'_in ≈ SPARSE_BLOWUP·k``.
+- ``"sketch"`` (TensorSketch, Pham & Pagh 2013): ``nnz`` independent sketches of width
+  ``w = k/nnz``, each scaled by ``1/√nnz`` (slice ``j`` of the features is sketch ``j``). Sketch
+  ``j`` has CountSketch hashes ``h_out: [rows] → [w]``, ``h_in: [cols] → [w]`` and signs
+  ``s_out``, ``s_in``; coordinate ``(i, l)`` goes to bucket ``(h_out(i) + h_in(l)) mod w`` with
+  sign ``s_out(i)·s_in(l)``. Not a Kronecker product, but ``TS(u ⊗ v)`` is the circular
+  convolution of the two CountSketches: each position costs two real FFTs, the positions are
+  summed in the frequency domain, then one inverse FFT. Its inner products spread ``≈ 1/√k``,
+  like an i.i.d. map of dimension ``k``, where the Kronecker maps multiply two estimates of
+  dimension ``≈ √k``, each off by ``≈ k^-¼`` relative to its mean (large for non-negative
+  activations). Several sketches (each coordinate in ``nnz`` buckets, as in the sparse JL) leave
+  that spread as it is but preserve the geometry of many gradients better, which TRAK's inverse
+  kernel needs: one sketch of width ``k`` gave clearly worse scores.
+
+A side whose ``k`` equals its size is the identity (Kronecker variants). All variants have
+``E[PPᵀ] = I`` (each factor has it, and the JL is independent of the masks; the sketch's signs
+cancel every cross term). Factors are generated on the CPU in blocks of
+``DENSE_GENERATION_ROWS`` rows (hash tables: ``(nnz, SPARSE_GENERATION_ROWS)``), block ``b`` of
+side ``"out"`` (rows) or ``"in"`` (columns) of parameter ``name`` from
+``derive_seed(seed, name, side, b)``, then moved: identical on every device.
+
+**Bias.** A module's bias, when selected, is an extra input coordinate fixed at 1 (``[W | b]``
+projected by ``F_out ⊗ F_in`` with ``F_in`` one row longer; for ``Conv1D`` and embeddings the input
+is the row axis). It shares the layer's block, costs nothing extra and keeps the map one Kronecker
+product. A weight used by several modules (tied) keeps its biases out of its block; they go to the
+vmap path below.
+
+**Splitting k.** Each block (a weight with its bias, ``p_l`` coordinates; the fallback below is
+one more) gets ``k_l = clip(c·w_l, min(p_l, MIN_LAYER_DIM), p_l)``, with ``c`` chosen so the
+``k_l`` sum to ``k``, and a weight ``w_l`` set by ``split``:
+
+- ``"gradient"`` (default): ``w_l = e_l``, the block's gradient energy ``E‖g_l‖²``. Why: the
+  blocks' maps are independent, each about as spread as an i.i.d. map of dimension ``k_l``, so
+  the concatenated estimate ``Σ_l ⟨φ_l, φ'_l⟩`` of ``⟨g, g'⟩`` has variance about
+  ``Σ_l ‖g_l‖²‖g'_l‖²/k_l`` (plus ``⟨g_l, g'_l⟩²/k_l``, small for the nearly orthogonal
+  gradients of different examples). Over pairs of independent examples that is
+  ``Σ_l e_l²/k_l``; minimised under ``Σ_l k_l = k`` (Lagrange: ``e_l²/k_l² = λ``) it gives
+  ``k_l ∝ e_l`` and the value ``(Σ_l e_l)²/k = E‖g‖²·E‖g'‖²/k``: the variance of one i.i.d. map
+  of the whole vector. Any other split is worse by the factor
+  ``k·Σ_l (e_l²/k_l) / (Σ_l e_l)² ≥ 1`` (Cauchy–Schwarz). The energies are measured by a pilot
+  pass (:meth:`FactorizedProjector.fit_split`; :class:`~datatrace.grads.featurize.GradientFeatures`
+  runs it on the first ``min(n, PILOT_EXAMPLES)`` training examples under checkpoint 0, with
+  checkpoint 0's seed): ``e_l`` is the mean of ``‖φ_l‖²`` under the ``"params"`` split's map,
+  unbiased since ``E[PPᵀ] = I`` (exact for the blocks that map keeps whole). A block with zero
+  energy gets the floor; if every energy is zero the ``"params"`` weights are used. The
+  resulting ``k_l`` (before the variant's rounding) are part of :meth:`~FactorizedProjector.config`,
+  so a store's provenance records them; a process that resumes or shares that store with the same
+  settings adopts them instead of measuring again (one map for every shard), and
+  ``FactorizedProjector(..., layer_dims=config["layer_dims"])`` rebuilds the map.
+- ``"params"``: ``w_l = p_l``, the same rule when gradients have comparable magnitudes per
+  coordinate across layers; known before any gradient is seen, but when they do not (a head
+  with much larger gradients than the body) it loses the factor above.
+
+The floor keeps small blocks (heads, or a block the pilot saw no gradient in) from being
+starved; a block capped at ``p_l`` is not projected (its unused share goes to the others). The
+sketch takes ``k_l`` (rounded up to a multiple of ``nnz``) as it is: its variance is about that
+of an i.i.d. map, for which the same rule holds. For the Kronecker variants ``k_l`` is then
+split as ``k_out × k_in`` with both ``≈ √k_l``, except that a side no larger than that is kept
+whole (exact) and the other side gets the rest: for a rank-one term ``g aᵀ`` (one position) the
+projected inner product is the product of two JL estimates, with relative error about
+``√(2/k_out) + √(2/k_in)``, smallest for a fixed product at ``k_out = k_in`` (splitting in
+proportion to ``out/in`` instead was much noisier in TRAK scores). The total
+:attr:`FactorizedPlan.output_dim` is what the rounding gives, close to but not exactly ``k``
+(sparse and sketch: ``k_l`` rounded up to a multiple of ``nnz``). When the floors alone exceed
+``k`` they are used as they are.
+
+**Cost rule.** Per call of a layer with ``S`` positions, factorised costs
+``S·(out·k_out + in·k_in + k_out·k_in)`` multiply-adds per example, materialising
+``G_i = Σ_t g aᵀ`` then ``F_outᵀ G F_in`` costs ``S·out·in + out·in·k_in + out·k_in·k_out`` (cheaper
+order of the two products; an identity side costs nothing, an embedding's row side ``k_out`` per
+position). The dense variant takes the cheaper one, and never materialises more than
+``MATERIALISE_BYTES`` per batch; both compute the same map, so the numbers agree up to rounding.
+The sparse variant always factorises (its factors are gathers: the same cost either way). The
+sketch costs ``S·(nnz·(out + in) + FFT_COST·k·log₂w)`` from hooks (an embedding's row side
+``nnz``), and ``S·out·in + nnz·out·in`` materialised (the hashed map is index arithmetic); it takes
+the cheaper,
+within the same memory limit, and works through its positions in slices of at most
+``SKETCH_WORK_BYTES`` of spectra.
+
+**Everything else** (LayerNorm/BatchNorm affine, custom modules, grouped or "same"-padded convs, a
+weight also registered in an unsupported module) goes through :class:`PerExampleGradients` (vmap)
+restricted to those names, and is projected by one :class:`SparseJLProjector` (seed
+``derive_seed(seed, "fallback")``) on its share of ``k`` (identity if the share covers it).
+
+**Safety check.** Hooks see only uses of a weight through its module's ``forward``. On the first
+batch of each task, each block's features on ``check_examples`` examples are compared with the same
+map applied to vmap per-example gradients; a block that differs by more than ``√eps`` of the
+dtype relative to its norm (a weight also used functionally, examples that interact, inputs not
+batched along dim 0) is computed from vmap gradients from then on, with the same map, and a
+:class:`FactorizationWarning` names it. :meth:`FactorizedPlan.layout` shows where each block went.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from datatrace.data import batch_size_of, map_tensors
+from datatrace.grads.per_example import PerExampleGradients, _Bound, _eval_mode, module_state
+from datatrace.grads.projectors import (
+    DENSE_GENERATION_ROWS,
+    SPARSE_GENERATION_ROWS,
+    IdentityProjector,
+    Projector,
+    SparseJLProjector,
+    _generator,
+    derive_seed,
+)
+from datatrace.tasks.base import Task
+
+VARIANTS = ("dense", "sparse", "sketch")
+SPLITS = ("gradient", "params")
+# Training examples of the pilot pass that measures each block's gradient energy (the
+# "gradient" split): enough for a few-percent estimate of each block's mean, a small cost next
+# to featurizing the training set.
+PILOT_EXAMPLES = 64
+# The name of the fallback's share in a split (no parameter has it).
+FALLBACK = "(other)"
+# Smallest share of k a block gets (unless it has fewer coordinates): see "Splitting k".
+MIN_LAYER_DIM = 16
+# FactGraSS keeps this many times k_l masked products before its sparse JL: more kept coordinates
+# lower the masks' variance, at a cost linear in their number.
+SPARSE_BLOWUP = 4
+# Largest batch of materialised per-example gradients ``(batch, out, in)`` the cost rule allows.
+MATERIALISE_BYTES = 256 << 20
+# Multiply-adds per point and per log2 of the length of the two real FFTs and the product of one
+# position's sketches (a real FFT of length k takes about k·log2(k) of them).
+FFT_COST = 2
+# Largest batch of per-position spectra ``(batch, positions, k/2 + 1)`` of one side held at once.
+SKETCH_WORK_BYTES = 256 << 20
+# Modules whose calls are hooked, and the stored axis (0 rows, 1 columns) their input lies on.
+INPUT_AXIS = {"linear": 1, "conv1d": 1, "conv2d": 1, "embedding": 0, "hf_conv1d": 0}
+# Dimensions of a batched input of each kind (at least, for linear maps and embeddings).
+BATCHED_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1, "hf_conv1d": 2}
+
+
+class FactorizationWarning(UserWarning):
+    """Blocks whose factorised features disagreed with per-example gradients: they are computed
+    from per-example gradients (vmap) instead, with the same projection."""
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a module whose weight gradient the hooks can factor, or ``None``."""
+    cls = type(module)
+    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and cls.forward in (
+        nn.Conv1d.forward,
+        nn.Conv2d.forward,
+    ):
+        plain = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
+        return ("conv1d" if isinstance(module, nn.Conv1d) else "conv2d") if plain else None
+    if isinstance(module, nn.Embedding) and cls.forward is nn.Embedding.forward:
+        plain = module.max_norm is None and not module.scale_grad_by_freq
+        return "embedding" if plain else None
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return "hf_conv1d"  # detected by name so that transformers stays optional
+    return None
+
+
+def split_dim(
+    total: int,
+    sizes: Sequence[int],
+    floor: int = MIN_LAYER_DIM,
+    weights: Sequence[float] | None = None,
+) -> list[int]:
+    """``k_l = clip(c·w_l, min(p_l, floor), p_l)`` with ``c`` such that they sum to ``total``
+    (before rounding); all ``p_l`` if they fit, the floors if those alone exceed ``total``.
+
+    Args:
+        total: the ``k`` to split.
+        sizes: ``p_l``, the coordinates of each block.
+        floor: the smallest share of a block with more coordinates.
+        weights: ``w_l >= 0``, what the shares are proportional to; ``sizes`` if ``None`` or
+            all zero.
+
+    Returns:
+        One ``k_l`` per block.
+    """
+    floors = [min(size, floor) for size in sizes]
+    if sum(sizes) <= total:
+        return list(sizes)
+    if sum(floors) >= total:
+        return floors
+    if weights is None or not any(weights):
+        weights = sizes
+
+    def shares(c: float) -> list[float]:
+        return [min(size, max(low, c * w)) for size, low, w in zip(sizes, floors, weights)]
+
+    # at high every block of positive weight is whole: the shares reach total, or all they can
+    low, high = 0.0, max(size / w for size, w in zip(sizes, weights) if w > 0)
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if sum(shares(middle)) < total else (low, middle)
+    return [max(low_k, round(share)) for share, low_k in zip(shares(high), floors)]
+
+
+def factor_dims(k: int, rows: int, cols: int) -> tuple[int, int]:
+    """``(k_out, k_in)`` with ``k_out·k_in ≈ k``: both ``√k``, except that a side smaller than
+    that is kept whole and the other side gets the rest."""
+    if k >= rows * cols:
+        return rows, cols
+    k_rows = min(rows, max(1, round(math.sqrt(k))))
+    k_cols = min(cols, max(1, round(k / k_rows)))
+    return min(rows, max(1, round(k / k_cols))), k_cols
+
+
+@dataclass
+class Block:
+    """One projected block: a weight (and its module's bias), seen as a ``rows × cols`` matrix."""
+
+    name: str  # the weight's name
+    params: tuple[str, ...]  # the weight, then its bias if the block holds one
+    kinds: tuple[str, ...]  # kinds of the modules that use the weight
+    rows: int  # including the bias coordinate when bias_axis == 0
+    cols: int  # including the bias coordinate when bias_axis == 1
+    bias_axis: int | None
+    k_rows: int = 0  # factor sizes (sparse variant: the masks'; sketch: its width)
+    k_cols: int = 0
+    dim: int = 0  # features of the block
+    sparse_jl: bool = False  # a sparse JL maps the k_rows·k_cols products to dim
+    sketch: bool = False  # TensorSketch: nnz sketches of width k_rows = k_cols, dim = nnz·width
+    path: str = "hooks"  # how its features were last computed
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class FactorizedPlan:
+    """How a model's selected parameters are projected: blocks, fallback, dimensions."""
+
+    blocks: list[Block]
+    modules: list[tuple[nn.Module, str, str]]  # (module, kind, block name) of every hooked module
+    fallback_names: list[str]
+    fallback_projector: Projector | None
+    fallback_dim: int
+    fallback_size: int = 0  # coordinates of the fallback's parameters
+    moved: dict[str, str] = field(default_factory=dict)  # block name -> why it left the hooks
+    checked: list[Task] = field(default_factory=list)  # tasks whose first batch was checked
+
+    @property
+    def output_dim(self) -> int:
+        """Total number of features: the blocks' in order, then the fallback's."""
+        return sum(block.dim for block in self.blocks) + self.fallback_dim
+
+    def parts(self) -> list[tuple[str, int, int]]:
+        """``(name, coordinates, features)`` of each block, then of the fallback
+        (``"(other)"``), in the order of the features."""
+        parts = [(block.name, block.size, block.dim) for block in self.blocks]
+        if self.fallback_names:
+            parts.append((FALLBACK, self.fallback_size, self.fallback_dim))
+        return parts
+
+    def layout(self) -> list[dict[str, Any]]:
+        """One row per block, then one for the fallback: ``name``, ``kind``, ``path``
+        (``"factorized"``, ``"materialized"``, ``"vmap"``, or ``"hooks"`` before any batch),
+        ``k`` (its features), ``params`` and, for blocks, ``shape`` and ``factors``."""
+        rows = [
+            {
+                "name": block.name,
+                "kind": "+".join(block.kinds),
+                "path": "vmap" if block.name in self.moved else block.path,
+                "k": block.dim,
+                "params": list(block.params),
+                "shape": (block.rows, block.cols),
+                "factors": (block.k_rows, block.k_cols),
+            }
+            for block in self.blocks
+        ]
+        if self.fallback_names:
+            rows.append(
+                {
+                    "name": "(other)",
+                    "kind": "other",
+                    "path": "vmap",
+                    "k": self.fallback_dim,
+                    "params": list(self.fallback_names),
+                }
+            )
+        return rows
+
+
+class _Factor:
+    """One side's ``(dim, k)`` factor: identity, a dense matrix, or a scaled coordinate mask."""
+
+    def __init__(self, dim: int, k: int, matrix=None, index=None, scale: float = 1.0):
+        self.dim, self.k, self.matrix, self.index, self.scale = dim, k, matrix, index, scale
+        self.identity = matrix is None and index is None
+        self._dense = matrix
+
+    def dense(self, like: torch.Tensor) -> torch.Tensor:
+        """The factor as a ``(dim, k)`` matrix in the dtype and on the device of ``like``."""
+        if self._dense is None:
+            dense = torch.zeros(self.dim, self.k, dtype=like.dtype, device=like.device)
+            columns = torch.arange(self.k, device=like.device)
+            dense[columns if self.identity else self.index, columns] = self.scale
+            self._dense = dense
+        return self._dense
+
+    def vectors(self, x: torch.Tensor, augmented: bool) -> torch.Tensor:
+        """``[x, 1] F`` (``augmented``) or ``x F`` for ``x`` of shape ``(..., dim - augmented)``."""
+        if self.identity:
+            return torch.cat([x, torch.ones_like(x[..., :1])], -1) if augmented else x
+        if self.index is None:
+            out = x @ self.matrix[: x.shape[-1]]
+            return out + self.matrix[-1] if augmented else out
+        out = x[..., self.index.clamp(max=x.shape[-1] - 1)] * self.scale
+        if augmented:
+            out[..., self.index == x.shape[-1]] = self.scale
+        return out
+
+    def along(self, matrices: torch.Tensor, axis: int) -> torch.Tensor:
+        """``Fᵀ`` applied along ``axis`` (1 or 2) of ``(batch, rows, cols)`` matrices."""
+        if self.identity:
+            return matrices
+        if self.index is not None:
+            return matrices.index_select(axis, self.index) * self.scale
+        if axis == 1:
+            return torch.einsum("nrc,rk->nkc", matrices, self.matrix)
+        return matrices @ self.matrix
+
+
+class _CountSketch:
+    """One side's ``nnz`` CountSketches ``[dim] → [width]``: in sketch ``j``, coordinate ``i`` is
+    added to bucket ``buckets[j, i]`` of slice ``j`` (of ``width``) with sign ``signs[j, i]``."""
+
+    def __init__(self, dim: int, width: int, buckets: torch.Tensor, signs: torch.Tensor):
+        self.dim, self.width, self.buckets, self.signs = dim, width, buckets, signs
+        self.nnz = len(buckets)
+        offsets = torch.arange(self.nnz, device=buckets.device).unsqueeze(1) * width
+        self._flat_buckets = buckets + offsets  # buckets among all nnz·width
+
+    def vectors(self, x: torch.Tensor, augmented: bool) -> torch.Tensor:
+        """Sketches ``(..., nnz, width)`` of ``[x, 1]`` (``augmented``) or ``x``, for ``x`` of
+        shape ``(..., dim - augmented)``."""
+        size = x.shape[-1]
+        out = x.new_zeros(*x.shape[:-1], self.nnz * self.width)
+        for buckets, signs in zip(self._flat_buckets, self.signs.to(x.dtype)):
+            out.index_add_(-1, buckets[:size], x * signs[:size])
+            if augmented:
+                out[..., buckets[-1]] += signs[-1]
+        return out.unflatten(-1, (self.nnz, self.width))
+
+    def one_hot(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Sketches ``(*index.shape, nnz, width)`` of the unit vectors ``e_index``."""
+        out = like.new_zeros(*index.shape, self.nnz * self.width)
+        buckets = self._flat_buckets[:, index].movedim(0, -1)
+        signs = self.signs.to(like.dtype)[:, index].movedim(0, -1)
+        return out.scatter_(-1, buckets, signs).unflatten(-1, (self.nnz, self.width))
+
+
+@dataclass
+class _Call:
+    """One call of a hooked module: its input and output (and, after backward, the gradient)."""
+
+    block: str
+    kind: str
+    module: nn.Module
+    inputs: torch.Tensor
+    output: torch.Tensor
+
+
+def _unfold(x: torch.Tensor, module: nn.Module, kind: str) -> torch.Tensor:
+    """The patches a conv multiplies, ``(batch, positions, in·kernel)`` in the weight's order."""
+    padding = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
+    if kind == "conv1d":
+        x, kernel = x.unsqueeze(2), (1, module.kernel_size[0])
+        dilation, padding, stride = (1, module.dilation[0]), (0, padding[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    patches = nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2)
+
+
+class SplitMismatchError(ValueError):
+    """A fitted split of k serves another model or parameter selection than the one asked for."""
+
+
+class FactorizedProjector(Projector):
+    """Per-layer Kronecker-factored projection computed from layer inputs and output gradients.
+
+    Features come from ``(model, task, state, batch)`` through :meth:`features`, not from
+    per-example gradients: :class:`~datatrace.grads.featurize.GradientFeatures` calls it in place
+    of ``gradients()`` then ``project()``. The map and the rules are in the module's docstring.
+
+    With ``split="gradient"`` and no ``layer_dims`` the split is fitted by :meth:`fit_split`
+    (``GradientFeatures`` does it before the first features, or adopts the split a store
+    recorded) and kept in ``layer_dims_``; :meth:`plan` and :meth:`features` need it.
+
+    Args:
+        proj_dim: the total ``k`` to split across layers (the result is close to it).
+        variant: ``"dense"`` (LoGra: Gaussian factors), ``"sparse"`` (FactGraSS: masks, then
+            a sparse JL) or ``"sketch"`` (TensorSketch of each block).
+        nnz: nonzeros per coordinate of the sparse JLs (FactGraSS and the fallback).
+        check_examples: examples of the first batch of each task on which the features of every
+            block are checked against vmap per-example gradients (0: no check).
+        max_cache_bytes: factors kept in memory between batches up to this size in all.
+        split: how ``k`` is split across blocks: ``"gradient"`` (in proportion to each block's
+            gradient energy, measured by a pilot pass) or ``"params"`` (to its size).
+        layer_dims: a fitted ``"gradient"`` split, ``{block name: k_l}`` (the fallback as
+            ``"(other)"``), as ``config()["layer_dims"]`` records it; ``None`` to fit one.
+    """
+
+    def __init__(
+        self,
+        proj_dim: int,
+        variant: str = "dense",
+        nnz: int = 4,
+        check_examples: int = 2,
+        max_cache_bytes: int = 1 << 30,
+        split: str = "gradient",
+        layer_dims: Mapping[str, int] | None = None,
+    ):
+        super().__init__(max_cache_bytes)
+        if proj_dim < 1 or nnz < 1 or check_examples < 0:
+            raise ValueError(
+                f"proj_dim and nnz must be positive and check_examples non-negative, got "
+                f"{proj_dim}, {nnz} and {check_examples}"
+            )
+        if variant not in VARIANTS:
+            raise ValueError(
+                f"unknown variant {variant!r}: use 'dense' (LoGra), 'sparse' (FactGraSS) or "
+                "'sketch' (TensorSketch)"
+            )
+        if split not in SPLITS:
+            raise ValueError(
+                f"unknown split {split!r}: use 'gradient' (k_l in proportion to each layer's "
+                "gradient energy) or 'params' (to its number of parameters)"
+            )
+        if layer_dims is not None and (
+            split != "gradient" or not all(int(k) >= 1 for k in layer_dims.values())
+        ):
+            raise ValueError(
+                "layer_dims is a fitted split='gradient' ({block name: k_l}, each k_l >= 1), "
+                f"got {layer_dims!r} with split={split!r}"
+            )
+        self.proj_dim = proj_dim
+        self.variant = variant
+        self.nnz = nnz
+        self.check_examples = check_examples
+        self.split = split
+        self.layer_dims_ = (
+            None if layer_dims is None else {str(n): int(k) for n, k in layer_dims.items()}
+        )
+        self._plans: list[tuple[nn.Module, tuple[str, ...], FactorizedPlan]] = []
+        self._cache_seed: int | None = None
+        self._cache_bytes = 0
+
+    def config(self) -> dict[str, Any]:
+        config = {
+            "name": "factorized",
+            "proj_dim": self.proj_dim,
+            "variant": self.variant,
+            "nnz": self.nnz,
+            "min_layer_dim": MIN_LAYER_DIM,
+            "sparse_blowup": SPARSE_BLOWUP,
+            "split": self.split,
+        }
+        if self.split == "gradient":
+            config["layer_dims"] = None if self.layer_dims_ is None else dict(self.layer_dims_)
+        return config
+
+    @property
+    def split_fitted(self) -> bool:
+        """Whether the split is known: ``"params"``, or a fitted (or given) ``"gradient"``."""
+        return self.split == "params" or self.layer_dims_ is not None
+
+    def adopt_split(self, config: Mapping[str, Any] | None) -> bool:
+        """Take the fitted split of ``config`` (a recorded :meth:`config`) if this projector's
+        is not fitted yet and every other setting is the same; return whether it was taken."""
+        if self.split_fitted or not isinstance(config, Mapping):
+            return False
+        if config.get("layer_dims") is None or {**config, "layer_dims": None} != self.config():
+            return False
+        self.layer_dims_ = {str(name): int(k) for name, k in config["layer_dims"].items()}
+        self._plans = []
+        return True
+
+    def reset_split(self) -> None:
+        """Forget a fitted ``"gradient"`` split (one adopted for other parameters)."""
+        if self.split == "gradient":
+            self.layer_dims_ = None
+            self._plans = []
+
+    def fit_split(
+        self,
+        model: nn.Module,
+        task: Task,
+        param_names: Sequence[str],
+        state: Mapping[str, torch.Tensor],
+        batches: Iterable[Any],
+        seed: int,
+    ) -> FactorizedProjector:
+        """Fit the ``"gradient"`` split from a pilot pass (module docstring, "Splitting k").
+
+        Each block's energy ``e_l`` is the mean over the examples of ``batches`` of ``‖φ_l‖²``,
+        with ``φ`` the features under the ``"params"`` split; then
+        ``layer_dims_ = split_dim(proj_dim, p_l, weights=e_l)`` by block name.
+
+        Args:
+            model, task, param_names, state, seed: as in :meth:`features`.
+            batches: the pilot examples, in batches along the first dimension.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: the split is ``"params"`` or already fitted, or the pilot's gradients
+                are not finite.
+        """
+        if self.split_fitted:
+            raise ValueError(
+                f"this projector's split ({self.split!r}) is already set: fit_split measures a "
+                "new one for split='gradient' only, once"
+            )
+        names = list(param_names)
+        pilot = self._build_plan(model, names, "params")
+        parts = pilot.parts()
+        edges = [0, *itertools.accumulate(dim for _, _, dim in parts)]
+        totals = torch.zeros(len(parts), dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            features = self._features(pilot, model, task, state, batch, seed).double()
+            count += len(features)
+            totals += torch.stack(
+                [features[:, lo:hi].pow(2).sum() for lo, hi in itertools.pairwise(edges)]
+            ).cpu()
+        energies = (totals / max(count, 1)).tolist()
+        bad = [name for (name, _, _), energy in zip(parts, energies) if not math.isfinite(energy)]
+        if bad:
+            raise ValueError(
+                f"the gradients of the pilot pass are NaN or infinite in {bad}: the model's "
+                "output is not finite on the first training examples; fix it and run again"
+            )
+        split = split_dim(self.proj_dim, [size for _, size, _ in parts], weights=energies)
+        self.layer_dims_ = {name: k for (name, _, _), k in zip(parts, split)}
+        self._plans = []
+        return self
+
+    def output_dim(self, sizes: Sequence[int]) -> int:
+        raise TypeError(
+            "the factorized projection's dimension depends on the model's layers, not only on "
+            "the parameter sizes: use plan(model, param_names).output_dim"
+        )
+
+    def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+        raise TypeError(
+            "the factorized projection computes features from the model and the batch: use "
+            "features(model, task, param_names, state, batch, seed)"
+        )
+
+    # -- the plan -----------------------------------------------------------------------------
+
+    def plan(self, model: nn.Module, param_names: Sequence[str]) -> FactorizedPlan:
+        """The blocks, fallback and dimensions for ``model``'s parameters ``param_names``.
+
+        Raises:
+            RuntimeError: the ``"gradient"`` split is not fitted yet.
+            ValueError: the fitted split names other blocks than these parameters form.
+        """
+        names = tuple(param_names)
+        for known_model, known_names, plan in self._plans:
+            if known_model is model and known_names == names:
+                return plan
+        if not self.split_fitted:
+            raise RuntimeError(
+                "this projector's split='gradient' is not fitted yet: featurize the training "
+                "set with it (GradientFeatures.featurize_train or featurize_all, or TRAK.fit), "
+                "call fit_split(...) on pilot examples, or pass split='params'"
+            )
+        plan = self._build_plan(model, list(names), self.split)
+        self._plans = [*self._plans[-3:], (model, names, plan)]
+        return plan
+
+    def layout(self) -> list[dict[str, Any]]:
+        """:meth:`FactorizedPlan.layout` of the plan used last."""
+        if not self._plans:
+            raise RuntimeError("this projector has not been used yet: featurize with it first")
+        return self._plans[-1][2].layout()
+
+    def _build_plan(self, model: nn.Module, param_names: list[str], split: str) -> FactorizedPlan:
+        """The plan with the ``"params"`` split, or with the fitted ``layer_dims_``."""
+        named = dict(model.named_parameters())
+        selected = set(param_names)
+        name_of = {id(param): name for name, param in named.items()}
+        holders: dict[int, list[nn.Module]] = defaultdict(list)
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    holders[id(param)].append(module)
+        blocks, modules, taken = [], [], set()
+        for name in param_names:
+            users = holders[id(named[name])]
+            kinds = [layer_kind(module) for module in users]
+            if not users or None in kinds or any(m.weight is not named[name] for m in users):
+                continue
+            params, bias_axis = [name], None
+            bias = getattr(users[0], "bias", None)
+            if (
+                len(users) == 1
+                and isinstance(bias, nn.Parameter)
+                and name_of[id(bias)] in selected
+                and holders[id(bias)] == users
+            ):
+                params.append(name_of[id(bias)])
+                bias_axis = INPUT_AXIS[kinds[0]]
+            shape = named[name].shape
+            rows, cols = shape[0], math.prod(shape[1:])
+            blocks.append(
+                Block(
+                    name,
+                    tuple(params),
+                    tuple(dict.fromkeys(kinds)),
+                    rows + (bias_axis == 0),
+                    cols + (bias_axis == 1),
+                    bias_axis,
+                )
+            )
+            modules += [(module, kind, name) for module, kind in zip(users, kinds)]
+            taken.update(params)
+        fallback = [name for name in param_names if name not in taken]
+        sizes = {block.name: block.size for block in blocks}
+        if fallback:
+            sizes[FALLBACK] = sum(named[name].numel() for name in fallback)
+        if split == "params":
+            shares = dict(zip(sizes, split_dim(self.proj_dim, list(sizes.values()))))
+        elif set(self.layer_dims_) == set(sizes):
+            shares = self.layer_dims_
+        else:
+            raise SplitMismatchError(
+                f"the fitted split names the blocks {sorted(self.layer_dims_)}, but these "
+                f"parameters form {sorted(sizes)}: a split fitted for one model and parameter "
+                "selection serves only those (make a new projector for another)"
+            )
+        for block in blocks:
+            self._size_block(block, shares[block.name])
+        projector, fallback_dim = None, 0
+        if fallback:
+            share = -(-shares[FALLBACK] // self.nnz) * self.nnz
+            if share >= sizes[FALLBACK]:
+                projector, fallback_dim = IdentityProjector(), sizes[FALLBACK]
+            else:
+                projector = SparseJLProjector(share, self.nnz, self.max_cache_bytes)
+                fallback_dim = share
+        return FactorizedPlan(
+            blocks, modules, fallback, projector, fallback_dim, sizes.get(FALLBACK, 0)
+        )
+
+    def _size_block(self, block: Block, share: int) -> None:
+        if share >= block.size:
+            block.k_rows, block.k_cols, block.dim = block.rows, block.cols, block.size
+            return
+        if self.variant == "dense":
+            block.k_rows, block.k_cols = factor_dims(share, block.rows, block.cols)
+            block.dim = block.k_rows * block.k_cols
+            return
+        dim = -(-share // self.nnz) * self.nnz
+        if dim >= block.size:
+            block.k_rows, block.k_cols, block.dim = block.rows, block.cols, block.size
+            return
+        if self.variant == "sketch":
+            block.k_rows = block.k_cols = dim // self.nnz
+            block.dim, block.sketch = dim, True
+            return
+        kept = min(block.size, SPARSE_BLOWUP * dim)
+        block.k_rows, block.k_cols = factor_dims(kept, block.rows, block.cols)
+        block.dim, block.sparse_jl = dim, True
+
+    # -- the matrices -------------------------------------------------------------------------
+
+    def _cached(self, key: tuple, seed: int, make):
+        if seed != self._cache_seed:
+            self._cache, self._cache_seed, self._cache_bytes = {}, seed, 0
+        if key in self._cache:
+            return self._cache[key]
+        value, nbytes = make()
+        if self._cache_bytes + nbytes <= self.max_cache_bytes:
+            self._cache[key] = value
+            self._cache_bytes += nbytes
+        return value
+
+    def factor(self, block: Block, axis: int, seed: int, like: torch.Tensor):
+        """The factor of ``block`` over its rows (``axis=0``, side ``"out"``) or columns
+        (``axis=1``, side ``"in"``), on the device of ``like`` (and in its dtype): a
+        :class:`_Factor`, or the side's :class:`_CountSketch` for the sketch."""
+        dim, k = (block.rows, block.k_rows) if axis == 0 else (block.cols, block.k_cols)
+        if k == dim and not block.sketch:
+            return _Factor(dim, k)
+        side = "out" if axis == 0 else "in"
+        key = (block.name, side, dim, k, self.variant, str(like.device), like.dtype)
+
+        def make():
+            if block.sketch:
+                generators = [
+                    _generator(seed, block.name, side, b)
+                    for b in range(-(-dim // SPARSE_GENERATION_ROWS))
+                ]
+                shape = (self.nnz, SPARSE_GENERATION_ROWS)
+                tables = [
+                    (
+                        torch.randint(0, k, shape, generator=g),
+                        torch.randint(0, 2, shape, generator=g),
+                    )
+                    for g in generators
+                ]
+                buckets = torch.cat([table[0] for table in tables], 1)[:, :dim].to(like.device)
+                signs = torch.cat([table[1] for table in tables], 1)[:, :dim].mul_(2).sub_(1)
+                signs = signs.to(like.device, torch.int8)
+                # int64 buckets (also offset by slice) and int8 signs
+                return _CountSketch(dim, k, buckets, signs), 17 * self.nnz * dim
+            n_blocks = -(-dim // DENSE_GENERATION_ROWS)
+            generators = [_generator(seed, block.name, side, b) for b in range(n_blocks)]
+            if self.variant == "dense":
+                shape = (DENSE_GENERATION_ROWS, k)
+                rows = torch.cat([torch.randn(shape, generator=g) for g in generators])[:dim]
+                matrix = rows.div_(math.sqrt(k)).to(like.device, like.dtype)
+                return _Factor(dim, k, matrix=matrix), matrix.numel() * matrix.element_size()
+            keys = torch.cat([torch.rand(DENSE_GENERATION_ROWS, generator=g) for g in generators])
+            index = torch.argsort(keys[:dim])[:k].sort().values.to(like.device)
+            return _Factor(dim, k, index=index, scale=math.sqrt(dim / k)), 8 * k
+
+        return self._cached(key, seed, make)
+
+    def _jl(self, block: Block, seed: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = block.k_rows * block.k_cols
+        key = (block.name, "jl", size, block.dim, str(like.device), like.dtype)
+
+        def make():
+            tables = SparseJLProjector(block.dim, self.nnz)._tables(
+                derive_seed(seed, block.name, "jl"), 0, size
+            )
+            buckets, signs = tables[0].to(like.device), tables[1].to(like.device, like.dtype)
+            return (buckets, signs), 8 * buckets.numel() + signs.numel() * signs.element_size()
+
+        return self._cached(key, seed, make)
+
+    def block_matrix(self, block: Block, seed: int) -> torch.Tensor:
+        """The whole ``(rows·cols, dim)`` map of one block (float64 CPU), for tests and small
+        layers: features are ``vec(G) @ block_matrix`` with ``G`` row-major, bias included."""
+        like = torch.zeros((), dtype=torch.float64)
+        if block.sketch:
+            identity = torch.eye(block.size, dtype=like.dtype).unflatten(
+                1, (block.rows, block.cols)
+            )
+            return self.apply_map(block, identity, seed)
+        rows = self.factor(block, 0, seed, like).dense(like)
+        cols = self.factor(block, 1, seed, like).dense(like)
+        matrix = torch.kron(rows, cols)
+        if not block.sparse_jl:
+            return matrix
+        buckets, signs = self._jl(block, seed, like)
+        jl = torch.zeros(matrix.shape[1], block.dim, dtype=like.dtype)
+        for j in range(self.nnz):
+            jl[torch.arange(matrix.shape[1]), buckets[j]] += signs[j]
+        return matrix @ jl
+
+    def apply_map(self, block: Block, matrices: torch.Tensor, seed: int) -> torch.Tensor:
+        """The block's map applied to materialised gradients ``(batch, rows, cols)`` (bias
+        included): ``(batch, dim)``."""
+        if block.sketch:
+            out = matrices.new_zeros(len(matrices), block.dim)
+            for buckets, signs in self._hashed_coordinates(block, seed, matrices):
+                out.index_add_(1, buckets, (matrices * signs).flatten(1))
+            return out.div_(math.sqrt(self.nnz))
+        rows = self.factor(block, 0, seed, matrices)
+        cols = self.factor(block, 1, seed, matrices)
+        columns_first, rows_first = _product_costs(block)
+        if columns_first <= rows_first:
+            reduced = rows.along(cols.along(matrices, 2), 1)
+        else:
+            reduced = cols.along(rows.along(matrices, 1), 2)
+        return self._finish(block, reduced.reshape(len(matrices), -1), seed)
+
+    def _hashed_coordinates(self, block: Block, seed: int, like: torch.Tensor):
+        """For each of the sketch's slices: the bucket (among all ``dim``) of every coordinate
+        ``(i, j)``, flattened row-major, and its sign as a ``(rows, cols)`` matrix."""
+        rows = self.factor(block, 0, seed, like)
+        cols = self.factor(block, 1, seed, like)
+        row_signs, col_signs = rows.signs.to(like.dtype), cols.signs.to(like.dtype)
+        for index in range(self.nnz):
+            buckets = rows.buckets[index].unsqueeze(1) + cols.buckets[index]
+            buckets = buckets.remainder_(rows.width).add_(index * rows.width)
+            yield buckets.reshape(-1), row_signs[index].unsqueeze(1) * col_signs[index]
+
+    def _finish(self, block: Block, products: torch.Tensor, seed: int) -> torch.Tensor:
+        if block.sketch:  # the summed spectra of each slice
+            spectra = products.unflatten(1, (self.nnz, -1))
+            sketches = torch.fft.irfft(spectra, n=block.k_rows).flatten(1)
+            return sketches.div_(math.sqrt(self.nnz))
+        if not block.sparse_jl:
+            return products
+        buckets, signs = self._jl(block, seed, products)
+        out = products.new_zeros(len(products), block.dim)
+        for j in range(self.nnz):
+            out.index_add_(1, buckets[j], products * signs[j])
+        return out
+
+    # -- the features -------------------------------------------------------------------------
+
+    def features(
+        self,
+        model: nn.Module,
+        task: Task,
+        param_names: Sequence[str],
+        state: Mapping[str, torch.Tensor],
+        batch: Any,
+        seed: int,
+    ) -> torch.Tensor:
+        """Projected per-example gradients of ``task.output`` under ``state``.
+
+        Args:
+            model: the module (its own parameters are never modified).
+            task: defines the output.
+            param_names: the parameters to differentiate, as in ``model.named_parameters()``.
+            state: every parameter and buffer of the model, by name.
+            batch: examples along the first dimension of every tensor.
+            seed: determines the map together with the plan.
+
+        Returns:
+            ``(batch_size, plan.output_dim)`` features, in the activations' dtype.
+        """
+        return self._features(self.plan(model, param_names), model, task, state, batch, seed)
+
+    def _features(self, plan, model, task, state, batch, seed) -> torch.Tensor:
+        if self.check_examples and not any(known is task for known in plan.checked):
+            self._check(plan, model, task, state, batch, seed)
+        hooked = [block for block in plan.blocks if block.name not in plan.moved]
+        features, bad = self._hooked_features(plan, model, task, state, batch, seed, hooked)
+        self._move(plan, bad)
+        by_vmap = [block for block in plan.blocks if block.name in plan.moved]
+        names = [name for block in by_vmap for name in block.params] + plan.fallback_names
+        parts = []
+        if names:
+            grads = PerExampleGradients(model, task, names).gradients(state, batch)
+            for block in by_vmap:
+                features[block.name] = self.apply_map(block, _matrices(block, grads), seed)
+            if plan.fallback_names:
+                fallback = plan.fallback_projector.project(
+                    [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
+                )
+                parts.append(fallback)
+        parts = [features[block.name] for block in plan.blocks] + parts
+        return torch.cat([part.to(parts[0].dtype) for part in parts], dim=1)
+
+    def _check(self, plan, model, task, state, batch, seed) -> None:
+        plan.checked.append(task)
+        blocks = [block for block in plan.blocks if block.name not in plan.moved]
+        if not blocks:
+            return
+        count = min(self.check_examples, batch_size_of(batch))
+        few = map_tensors(lambda tensor: tensor[:count], batch)
+        hooked, differing = self._hooked_features(plan, model, task, state, few, seed, blocks)
+        names = [name for block in blocks for name in block.params]
+        grads = PerExampleGradients(model, task, names).gradients(state, few)
+        for block in blocks:
+            if block.name in differing:
+                continue
+            reference = self.apply_map(block, _matrices(block, grads), seed)
+            error = torch.linalg.vector_norm(hooked[block.name] - reference).item()
+            scale = torch.linalg.vector_norm(reference).item()
+            if not error <= math.sqrt(torch.finfo(reference.dtype).eps) * scale:
+                differing[block.name] = (
+                    f"relative difference {error / scale:.2g}"
+                    if scale > 0
+                    else f"features of norm {error:.2g} where per-example gradients are zero"
+                )
+        self._move(plan, differing)
+
+    def _move(self, plan: FactorizedPlan, reasons: dict[str, str]) -> None:
+        if not reasons:
+            return
+        plan.moved.update(reasons)
+        listed = "; ".join(f"{name} ({why})" for name, why in reasons.items())
+        warnings.warn(
+            f"factorised gradient features disagree with per-example gradients for {listed}. "
+            "Their weights are used outside their module's forward (e.g. through a functional "
+            "call), examples interact in the forward pass, or the inputs are not batched along "
+            "the first dimension. These blocks are computed from per-example gradients (vmap) "
+            "from now on, with the same projection: slower, same numbers.",
+            FactorizationWarning,
+            stacklevel=3,
+        )
+
+    def _hooked_features(self, plan, model, task, state, batch, seed, blocks):
+        """Features of ``blocks`` from one batched forward and backward with hooks, and the
+        blocks whose calls the hooks could not map to examples (with why)."""
+        n = batch_size_of(batch)
+        wanted = {block.name for block in blocks}
+        calls: list[_Call] = []
+        bad: dict[str, str] = {}
+
+        def hook_for(kind: str, name: str):
+            def hook(module, inputs, output):
+                if not inputs or inputs[0].dim() < BATCHED_DIMS[kind] or inputs[0].shape[0] != n:
+                    bad[name] = "inputs not batched along the first dimension"
+                    return None
+                calls.append(_Call(name, kind, module, inputs[0], output))
+                # Later in-place changes of the returned tensor must not reach the one whose
+                # gradient is read.
+                return output.clone()
+
+            return hook
+
+        if not blocks:
+            return {}, bad
+        params = {"model." + name: t.detach() for name, t in module_state(model, state).items()}
+        for block in blocks:
+            params["model." + block.name].requires_grad_(True)
+        handles = [
+            module.register_forward_hook(hook_for(kind, name))
+            for module, kind, name in plan.modules
+            if name in wanted
+        ]
+        try:
+            with _eval_mode(model), torch.enable_grad():
+                total = functional_call(_Bound(model, task.output), params, (batch,)).sum()
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls = [call for call in calls if call.output.requires_grad and call.block not in bad]
+        if calls and total.requires_grad:
+            grads = torch.autograd.grad(total, [call.output for call in calls], allow_unused=True)
+        else:  # no hooked call reaches the output: its gradients are zero
+            grads = [None] * len(calls)
+        by_block = {block.name: block for block in blocks}
+        sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        paths: dict[str, set[str]] = defaultdict(set)
+        with torch.no_grad():
+            for call, grad in zip(calls, grads):
+                if grad is not None:
+                    block = by_block[call.block]
+                    path, term = self._term(block, call, grad.detach(), n, seed)
+                    paths[block.name].add(path)
+                    sums[block.name][path] = sums[block.name].get(path, 0) + term
+            features = {}
+            for block in blocks:
+                if block.name in bad:
+                    continue
+                parts = sums[block.name]
+                like = total.detach()
+                out = like.new_zeros(n, block.dim)
+                if "factorized" in parts:
+                    out += self._finish(block, parts["factorized"].reshape(n, -1), seed)
+                if "materialized" in parts:
+                    out += self.apply_map(block, parts["materialized"], seed)
+                features[block.name] = out
+                block.path = "+".join(sorted(paths[block.name])) or block.path
+        return features, bad
+
+    def _term(self, block: Block, call: _Call, grad: torch.Tensor, n: int, seed: int):
+        """``("factorized", Σ_t (F_outᵀ u_t)(F_inᵀ v_t)ᵀ)`` or ``("materialized", Σ_t u_t v_tᵀ)``
+        for one call, ``u``/``v`` the vectors along the block's rows/columns."""
+        inputs, kind, module = call.inputs.detach(), call.kind, call.module
+        if kind in ("conv1d", "conv2d"):
+            output_side = grad.flatten(2).transpose(1, 2)
+        else:
+            output_side = grad.reshape(n, -1, grad.shape[-1])
+        positions = output_side.shape[1]
+        input_axis = INPUT_AXIS[kind]
+        augmented = block.bias_axis is not None
+        if kind == "embedding":
+            inputs = inputs.reshape(n, -1)
+        elif kind in ("linear", "hf_conv1d"):
+            inputs = inputs.reshape(n, -1, inputs.shape[-1])
+        if self._materialise(block, kind, positions, n, grad.element_size()):
+            input_side = self._dense_input(inputs, module, kind, block, augmented, grad)
+            u, v = (output_side, input_side) if input_axis == 1 else (input_side, output_side)
+            return "materialized", torch.einsum("nsr,nsc->nrc", u, v)
+        if block.sketch:
+            return "factorized", self._spectrum(block, call, inputs, output_side, seed, grad)
+        input_factor = self.factor(block, input_axis, seed, grad)
+        output_factor = self.factor(block, 1 - input_axis, seed, grad)
+        projected_output = output_factor.vectors(output_side, False)
+        if kind == "embedding":
+            projected_input = input_factor.dense(grad)[inputs]
+            if module.padding_idx is not None:
+                projected_input = projected_input * (inputs != module.padding_idx).unsqueeze(-1)
+        elif kind in ("conv1d", "conv2d") and not input_factor.identity:
+            projected_input = self._conv_input(input_factor, inputs, module, kind, augmented, grad)
+        elif kind in ("conv1d", "conv2d"):
+            projected_input = input_factor.vectors(_unfold(inputs, module, kind), augmented)
+        else:
+            projected_input = input_factor.vectors(inputs, augmented)
+        u, v = (
+            (projected_output, projected_input)
+            if input_axis == 1
+            else (projected_input, projected_output)
+        )
+        return "factorized", torch.einsum("nsr,nsc->nrc", u, v)
+
+    def _spectrum(self, block, call, inputs, output_side, seed, like) -> torch.Tensor:
+        """``Σ_t FFT(CS_out(u_t)) ⊙ FFT(CS_in(v_t))`` of each slice for one call:
+        ``(batch, nnz, width // 2 + 1)``."""
+        kind, module = call.kind, call.module
+        input_axis = INPUT_AXIS[kind]
+        augmented = block.bias_axis is not None
+        input_sketch = self.factor(block, input_axis, seed, like)
+        output_sketch = self.factor(block, 1 - input_axis, seed, like)
+        if kind in ("conv1d", "conv2d"):
+            inputs = _unfold(inputs, module, kind)
+        n, positions = output_side.shape[:2]
+        spectrum_bytes = 2 * like.element_size() * self.nnz * (block.k_rows // 2 + 1)
+        step = max(1, SKETCH_WORK_BYTES // (n * spectrum_bytes))
+        total = 0
+        for lo in range(0, positions, step):
+            part = slice(lo, lo + step)
+            if kind == "embedding":
+                projected_input = input_sketch.one_hot(inputs[:, part], like)
+                if module.padding_idx is not None:
+                    keep = inputs[:, part] != module.padding_idx
+                    projected_input = projected_input * keep[..., None, None]
+            else:
+                projected_input = input_sketch.vectors(inputs[:, part], augmented)
+            projected_output = output_sketch.vectors(output_side[:, part], False)
+            spectra = torch.fft.rfft(projected_input) * torch.fft.rfft(projected_output)
+            total = total + spectra.sum(1)
+        return total
+
+    def _materialise(self, block: Block, kind: str, positions: int, n: int, itemsize: int):
+        """The cost rule (module docstring), in multiply-adds per example: not for FactGraSS."""
+        if self.variant == "sparse" or n * block.size * itemsize > MATERIALISE_BYTES:
+            return False
+        if block.sketch:
+            row_cost = self.nnz * (1 if kind == "embedding" else block.rows)
+            fft_cost = FFT_COST * block.dim * math.log2(max(block.k_rows, 2))
+            factorised = positions * (row_cost + self.nnz * block.cols + fft_cost)
+            forming = positions * (block.cols if kind == "embedding" else block.size)
+            return forming + self.nnz * block.size <= factorised
+        rows, cols, k_rows, k_cols = block.rows, block.cols, block.k_rows, block.k_cols
+        row_cost = 0 if k_rows == rows else (k_rows if kind == "embedding" else rows * k_rows)
+        col_cost = 0 if k_cols == cols else cols * k_cols
+        factorised = positions * (row_cost + col_cost + k_rows * k_cols)
+        forming = positions * (cols if kind == "embedding" else rows * cols)
+        return forming + min(_product_costs(block)) <= factorised
+
+    @staticmethod
+    def _dense_input(inputs, module, kind, block, augmented, like):
+        if kind == "embedding":
+            dense = nn.functional.one_hot(inputs, block.rows).to(like.dtype)
+            if module.padding_idx is not None:
+                dense[..., module.padding_idx] = 0
+            return dense
+        if kind in ("conv1d", "conv2d"):
+            inputs = _unfold(inputs, module, kind)
+        return torch.cat([inputs, torch.ones_like(inputs[..., :1])], -1) if augmented else inputs
+
+    @staticmethod
+    def _conv_input(factor: _Factor, inputs, module, kind, augmented, like):
+        """``F_inᵀ`` of every patch as a convolution with ``k_in`` filters: no unfolded copy."""
+        matrix = factor.dense(like)
+        width = matrix.shape[0] - augmented
+        filters = matrix[:width].T.reshape(factor.k, *module.weight.shape[1:])
+        conv = nn.functional.conv1d if kind == "conv1d" else nn.functional.conv2d
+        out = conv(inputs, filters, None, module.stride, module.padding, module.dilation)
+        out = out.flatten(2).transpose(1, 2)
+        return out + matrix[-1] if augmented else out
+
+
+def _product_costs(block: Block) -> tuple[int, int]:
+    """Multiply-adds of ``F_outᵀ G F_in`` for one ``rows × cols`` matrix ``G``, reducing the
+    columns first or the rows first (an identity factor costs nothing)."""
+
+    def reduce(size: int, k: int, other: int) -> int:
+        return 0 if k == size else size * k * other
+
+    rows, cols, k_rows, k_cols = block.rows, block.cols, block.k_rows, block.k_cols
+    return (
+        reduce(cols, k_cols, rows) + reduce(rows, k_rows, k_cols),
+        reduce(rows, k_rows, cols) + reduce(cols, k_cols, k_rows),
+    )
+
+
+def _matrices(block: Block, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example gradients of a block as ``(batch, rows, cols)`` matrices, bias included."""
+    weight = grads[block.params[0]]
+    matrices = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    if block.bias_axis is None:
+        return matrices
+    bias = grads[block.params[1]]
+    return torch.cat([matrices, bias.unsqueeze(1 + (block.bias_axis == 1))], 1 + block.bias_axis)

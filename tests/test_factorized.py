@@ -1,0 +1,638 @@
+"""Per-layer projections against (P_out ⊗ P_in), or the TensorSketch's hashed map built here, of
+per-example gradients from a loop."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import datatrace as dt
+from conftest import SmallCNN, make_mlp, train
+from datatrace._estimator import projector_from_config
+from datatrace.data import map_tensors
+from datatrace.grads import factorized
+from datatrace.grads.factorized import (
+    FactorizationWarning,
+    FactorizedProjector,
+    factor_dims,
+    split_dim,
+)
+from datatrace.grads.featurize import GradientFeatures
+from datatrace.grads.projectors import (
+    DENSE_GENERATION_ROWS,
+    SPARSE_GENERATION_ROWS,
+    derive_seed,
+    make_projector,
+)
+from datatrace.store import Store, StoreMismatchError
+from datatrace.tasks.base import Task
+
+SEED = 5
+pytestmark = pytest.mark.usefixtures("one_thread")
+VARIANTS = ["dense", "sparse", "sketch"]
+KRONECKER_VARIANTS = ["dense", "sparse"]
+
+
+class ModelOutput(Task):
+    """The model returns ``(batch_size,)`` outputs itself."""
+
+    def output(self, model, batch):
+        return model(batch)
+
+    def out_to_loss(self, model, batch):
+        return torch.ones(len(model(batch)), dtype=torch.float64)
+
+
+class Sequence(nn.Module):
+    """Linear layers applied at every position of ``(n, positions, 9)`` inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 12)
+        self.second = nn.Linear(12, 3, bias=False)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x).mul_(1.5))  # in place on the hooked output
+        return (torch.sin(self.second(hidden)) * torch.arange(1.0, 4.0, dtype=x.dtype)).sum((1, 2))
+
+
+class Convolutions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.line = nn.Conv1d(4, 6, 3, stride=2, padding=1)
+        self.image = nn.Conv2d(3, 8, 3, stride=2, padding=2, dilation=2)
+
+    def forward(self, batch):
+        line = torch.tanh(self.line(batch["line"])).pow(2).sum((1, 2))
+        return line + torch.sin(self.image(batch["image"])).sum((1, 2, 3))
+
+
+class TiedLanguageModel(nn.Module):
+    """Embedding (padding_idx 0) tied to the head; the output masks padded positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    masked = True
+
+    def forward(self, batch):
+        ids = batch["ids"]
+        logits = self.head(torch.tanh(self.mix(self.embed(ids))))
+        picked = logits.log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        return (picked * (ids != 0)).sum(1) if self.masked else picked.sum(1)
+
+
+class UnmaskedLanguageModel(TiedLanguageModel):
+    """Padded positions reach the output: only padding_idx keeps their row's gradient out."""
+
+    masked = False
+
+
+class HFConv1D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.proj = Conv1D(8, 9)  # nf=8 outputs, nx=9 inputs: weight (9, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).pow(2).sum((1, 2))
+
+
+class Scale(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, size))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class WithFallback(nn.Module):
+    """LayerNorm and a custom module go to the vmap path; ``middle`` is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 8)
+        self.norm = nn.LayerNorm(8)
+        self.custom = Scale(8)
+        self.middle = nn.Linear(8, 8)
+        self.last = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = self.custom(self.norm(self.first(x)))
+        hidden = torch.tanh(self.middle(torch.tanh(self.middle(hidden))))
+        return torch.sin(self.last(hidden)).sum((1, 2))
+
+
+class FunctionalUse(nn.Module):
+    """``fc.weight`` is also used through a functional call, which no hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(9, 7)
+        self.other = nn.Linear(9, 7)
+
+    def forward(self, x):
+        used_twice = self.fc(x) + nn.functional.linear(x.flip(-1), self.fc.weight)
+        return torch.tanh(used_twice + self.other(x)).pow(2).sum((1, 2))
+
+
+def make(model_class, n=5, positions=4, seed=0):
+    torch.manual_seed(seed)
+    model = model_class().double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    if model_class is Convolutions:  # positions: the length of the 1-d input
+        size = (5, 6) if positions < 20 else (9, 8)
+        batch = {
+            "line": torch.randn(n, 4, positions, generator=gen, dtype=torch.float64),
+            "image": torch.randn(n, 3, *size, generator=gen, dtype=torch.float64),
+        }
+    elif issubclass(model_class, TiedLanguageModel):
+        ids = torch.randint(1, 40, (n, positions), generator=gen)
+        ids[:, -2:] = 0  # padded tail
+        ids[0, 1] = 0
+        batch = {"ids": ids, "targets": torch.randint(0, 40, (n, positions), generator=gen)}
+    else:
+        batch = torch.randn(n, positions, 9, generator=gen, dtype=torch.float64)
+    return model, batch
+
+
+def loop_gradients(model, task, batch, n):
+    """Reference: one torch.autograd.grad per example, on the model itself."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(n):
+        one = map_tensors(lambda tensor, i=i: tensor[i : i + 1], batch)
+        grads = torch.autograd.grad(task.output(model, one).sum(), list(params.values()))
+        rows.append(dict(zip(params, grads)))
+    return {name: torch.stack([row[name] for row in rows]) for name in params}
+
+
+def hashed_map(projector, block, seed):
+    """The TensorSketch of a block as a ``(rows·cols, dim)`` matrix, entry by entry from its hash
+    tables: in slice s (of width w), coordinate (i, j) goes to bucket (h_out(i) + h_in(j)) mod w
+    with sign s_out(i)·s_in(j), all divided by √nnz."""
+    like = torch.zeros((), dtype=torch.float64)
+    rows, cols = projector.factor(block, 0, seed, like), projector.factor(block, 1, seed, like)
+    width = block.dim // projector.nnz
+    matrix = torch.zeros(block.rows * block.cols, block.dim, dtype=torch.float64)
+    for s in range(projector.nnz):
+        for i in range(block.rows):
+            for j in range(block.cols):
+                bucket = s * width + (int(rows.buckets[s, i]) + int(cols.buckets[s, j])) % width
+                sign = int(rows.signs[s, i]) * int(cols.signs[s, j])
+                matrix[i * block.cols + j, bucket] += sign / math.sqrt(projector.nnz)
+    return matrix
+
+
+def reference_features(projector, plan, grads, seed):
+    """Each block's explicit (P_out ⊗ P_in) (then JL), or hashed map, applied to vec([G | b]);
+    the fallback block's projector on the fallback gradients."""
+    parts = []
+    for block in plan.blocks:
+        weight = grads[block.params[0]]
+        matrix = weight.reshape(len(weight), weight.shape[1], -1)
+        if block.bias_axis is not None:
+            bias = grads[block.params[1]]
+            matrix = torch.cat([matrix, bias.unsqueeze(1 + block.bias_axis)], 1 + block.bias_axis)
+        explicit = hashed_map if block.sketch else type(projector).block_matrix
+        parts.append(matrix.reshape(len(matrix), -1) @ explicit(projector, block, seed))
+    if plan.fallback_names:
+        fallback = plan.fallback_projector.project(
+            [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
+        )
+        parts.append(fallback.double())
+    return torch.cat(parts, 1)
+
+
+def featurize(projector, model, batch, names=None):
+    names = names or [name for name, _ in model.named_parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FactorizationWarning)
+        return projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+
+
+@pytest.mark.parametrize("variant", KRONECKER_VARIANTS)
+@pytest.mark.parametrize(
+    "model_class, positions, paths",
+    [
+        (Sequence, 4, {"first.weight": "factorized", "second.weight": "factorized"}),
+        # the cost rule materialises small layers used at many positions
+        (Sequence, 40, {"first.weight": "factorized", "second.weight": "materialized"}),
+        (Convolutions, 9, {"line.weight": "factorized", "image.weight": "factorized"}),
+        (Convolutions, 81, {"line.weight": "materialized", "image.weight": "factorized"}),
+        (TiedLanguageModel, 6, {"embed.weight": "factorized"}),
+        (UnmaskedLanguageModel, 6, {"embed.weight": "factorized"}),
+        (HFConv1D, 3, {"proj.weight": "factorized"}),
+    ],
+    ids=[
+        "linear",
+        "linear-materialized",
+        "conv",
+        "conv-materialized",
+        "tied-embedding",
+        "padding-idx",
+        "hf-conv1d",
+    ],
+)
+def test_features_equal_kronecker_map_of_loop_gradients(variant, model_class, positions, paths):
+    if model_class is HFConv1D:
+        pytest.importorskip("transformers")
+    model, batch = make(model_class, positions=positions)
+    projector = FactorizedProjector(24, variant=variant, split="params")
+    got = featurize(projector, model, batch)
+    plan = projector.plan(model, [name for name, _ in model.named_parameters()])
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    assert got.shape == (5, plan.output_dim)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    rows = {row["name"]: row for row in projector.layout()}
+    assert not plan.fallback_names
+    for name, path in paths.items():
+        assert rows[name]["path"] == (path if variant == "dense" else "factorized"), rows[name]
+        assert rows[name]["k"] < math.prod(rows[name]["shape"])  # projected, not copied
+
+
+@pytest.mark.parametrize("through", ["factorized", "materialized"])
+@pytest.mark.parametrize(
+    "model_class, positions",
+    [
+        (Sequence, 4),
+        (Convolutions, 9),
+        (TiedLanguageModel, 6),
+        (UnmaskedLanguageModel, 6),
+        (HFConv1D, 3),
+    ],
+    ids=["linear", "conv", "tied-embedding", "padding-idx", "hf-conv1d"],
+)
+def test_sketch_features_equal_hashed_map_of_loop_gradients(
+    monkeypatch, model_class, positions, through
+):
+    """From hooks (FFTs summed over positions) and from materialised gradients (index
+    arithmetic), each forced on every layer: the hashed map, built here entry by entry, of loop
+    gradients."""
+    if model_class is HFConv1D:
+        pytest.importorskip("transformers")
+    if through == "factorized":
+        monkeypatch.setattr(factorized, "MATERIALISE_BYTES", 0)
+    else:
+        monkeypatch.setattr(factorized, "FFT_COST", 1e9)
+    model, batch = make(model_class, positions=positions)
+    projector = FactorizedProjector(24, variant="sketch", split="params")
+    got = featurize(projector, model, batch)
+    plan = projector.plan(model, [name for name, _ in model.named_parameters()])
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert {row["path"] for row in projector.layout()} == {through}
+    assert all(block.sketch and block.dim < block.size for block in plan.blocks)
+
+
+def test_sketch_hashes_match_a_one_shot_generation():
+    model = nn.Embedding(70_000, 3)  # the rows span two generation blocks
+    projector = FactorizedProjector(1000, variant="sketch", nnz=2, split="params")
+    (block,) = projector.plan(model, ["weight"]).blocks
+    assert block.dim == 1000 and (block.k_rows, block.k_cols) == (500, 500)  # two of width 500
+    rows = projector.factor(block, 0, SEED, torch.zeros(()))
+    buckets, signs = [], []
+    for b in range(2):
+        generator = torch.Generator().manual_seed(derive_seed(SEED, "weight", "out", b))
+        buckets.append(torch.randint(0, 500, (2, SPARSE_GENERATION_ROWS), generator=generator))
+        signs.append(torch.randint(0, 2, (2, SPARSE_GENERATION_ROWS), generator=generator))
+    torch.testing.assert_close(rows.buckets, torch.cat(buckets, 1)[:, :70_000])
+    torch.testing.assert_close(rows.signs.long(), torch.cat(signs, 1)[:, :70_000] * 2 - 1)
+
+
+def test_bias_is_an_input_coordinate_and_tied_weight_is_one_block():
+    model, _ = make(TiedLanguageModel)
+    plan = FactorizedProjector(64, split="params").plan(
+        model, [name for name, _ in model.named_parameters()]
+    )
+    rows = {row["name"]: row for row in plan.layout()}
+    assert set(rows) == {"embed.weight", "mix.weight"}  # the head is the embedding's block
+    assert rows["embed.weight"]["kind"] == "embedding+linear"
+    assert rows["mix.weight"]["params"] == ["mix.weight", "mix.bias"]
+    assert rows["mix.weight"]["shape"] == (6, 7)
+
+
+def test_padding_contributes_nothing():
+    """Padded positions (masked by the task, padding_idx in the embedding) change no feature."""
+    model, batch = make(TiedLanguageModel, positions=6)
+    projector = FactorizedProjector(48, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    before = featurize(projector, model, batch)
+    changed = dict(batch, targets=batch["targets"].clone())
+    changed["targets"][batch["ids"] == 0] = 7  # targets at padded positions are ignored
+    torch.testing.assert_close(featurize(projector, model, changed, names), before)
+    # positions 4 and 5 are padding everywhere: removing them changes nothing
+    shorter = {key: value[:, :4] for key, value in batch.items()}
+    torch.testing.assert_close(featurize(projector, model, shorter, names), before)
+
+
+def test_fallback_for_layer_norm_and_custom_module():
+    model, batch = make(WithFallback)
+    projector = FactorizedProjector(40, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    got = featurize(projector, model, batch)
+    plan = projector.plan(model, names)
+    assert plan.fallback_names == ["norm.weight", "norm.bias", "custom.scale"]
+    rows = {row["name"]: row for row in plan.layout()}
+    assert rows["(other)"]["path"] == "vmap" and rows["first.weight"]["path"] == "factorized"
+    assert rows["middle.weight"]["path"] == "factorized"  # two calls, one block
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    hooked = sum(block.dim for block in plan.blocks)
+    torch.testing.assert_close(got[:, :hooked], want[:, :hooked], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[:, hooked:], want[:, hooked:], rtol=1e-5, atol=1e-6)
+
+
+def test_safety_check_moves_a_weight_also_used_functionally():
+    model, batch = make(FunctionalUse)
+    projector = FactorizedProjector(40, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    with pytest.warns(FactorizationWarning, match=r"fc\.weight"):
+        got = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    rows = {row["name"]: row for row in projector.layout()}
+    assert rows["fc.weight"]["path"] == "vmap"
+    assert rows["other.weight"]["path"] == "factorized"
+    plan = projector.plan(model, names)
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    with warnings.catch_warnings():  # checked once per task: no second warning
+        warnings.simplefilter("error", FactorizationWarning)
+        projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+
+
+class BatchCentred(Sequence):
+    """Examples interact: the hidden layer is centred over the batch."""
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x))
+        return torch.sin(self.second(hidden - hidden.mean(0)) + 0.3).sum((1, 2))
+
+
+def test_safety_check_moves_layers_where_examples_interact():
+    model, batch = make(BatchCentred)
+    projector = FactorizedProjector(40, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    with pytest.warns(FactorizationWarning, match="first.weight") as caught:
+        projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    assert "second.weight" in str(caught[0].message)
+    assert {row["path"] for row in projector.layout()} == {"vmap"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_expected_outer_product_is_identity(variant):
+    model = nn.Linear(5, 4).double()  # one block [W | b], 4 × 6
+    projector = FactorizedProjector(16, variant=variant, nnz=2, split="params")
+    (block,) = projector.plan(model, ["weight", "bias"]).blocks
+    assert block.dim < block.size
+    seeds = range(400)
+    mean = sum(projector.block_matrix(block, s) @ projector.block_matrix(block, s).T for s in seeds)
+    mean = mean / len(seeds)
+    torch.testing.assert_close(mean, torch.eye(block.size, dtype=torch.float64), atol=0.2, rtol=0)
+    assert abs(torch.diagonal(mean).mean().item() - 1) < 0.03
+    if variant == "sketch":  # every coordinate goes to one bucket of each slice, sign ±1/√nnz
+        matrix = projector.block_matrix(block, SEED)
+        torch.testing.assert_close(matrix, hashed_map(projector, block, SEED))
+        torch.testing.assert_close(matrix.pow(2).sum(1), torch.ones(block.size).double())
+        assert ((matrix != 0).sum(1) == 2).all()
+    if variant == "sparse":  # masks: exactly k of the dim coordinates kept, scaled by √(dim/k)
+        like = torch.zeros((), dtype=torch.float64)
+        rows = projector.factor(block, 0, SEED, like).dense(like)
+        assert torch.allclose(torch.diagonal(rows @ rows.T).sum(), torch.tensor(4.0).double())
+
+
+def test_dense_factor_definition_matches_a_one_shot_generation():
+    model = nn.Linear(300, 290, bias=False)
+    projector = FactorizedProjector(1000, split="params")
+    (block,) = projector.plan(model, ["weight"]).blocks
+    like = torch.zeros(())
+    got = projector.factor(block, 1, SEED, like).dense(like)
+    generators = [
+        torch.Generator().manual_seed(derive_seed(SEED, "weight", "in", b)) for b in range(2)
+    ]
+    rows = [torch.randn(DENSE_GENERATION_ROWS, block.k_cols, generator=g) for g in generators]
+    want = torch.cat(rows)[:300] / math.sqrt(block.k_cols)
+    torch.testing.assert_close(got, want)
+    assert block.k_rows * block.k_cols == block.dim
+
+
+def test_split_and_factor_rules():
+    assert split_dim(100, [10, 1000, 3000]) == [10, 22, 68]  # floor min(p, 16), rest ∝ p
+    assert split_dim(10_000, [10, 1000]) == [10, 1000]  # everything fits: no projection
+    assert split_dim(20, [100, 100, 100]) == [16, 16, 16]  # floors exceed k
+    assert factor_dims(64, 100, 400) == (8, 8)  # both sides √k
+    assert factor_dims(64, 3, 400) == (3, 21)  # a small side is kept whole
+    assert factor_dims(500, 10, 20) == (10, 20)
+
+
+def test_make_projector_names_and_config():
+    assert make_projector("factorized", 64).variant == "dense"
+    assert make_projector("logra", 64).variant == "dense"
+    assert make_projector("factgrass", 64).config()["variant"] == "sparse"
+    assert make_projector("tensorsketch", 64).config()["variant"] == "sketch"
+    with pytest.raises(TypeError, match="plan"):
+        FactorizedProjector(8).output_dim([3])
+
+
+def trak_scores(model, projector, proj_dim, train_set, targets):
+    trak = dt.TRAK(
+        model, dt.Classification(), projector=projector, proj_dim=proj_dim, damping=0.05,
+        batch_size=64, progress=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FactorizationWarning)
+        return trak, trak.fit(train_set).score(targets).scores
+
+
+# k below p = 1210 (MLP) and 698 (CNN): every block projected. Identity-projection TRAK as the
+# reference; the sparse JL default reaches 0.91 and 0.94 on these.
+@pytest.mark.parametrize(
+    "make_model, proj_dim, bar", [(make_mlp, 1024, 0.85), (SmallCNN, 512, 0.8)], ids=["mlp", "cnn"]
+)
+@pytest.mark.parametrize("projector", ["factorized", "factgrass", "tensorsketch"])
+def test_trak_factorized_correlates_with_identity(digits, make_model, proj_dim, bar, projector):
+    X, y = digits
+    model = train(make_model(), X[:200], y[:200], steps=30)
+    data = (X[:200], y[:200]), (X[1000:1010], y[1000:1010])
+    _, want = trak_scores(model, "identity", None, *data)
+    trak, got = trak_scores(model, projector, proj_dim, *data)
+    assert trak.feature_dim_ < sum(param.numel() for param in model.parameters())
+    correlation = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+    assert correlation > bar, correlation
+
+
+def test_trak_factorized_at_k_above_p_is_identity_trak(digits):
+    """Every block whole and the BatchNorm fallback unprojected: the same kernel as identity."""
+    X, y = digits
+    model = train(SmallCNN(), X[:200], y[:200], steps=30)
+    data = (X[:200], y[:200]), (X[1000:1010], y[1000:1010])
+    _, want = trak_scores(model, "identity", None, *data)
+    trak, got = trak_scores(model, "factorized", 4096, *data)
+    rows = {row["name"]: row["path"] for row in trak.features_.projector.layout()}
+    assert rows == {"conv.weight": "materialized", "head.weight": "materialized", "(other)": "vmap"}
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-3)
+
+
+def test_gradient_features_uses_plan_dimension(trained_mlps):
+    models, X, y = trained_mlps
+    features = GradientFeatures(models[0], dt.Classification(), FactorizedProjector(256))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        features.dim  # the gradient split is measured first
+    # in memory: featurize_all fits the split on its data
+    got, q = features.featurize_all((X[:70], y[:70]), models[0].state_dict(), 0)
+    assert features.dim == features.projector.plan(models[0], features.param_names).output_dim
+    assert got.shape == (70, features.dim) and got.dtype == torch.float32 and q.shape == (70,)
+    one, _ = features.featurize(models[0].state_dict(), (X[:7], y[:7]), 0)
+    torch.testing.assert_close(one, got[:7])
+
+
+@pytest.mark.parametrize("projector", ["factorized", "factgrass", "tensorsketch"])
+def test_from_store_reopens_a_factorized_store(trained_mlps, tmp_path, projector):
+    models, X, y = trained_mlps
+    checkpoints = [model.state_dict() for model in models[:2]]
+    settings = {"damping": 0.05, "progress": False}
+    trak = dt.TRAK(
+        models[0], dt.Classification(), projector=projector, proj_dim=256, batch_size=50,
+        store=tmp_path / "store", **settings,
+    )  # fmt: skip
+    targets = (X[1000:1012], y[1000:1012])
+    want = trak.fit((X[:150], y[:150]), checkpoints).score(targets).scores
+    reopened = dt.TRAK.from_store(
+        tmp_path / "store", make_mlp(seed=7), dt.Classification(), checkpoints, **settings
+    )
+    assert isinstance(reopened.features_.projector, FactorizedProjector)
+    assert reopened.features_.projector.config() == trak.features_.projector.config()
+    assert reopened.feature_dim_ == trak.feature_dim_
+    np.testing.assert_array_equal(reopened.score(targets).scores, want)
+
+
+def test_from_store_refuses_a_factorized_store_of_other_constants(monkeypatch):
+    config = FactorizedProjector(256, variant="sketch", layer_dims={"a": 200, "b": 56}).config()
+    assert projector_from_config(config).config() == config
+    params = FactorizedProjector(256, variant="sketch", split="params").config()
+    assert projector_from_config(params).config() == params
+    monkeypatch.setattr(factorized, "SPARSE_BLOWUP", factorized.SPARSE_BLOWUP + 1)
+    with pytest.raises(ValueError, match="sparse_blowup"):
+        projector_from_config(config)
+
+
+class Heads(nn.Module):
+    """A body and three heads of equal size: ``loud``'s output is scaled up (3× the gradient,
+    9× the energy), ``dead``'s multiplied by 0 (no gradient at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(9, 30)
+        self.loud = nn.Linear(30, 20, bias=False)
+        self.quiet = nn.Linear(30, 20, bias=False)
+        self.dead = nn.Linear(30, 20, bias=False)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x))
+        heads = 3 * self.loud(hidden) + self.quiet(hidden) + 0 * self.dead(hidden)
+        return torch.sin(heads).sum((1, 2))
+
+
+def test_split_rule_follows_weights_with_floors_and_caps():
+    # ∝ weights; a zero weight gets the floor; a block capped at its size gives the rest away
+    assert split_dim(100, [1000, 1000, 1000], weights=[3.0, 1.0, 0.0]) == [63, 21, 16]
+    assert split_dim(100, [40, 1000, 1000], weights=[100.0, 1.0, 1.0]) == [40, 30, 30]
+    assert split_dim(100, [1000, 1000], weights=[0.0, 0.0]) == [50, 50]  # no energy: ∝ p_l
+
+
+def test_gradient_split_follows_the_energies():
+    """k_l ∝ E‖g_l‖² (loop gradients) within the pilot's estimation error; no gradient: the
+    floor. The fitted split is part of the config."""
+    model, batch = make(Heads, n=64, positions=3)
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(300, variant="sketch", nnz=2)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        projector.plan(model, names)
+    pieces = [batch[:40], batch[40:]]  # energies are summed over batches
+    projector.fit_split(model, ModelOutput(), names, model.state_dict(), pieces, SEED)
+    grads = loop_gradients(model, ModelOutput(), batch, 64)
+    energy = {
+        block: sum(grads[name].flatten(1).pow(2).sum(1).mean().item() for name in params)
+        for block, params in {
+            "body.weight": ["body.weight", "body.bias"],
+            "loud.weight": ["loud.weight"],
+            "quiet.weight": ["quiet.weight"],
+        }.items()
+    }
+    got = projector.layer_dims_
+    assert got["dead.weight"] == factorized.MIN_LAYER_DIM
+    assert sum(got.values()) == pytest.approx(300, abs=3)
+    total = sum(got[name] for name in energy)
+    for name, value in energy.items():  # none of these is floored or capped here
+        assert got[name] / total == pytest.approx(value / sum(energy.values()), rel=0.15), got
+    assert got["loud.weight"] > 4 * got["quiet.weight"]
+    assert projector.config()["layer_dims"] == got
+    plan = projector.plan(model, names)
+    assert {block.name: block.dim for block in plan.blocks} == {
+        name: -(-k // 2) * 2 for name, k in got.items()
+    }
+    with pytest.raises(ValueError, match="already set"):
+        projector.fit_split(model, ModelOutput(), names, model.state_dict(), pieces, SEED)
+    again = FactorizedProjector(300, variant="sketch", nnz=2)
+    again.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
+    assert again.layer_dims_ == got  # deterministic
+
+
+def store_trak(model, path, **settings):
+    settings = {"projector": "factgrass", "proj_dim": 256, "damping": 0.05, **settings}
+    return dt.TRAK(
+        model, dt.Classification(), batch_size=20, chunk_size=30, store=path, progress=False,
+        **settings,
+    )  # fmt: skip
+
+
+def test_gradient_split_is_recorded_and_adopted_on_resume(trained_mlps, tmp_path, monkeypatch):
+    """Two of five chunks by a shard, then a full fit by a new estimator: it adopts the recorded
+    split (no second pilot pass) and gives the scores of a one-shot fit; reopening gives them
+    too; another proj_dim or variant is refused."""
+    models, X, y = trained_mlps
+    train_set, targets = (X[:150], y[:150]), (X[1000:1012], y[1000:1012])
+    checkpoints = [model.state_dict() for model in models[:2]]
+    want = store_trak(models[0], None).fit(train_set, checkpoints).score(targets).scores
+    path = tmp_path / "store"
+    part = store_trak(models[0], path).fit(train_set, checkpoints, shard=(0, 3))  # chunks 0, 3
+    assert not hasattr(part, "n_train_")
+    recorded = Store(path).provenance("features")["projector"]
+    assert recorded["split"] == "gradient"
+    assert recorded["layer_dims"] == part.features_.projector.layer_dims_
+    assert Store(path).root["features/0/done"][:].tolist() == [True, False, False, True, False]
+
+    def no_pilot(*args, **kwargs):
+        raise AssertionError("the recorded split should have been adopted")
+
+    monkeypatch.setattr(FactorizedProjector, "fit_split", no_pilot)
+    resumed = store_trak(models[0], path).fit(train_set, checkpoints)
+    assert resumed.features_.projector.config() == recorded
+    np.testing.assert_array_equal(resumed.score(targets).scores, want)
+    reopened = dt.TRAK.from_store(
+        path, make_mlp(seed=7), dt.Classification(), checkpoints, damping=0.05
+    )
+    assert reopened.features_.projector.config() == recorded
+    np.testing.assert_array_equal(reopened.score(targets).scores, want)
+    insisting = dt.TRAK.from_store(
+        path, make_mlp(seed=7), dt.Classification(), checkpoints, projector="factgrass",
+        proj_dim=256, damping=0.05,
+    )  # fmt: skip
+    np.testing.assert_array_equal(insisting.score(targets).scores, want)
+    monkeypatch.undo()
+    for other in [
+        {"projector": "factgrass", "proj_dim": 128},
+        {"projector": "tensorsketch", "proj_dim": 256},
+    ]:
+        with pytest.raises(StoreMismatchError, match="projector"):
+            store_trak(models[0], path, **other).fit(train_set, checkpoints)
+        with pytest.raises(StoreMismatchError, match="projector"):
+            dt.TRAK.from_store(path, make_mlp(seed=7), dt.Classification(), checkpoints, **other)
