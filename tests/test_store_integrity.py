@@ -22,7 +22,7 @@ import datatrace as dt
 from datatrace.store import Store, StoreCorruptionError, verify_store
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _subsets_worker as toy  # noqa: E402
+import _subsets_worker as toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
