@@ -301,14 +301,15 @@ def test_a_bad_label_in_a_later_batch_stops_before_its_chunk_is_stored(
 
 @EXAMPLES
 @given(bad=bad_label_values(N_TRAIN, N_CLASSES, st.integers(0, N_TRAIN - 1), BATCH, TRAIN[1]))
-def test_the_default_projector_refuses_bad_pilot_examples_before_storing_features(
+def test_the_per_layer_projector_refuses_bad_pilot_examples_before_storing_features(
     bad, tmp_path_factory
 ):
-    # The default projector measures its split of k on the first examples (PILOT_EXAMPLES, more
-    # than this training set): their batches are checked then, before any feature is stored.
+    # The per-layer projectors (the default for large models) measure their split of k on the
+    # first examples (PILOT_EXAMPLES, more than this training set): their batches are checked
+    # then, before any feature is stored.
     store = tmp_path_factory.mktemp("pilot") / "store"
     with pytest.raises(bad.error) as raised:
-        estimator(dt.TRAK, store).fit((TRAIN[0], bad.value))
+        estimator(dt.TRAK, store, projector="tensorsketch").fit((TRAIN[0], bad.value))
     message = str(raised.value)
     assert all(fragment in message for fragment in bad.fragments), message
     assert not (store / "features").exists()

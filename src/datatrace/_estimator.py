@@ -20,6 +20,7 @@ from datatrace.grads.projectors import (
     SparseJLProjector,
     make_projector,
 )
+from datatrace.grads.selection import select_parameters
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
 from datatrace.store.provenance import json_normalise, tensors_fingerprint
 from datatrace.tasks._checks import examples_from
@@ -74,10 +75,17 @@ def gradient_features(
     ``projector``/``proj_dim``, ``params``, ``seed``, ``batch_size``, ``chunk_size``,
     ``device``, ``progress``); ``task`` replaces its task (targets scored with another output),
     ``projector`` reuses a projector object (and the matrices it keeps)."""
+    if projector is None:
+        n_params = None
+        if estimator.projector == "auto":  # decided by the size of the parameter selection
+            named = dict(estimator.model.named_parameters())
+            selected = select_parameters(estimator.model, estimator.params)
+            n_params = int(sum(named[name].numel() for name in selected))
+        projector = make_projector(estimator.projector, estimator.proj_dim, n_params)
     return GradientFeatures(
         estimator.model,
         estimator.task if task is None else task,
-        projector or make_projector(estimator.projector, estimator.proj_dim),
+        projector,
         params=estimator.params,
         seed=estimator.seed,
         batch_size=estimator.batch_size,

@@ -46,11 +46,12 @@ class TRAK:
         model: the module; it is never modified (checkpoints are swapped in functionally).
         task: what output is attributed (e.g. :class:`~datatrace.tasks.Classification`).
         proj_dim: projection dimension ``k``.
-        projector: ``"auto"`` (default): per-layer projections computed from each layer's
-            inputs and output gradients, never forming a per-example gradient (TensorSketch,
-            ``k`` split across layers by gradient energy; other parameters by per-example
-            gradients and sparse JL; docs/trak.md "Projections"); ``"sparse"`` (per-example
-            gradients, then sparse JL), ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``
+        projector: ``"auto"`` (default): for a million selected parameters or more, per-layer
+            projections computed from each layer's inputs and output gradients, never forming a
+            per-example gradient (TensorSketch, ``k`` split across layers by gradient energy;
+            other parameters by per-example gradients and sparse JL); below, ``"sparse"``
+            (docs/trak.md "Projections"). ``"sparse"``: per-example gradients, then sparse JL;
+            ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``
             (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
             projection), or a ``Projector``.
         damping: ``"auto"`` (default): ``λ_c`` from each checkpoint's features and the number of

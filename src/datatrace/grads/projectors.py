@@ -297,14 +297,22 @@ FACTORIZED_NAMES = {
     "factgrass": "sparse",
     "tensorsketch": "sketch",
 }
-# What ``projector="auto"`` (the default) builds: per-layer TensorSketch of the factorised
-# gradients with the gradient-energy split of k, other parameters by per-example gradients and
-# sparse JL. Chosen in benchmarks/projector_study.py (docs/trak.md, "Projections").
+# What ``projector="auto"`` (the default) builds for AUTO_FACTORIZED_MIN_PARAMS selected
+# parameters or more: per-layer TensorSketch of the factorised gradients with the gradient-energy
+# split of k (other parameters by per-example gradients and sparse JL); below, whole-vector
+# sparse JL of per-example gradients, which are cheap there and up to 0.035 LDS better at small
+# k. Chosen in benchmarks/projector_study.py and perf_featurize.py (docs/trak.md, "Projections").
 AUTO_PROJECTOR = "tensorsketch"
+AUTO_SMALL_PROJECTOR = "sparse"
+AUTO_FACTORIZED_MIN_PARAMS = 1_000_000
 
 
-def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:
-    """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR`), ``"sparse"``, ``"dense"``,
+def make_projector(
+    projector: str | Projector, proj_dim: int | None, n_params: int | None = None
+) -> Projector:
+    """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR` for ``n_params`` selected
+    parameters of at least :data:`AUTO_FACTORIZED_MIN_PARAMS`, or unknown; else
+    :data:`AUTO_SMALL_PROJECTOR`), ``"sparse"``, ``"dense"``,
     ``"rademacher"``, ``"identity"``, ``"factorized"`` (or ``"logra"``: per-layer Gaussian
     factors), ``"factgrass"`` (per-layer masks and sparse JL) or ``"tensorsketch"`` (per-layer
     TensorSketch), or as given.
@@ -315,12 +323,14 @@ def make_projector(projector: str | Projector, proj_dim: int | None) -> Projecto
     if isinstance(projector, Projector):
         return projector
     if projector == "auto":
-        projector = AUTO_PROJECTOR
+        small = n_params is not None and n_params < AUTO_FACTORIZED_MIN_PARAMS
+        projector = AUTO_SMALL_PROJECTOR if small else AUTO_PROJECTOR
     if projector == "identity":
         return IdentityProjector()
     if projector not in ("sparse", "dense", "gaussian", "rademacher", *FACTORIZED_NAMES):
         raise ValueError(
-            f"unknown projector {projector!r}: use 'auto' (default: per-layer TensorSketch), "
+            f"unknown projector {projector!r}: use 'auto' (default: per-layer TensorSketch for "
+            "models of a million parameters or more, sparse JL below), "
             "'sparse', 'dense' (Gaussian), 'rademacher', 'identity', 'factorized' (or 'logra'), "
             "'factgrass', 'tensorsketch', or a Projector object"
         )
