@@ -198,3 +198,20 @@ def test_a_dense_matrix_larger_than_its_cache_is_refused_before_any_work():
         for p in (fits, allowed)
     ]
     np.testing.assert_allclose(scores[0].scores, scores[1].scores, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_projects_per_layer_from_a_million_selected_parameters():
+    from torch import nn
+
+    import datatrace as dt
+    from datatrace._estimator import gradient_features
+    from datatrace.grads.factorized import FactorizedProjector
+    from datatrace.grads.projectors import AUTO_FACTORIZED_MIN_PARAMS, SparseJLProjector
+
+    big = nn.Sequential(nn.Linear(1000, 1000), nn.Tanh(), nn.Linear(1000, 10))  # 1,011,010
+    assert sum(p.numel() for p in big.parameters()) >= AUTO_FACTORIZED_MIN_PARAMS
+    chosen = gradient_features(dt.TRAK(big, dt.Classification(), proj_dim=64)).projector
+    assert isinstance(chosen, FactorizedProjector) and chosen.variant == "sparse"  # FactGraSS
+    # The same model with only its head selected is small: whole-vector sparse JL.
+    head = gradient_features(dt.TRAK(big, dt.Classification(), proj_dim=64, params="2.*"))
+    assert isinstance(head.projector, SparseJLProjector)

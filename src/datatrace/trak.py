@@ -48,7 +48,7 @@ class TRAK:
         proj_dim: projection dimension ``k``.
         projector: ``"auto"`` (default): for a million selected parameters or more, per-layer
             projections computed from each layer's inputs and output gradients, never forming a
-            per-example gradient (TensorSketch, ``k`` split across layers by gradient energy;
+            per-example gradient (FactGraSS, ``k`` split across layers by gradient energy;
             other parameters by per-example gradients and sparse JL); below, ``"sparse"``
             (docs/trak.md "Projections"). ``"sparse"``: per-example gradients, then sparse JL;
             ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``

@@ -298,11 +298,13 @@ FACTORIZED_NAMES = {
     "tensorsketch": "sketch",
 }
 # What ``projector="auto"`` (the default) builds for AUTO_FACTORIZED_MIN_PARAMS selected
-# parameters or more: per-layer TensorSketch of the factorised gradients with the gradient-energy
-# split of k (other parameters by per-example gradients and sparse JL); below, whole-vector
-# sparse JL of per-example gradients, which are cheap there and up to 0.035 LDS better at small
-# k. Chosen in benchmarks/projector_study.py and perf_featurize.py (docs/trak.md, "Projections").
-AUTO_PROJECTOR = "tensorsketch"
+# parameters or more: per-layer FactGraSS (masks, then sparse JL) of the factorised gradients
+# with the gradient-energy split of k (other parameters by per-example gradients and sparse JL):
+# the fastest per-layer map on every large model measured, with the LDS of TensorSketch; below,
+# whole-vector sparse JL of per-example gradients, which are cheap there and up to 0.035 LDS
+# better at small k. Chosen in benchmarks/projector_study.py and perf_featurize.py (docs/trak.md,
+# "Projections").
+AUTO_PROJECTOR = "factgrass"
 AUTO_SMALL_PROJECTOR = "sparse"
 AUTO_FACTORIZED_MIN_PARAMS = 1_000_000
 
@@ -329,7 +331,7 @@ def make_projector(
         return IdentityProjector()
     if projector not in ("sparse", "dense", "gaussian", "rademacher", *FACTORIZED_NAMES):
         raise ValueError(
-            f"unknown projector {projector!r}: use 'auto' (default: per-layer TensorSketch for "
+            f"unknown projector {projector!r}: use 'auto' (default: per-layer FactGraSS for "
             "models of a million parameters or more, sparse JL below), "
             "'sparse', 'dense' (Gaussian), 'rademacher', 'identity', 'factorized' (or 'logra'), "
             "'factgrass', 'tensorsketch', or a Projector object"
