@@ -209,16 +209,22 @@ class Store:
 
     def lost_metadata(self, path: str) -> bool:
         """Whether objects exist under ``path`` although no group or array is there: its
-        ``zarr.json`` was lost (zarr would silently create a new, empty node in its place)."""
+        ``zarr.json`` was lost (zarr would silently create a new, empty node in its place).
+
+        Temporary objects of writes in progress (``<key>.<id>.partial``: another process
+        creating this node this moment) do not count.
+        """
         if path in self.root:
             return False
 
         async def first() -> bool:
-            async for _ in self.zarr_store.list_prefix(f"{path}/"):
-                return True
+            async for key in self.zarr_store.list_prefix(f"{path}/"):
+                if not key.endswith(PARTIAL_SUFFIX):
+                    return True
             return False
 
-        return bool(sync(first()))
+        # Asked again after the listing: another process may have created the node meanwhile.
+        return bool(sync(first())) and path not in self.root
 
     def refuse_lost_metadata(self, path: str) -> None:
         """Raise :class:`StoreCorruptionError` if ``path`` has lost its metadata."""
