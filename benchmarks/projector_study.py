@@ -54,30 +54,18 @@ def epoch_seconds(family: families.Family, batch_size: int) -> float:
 
 
 def run(family: families.Family, projector: str, proj_dim: int) -> dict:
+    def fitted(checkpoints) -> dt.TRAK:
+        settings = dict(projector=projector, proj_dim=proj_dim, params=family.params)
+        trak = dt.TRAK(family.model, family.task, batch_size=BATCH_SIZE, progress=False, **settings)
+        return trak.fit(family.train, checkpoints)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        trak = dt.TRAK(
-            family.model,
-            family.task,
-            projector=projector,
-            proj_dim=proj_dim,
-            params=family.params,
-            batch_size=BATCH_SIZE,
-            progress=False,
-        ).fit(family.train, family.checkpoints)
+        trak = fitted(family.checkpoints)
         fit_s = time.perf_counter() - start
         ensemble = trak.score(family.targets).scores
-        single = dt.TRAK(
-            family.model,
-            family.task,
-            projector=projector,
-            proj_dim=proj_dim,
-            params=family.params,
-            batch_size=BATCH_SIZE,
-            progress=False,
-        )
-        single = single.fit(family.train, family.checkpoints[:1]).score(family.targets).scores
+        single = fitted(family.checkpoints[:1]).score(family.targets).scores
     return {
         "projector": projector,
         "proj_dim": proj_dim,

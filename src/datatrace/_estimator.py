@@ -23,6 +23,7 @@ from datatrace.grads.projectors import (
 from datatrace.grads.selection import select_parameters
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
 from datatrace.store.provenance import json_normalise, tensors_fingerprint
+from datatrace.store.store import ZARR_METADATA
 from datatrace.tasks._checks import examples_from
 from datatrace.tasks.base import Task
 
@@ -36,7 +37,6 @@ REOPEN_CHECKS = {
     "feature_dim": "another feature dimension",
     "seed": "another projection seed: leave seed= out to use the stored one",
 }
-ZARR_METADATA = "zarr.json"
 
 
 class NotFittedError(RuntimeError):
