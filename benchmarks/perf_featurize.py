@@ -31,12 +31,16 @@ state or caches; in it the model and data are built, ``ru_maxrss`` is read (the 
 warm-up call on ``min(WARMUP_EXAMPLES, B)`` examples takes the one-time costs (first vmap trace,
 lazy imports, allocator growth), then the row is timed ``--repeats`` times and the fastest kept.
 Reported: that wall time, the CPU time of the same call (≈ threads × wall when the cores were
-free), the wall time over the epoch's, and the peak RSS above the baseline (``ru_maxrss`` at the
-end minus the baseline, the RSS after building model and data, with the peak reset there on
-Linux; warm-up and every repeat included). Rows whose estimated time exceeds
-``--estimate-cap`` (the dense ones: ``p·k`` Gaussians generated per batch and ``2·n·p·k``
-multiply-adds, at rates measured on this machine, plus the per-example-gradient row) are skipped
-with the estimate; every row is killed after ``--timeout`` seconds.
+free), the wall time over the epoch's, for the datatrace rows the part of it spent featurizing
+(``GradientFeatures.featurize_train``: the split's pilot pass, the first batch's safety check,
+features and ``Q`` of every example written to the store; the rest is the kernel: ``ΦᵀΦ`` or
+``ΦΦᵀ`` in float64, its statistics and Cholesky factor) and that over the epoch's, and the peak
+RSS above the baseline (``ru_maxrss`` at the end minus the baseline, the RSS after building
+model and data, with the peak reset there on Linux; warm-up and every repeat included). Rows
+whose estimated time exceeds ``--estimate-cap`` (the dense ones: ``p·k`` Gaussians generated per
+batch and ``2·n·p·k`` multiply-adds, at rates measured on this machine, plus the
+per-example-gradient row) are skipped with the estimate; every row is killed after
+``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -258,7 +262,19 @@ def make_row(name: str, spec: ModelSpec, model: nn.Module, proj_dim: int) -> Cal
 
         return per_example
     if name in DATATRACE_PROJECTORS:
+        from datatrace.grads.featurize import GradientFeatures
+
         projector = DenseProjector(proj_dim, regenerate=True) if name == "dense" else name
+        featurize_train = GradientFeatures.featurize_train
+
+        def timed_featurize_train(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return featurize_train(self, *args, **kwargs)
+            finally:
+                fit.feature_seconds = time.perf_counter() - start
+
+        GradientFeatures.featurize_train = timed_featurize_train
 
         def fit(examples: Any) -> None:
             with warnings.catch_warnings():
@@ -336,13 +352,18 @@ def run_one(model_name: str, row: str, args: argparse.Namespace) -> dict[str, An
     for _ in range(args.repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         work(examples)
-        timing = (time.perf_counter() - wall, time.process_time() - cpu)
+        timing = (
+            time.perf_counter() - wall,
+            time.process_time() - cpu,
+            getattr(work, "feature_seconds", None),
+        )
         if best is None or timing[0] < best[0]:
             best = timing
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "seconds": best[0],
         "cpu_seconds": best[1],
+        "feature_seconds": best[2],
         "peak_mib": (peak_kib - baseline_kib) / 1024,
         "baseline_mib": baseline_kib / 1024,
     }
@@ -437,18 +458,23 @@ def skip_reason(
 
 def format_table(rows: list[dict[str, Any]], epoch_seconds: float | None) -> str:
     lines = [
-        "| row | fit s | CPU s | ÷ epoch | peak MiB | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| row | s | CPU s | ÷ epoch | features s | ÷ epoch | peak MiB | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+
+    def ratio(seconds: float | None) -> str:
+        return f"{seconds / epoch_seconds:.1f}×" if epoch_seconds and seconds else "—"
+
     for row in rows:
         if "seconds" in row:
-            ratio = f"{row['seconds'] / epoch_seconds:.1f}×" if epoch_seconds else "—"
+            features = row.get("feature_seconds")
             lines.append(
                 f"| {ROW_LABEL[row['row']]} | {row['seconds']:.2f} | {row['cpu_seconds']:.1f} | "
-                f"{ratio} | {row['peak_mib']:,.0f} | {row.get('note', '')} |"
+                f"{ratio(row['seconds'])} | {f'{features:.2f}' if features else '—'} | "
+                f"{ratio(features)} | {row['peak_mib']:,.0f} | {row.get('note', '')} |"
             )
         else:
-            lines.append(f"| {ROW_LABEL[row['row']]} | — | — | — | — | {row['note']} |")
+            lines.append(f"| {ROW_LABEL[row['row']]} | — | — | — | — | — | — | {row['note']} |")
     return "\n".join(lines)
 
 

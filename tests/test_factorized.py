@@ -28,7 +28,8 @@ from datatrace.grads.projectors import (
     make_projector,
 )
 from datatrace.store import Store, StoreMismatchError
-from datatrace.tasks.base import Task
+from datatrace.tasks.base import Task, fuses_out_to_loss
+from datatrace.tasks.classification import ClassLogit
 
 SEED = 5
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +117,8 @@ class Scale(nn.Module):
 
 
 class WithFallback(nn.Module):
-    """LayerNorm and a custom module go to the vmap path; ``middle`` is called twice."""
+    """LayerNorm (hooked) and a custom module (vmap) are the fallback; ``middle`` is called
+    twice."""
 
     def __init__(self):
         super().__init__()
@@ -343,12 +345,122 @@ def test_fallback_for_layer_norm_and_custom_module():
     plan = projector.plan(model, names)
     assert plan.fallback_names == ["norm.weight", "norm.bias", "custom.scale"]
     rows = {row["name"]: row for row in plan.layout()}
-    assert rows["(other)"]["path"] == "vmap" and rows["first.weight"]["path"] == "factorized"
+    # the LayerNorm's affine gradients come from hooks, the custom module's from vmap
+    assert rows["(other)"]["path"] == "hooks+vmap" and rows["first.weight"]["path"] == "factorized"
+    assert rows["(other)"]["vmap_params"] == ["custom.scale"]
     assert rows["middle.weight"]["path"] == "factorized"  # two calls, one block
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
     hooked = sum(block.dim for block in plan.blocks)
     torch.testing.assert_close(got[:, :hooked], want[:, :hooked], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got[:, hooked:], want[:, hooked:], rtol=1e-5, atol=1e-6)
+
+
+class Norms(nn.Module):
+    """Every normalisation layer the hooks form affine gradients of, on sequences and images;
+    the BatchNorm is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 8)
+        self.layer_norm = nn.LayerNorm((4, 8))  # over positions and features
+        self.rms_norm = nn.RMSNorm(8)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.batch_norm = nn.BatchNorm2d(4)
+        self.group_norm = nn.GroupNorm(2, 4)
+        self.flat_norm = nn.BatchNorm1d(8, affine=True)
+        self.flat_norm.bias = None  # a weight without a bias
+        for norm in (self.batch_norm, self.flat_norm):  # running statistics of a trained model
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+        for norm in (self.layer_norm, self.rms_norm, self.batch_norm, self.group_norm):
+            nn.init.uniform_(norm.weight, 0.5, 1.5)
+            if getattr(norm, "bias", None) is not None:
+                nn.init.uniform_(norm.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        sequence = torch.tanh(self.rms_norm(self.layer_norm(self.first(x))))  # (n, 4, 8)
+        image = sequence.reshape(len(x), 2, 4, 4)
+        image = self.batch_norm(torch.relu(self.batch_norm(self.conv(image))))
+        image = torch.sin(self.group_norm(image)).flatten(2).mean(-1)  # (n, 4)
+        flat = self.flat_norm(sequence.mean(1))  # (n, 8)
+        return (image.sum(-1) * flat.sum(-1)).pow(2) + flat.pow(3).sum(-1)
+
+
+def test_norm_layer_gradients_from_hooks_equal_loop_gradients():
+    model, batch = make(Norms)
+    model.eval()
+    projector = FactorizedProjector(40, split="params", check_examples=0)
+    names = [name for name, _ in model.named_parameters()]
+    plan = projector.plan(model, names)
+    norms = plan.hooked_norms()
+    assert {kind for _, kind, _, _ in norms} == {
+        "layer_norm", "rms_norm", "batch_norm", "group_norm"
+    }  # fmt: skip
+    assert plan.vmap_names() == []  # nothing left for vmap
+    task = ModelOutput()
+    _, bad, grads, _ = projector._hooked_features(
+        plan, model, task, model.state_dict(), batch, SEED, [], norms
+    )
+    assert not bad
+    want = loop_gradients(model, task, batch, 5)
+    norm_names = [name for _, _, weight, bias in norms for name in (weight, bias) if name]
+    assert sorted(grads) == sorted(norm_names) and "flat_norm.weight" in grads
+    for name in norm_names:
+        torch.testing.assert_close(grads[name], want[name], rtol=1e-10, atol=1e-12)
+    # and the whole features, fallback included, against the map of loop gradients
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FactorizationWarning)
+        checked = FactorizedProjector(40, split="params")
+        got = checked.features(model, task, names, model.state_dict(), batch, SEED)
+    reference = reference_features(checked, checked.plan(model, names), want, SEED)
+    torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-9)
+    assert {row["name"]: row["path"] for row in checked.layout()}["(other)"] == "hooks"
+
+
+class BatchStatistics(nn.Module):
+    """A BatchNorm without running statistics: examples interact, it stays on vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 6)
+        self.norm = nn.BatchNorm1d(6, track_running_stats=False)
+
+    def forward(self, x):
+        return torch.tanh(self.norm(self.first(x).mean(1))).sum(-1)
+
+
+def test_norm_layers_that_mix_examples_stay_on_vmap():
+    model, _ = make(BatchStatistics)
+    plan = FactorizedProjector(40, split="params").plan(
+        model, [name for name, _ in model.named_parameters()]
+    )
+    assert plan.norms == [] and plan.vmap_names() == ["norm.weight", "norm.bias"]
+
+
+def test_out_to_loss_from_the_featurizing_forward_pass():
+    """Q from the hooked forward pass equals the task's own, and is used only where the task
+    defines both together."""
+    model = make_mlp().double()
+    inputs = torch.randn(6, 64, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(32, variant="sparse", split="params")
+    task = dt.Classification()
+    state = model.state_dict()
+    features, weights = projector.features_and_out_to_loss(
+        model, task, names, state, (inputs, labels), SEED
+    )
+    torch.testing.assert_close(weights, task.out_to_loss(model, (inputs, labels)))
+    torch.testing.assert_close(
+        features, projector.features(model, task, names, state, (inputs, labels), SEED)
+    )
+    # a subclass that redefines Q without the fused method: Q from its own out_to_loss
+    _, weights = projector.features_and_out_to_loss(
+        model, ClassLogit(), names, state, (inputs, labels), SEED
+    )
+    assert weights is None
+    assert fuses_out_to_loss(task) and not fuses_out_to_loss(ClassLogit())
+    assert not fuses_out_to_loss(ModelOutput())
 
 
 def test_safety_check_moves_a_weight_also_used_functionally():
@@ -476,7 +588,9 @@ def test_trak_factorized_at_k_above_p_is_identity_trak(digits):
     _, want = trak_scores(model, "identity", None, *data)
     trak, got = trak_scores(model, "factorized", 4096, *data)
     rows = {row["name"]: row["path"] for row in trak.features_.projector.layout()}
-    assert rows == {"conv.weight": "materialized", "head.weight": "materialized", "(other)": "vmap"}
+    assert rows == {
+        "conv.weight": "materialized", "head.weight": "materialized", "(other)": "hooks"
+    }  # fmt: skip
     scale = np.abs(want).max(axis=1, keepdims=True)
     np.testing.assert_allclose(got / scale, want / scale, atol=1e-3)
 

@@ -55,6 +55,10 @@ def test_output_and_out_to_loss_match_in_batch_logits():
     torch.testing.assert_close(
         runner.out_to_loss(state, batch).double(), want_q, rtol=1e-4, atol=1e-6
     )
+    with torch.no_grad():
+        output, out_to_loss = task.output_and_out_to_loss(model.eval(), batch)
+    torch.testing.assert_close(output.double(), image_margin + text_margin, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_to_loss.double(), want_q, rtol=1e-4, atol=1e-6)
 
 
 def test_per_example_gradients_match_autograd_loop():

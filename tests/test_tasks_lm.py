@@ -18,6 +18,7 @@ from datatrace.tasks import (
     score_per_token,
     seq2seq_examples,
 )
+from datatrace.tasks.base import fuses_out_to_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,6 +91,13 @@ def test_output_and_out_to_loss_match_logits(case):
     torch.testing.assert_close(
         runner.out_to_loss(state, batch).double(), want_out_to_loss, rtol=1e-4, atol=1e-6
     )
+    # both from one forward pass (what featurizing through hooks uses)
+    task = make_task()
+    assert fuses_out_to_loss(task)
+    with torch.no_grad():
+        output, out_to_loss = task.output_and_out_to_loss(model.eval(), batch)
+    torch.testing.assert_close(output.double(), want_output, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_to_loss.double(), want_out_to_loss, rtol=1e-4, atol=1e-6)
 
 
 def test_prompt_and_padding_tokens_do_not_count():

@@ -69,6 +69,12 @@ def test_output_and_out_to_loss_match_logits(attn):
     torch.testing.assert_close(output.double(), want, rtol=1e-4, atol=1e-5)
     out_to_loss = runner.out_to_loss(model.state_dict(), batch)
     torch.testing.assert_close(out_to_loss.double(), 1 - p_true, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        fused_output, fused_out_to_loss = TextClassification().output_and_out_to_loss(
+            model.eval(), batch
+        )
+    torch.testing.assert_close(fused_output.double(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_out_to_loss.double(), 1 - p_true, rtol=1e-4, atol=1e-6)
     # Gradients under vmap work with SDPA too: the padding mask is passed as a 4-D mask.
     grads = runner.gradients(model.state_dict(), {k: v[:3] for k, v in batch.items()})
     assert all(torch.isfinite(g).all() for g in grads.values())

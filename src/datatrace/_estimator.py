@@ -92,6 +92,7 @@ def gradient_features(
         chunk_rows=estimator.chunk_size,
         device=estimator.device,
         progress=estimator.progress,
+        memory_budget=getattr(estimator, "memory_budget", None),  # TRAK has it, baselines not
     )
 
 
@@ -117,7 +118,8 @@ def checked_examples(
         raise ValueError("no targets: the targets hold 0 examples; score needs at least one")
     # At least the examples the provenance fingerprints, so that a bad one among them is refused
     # before the store records it (and would then refuse the corrected data).
-    first = examples.read(0, min(examples.n, max(batch_size, FINGERPRINT_EXAMPLES)))
+    size = batch_size if isinstance(batch_size, int) else FINGERPRINT_EXAMPLES  # or "auto"
+    first = examples.read(0, min(examples.n, max(size, FINGERPRINT_EXAMPLES)))
     with examples_from(0):
         task.check_batch(model, first)
     return examples

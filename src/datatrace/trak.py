@@ -63,10 +63,14 @@ class TRAK:
         store: where features are kept: a directory (resumable, shareable), an fsspec URL, a
             :class:`~datatrace.store.Store`, or ``None`` for memory.
         seed: seed of the projections (checkpoint ``c`` uses its own seed derived from it).
-        batch_size: examples per gradient batch (memory grows as ``batch_size ×`` parameters).
+        batch_size: examples per gradient batch, or ``"auto"``: the largest batch whose
+            estimated memory fits ``memory_budget`` (:mod:`datatrace.grads.memory`).
         chunk_size: training examples per stored chunk (a crash loses at most one).
         device: where gradients are computed (default: the model's device).
         progress: show progress bars.
+        memory_budget: bytes a batch is sized to with ``batch_size="auto"`` (default: half
+            the free memory of a CUDA device; on the CPU a quarter of the free RAM, at most
+            4 GiB).
 
     Attributes (after ``fit``):
         store_: the :class:`~datatrace.store.Store` holding features and kernels.
@@ -92,10 +96,11 @@ class TRAK:
         params: ParamSelection = None,
         store: str | Path | Store | None = None,
         seed: int = 0,
-        batch_size: int = 32,
+        batch_size: int | str = 32,
         chunk_size: int = 512,
         device: torch.device | str | None = None,
         progress: bool = True,
+        memory_budget: int | None = None,
     ):
         self.model = model
         self.task = task
@@ -110,6 +115,7 @@ class TRAK:
         self.chunk_size = chunk_size
         self.device = device
         self.progress = progress
+        self.memory_budget = memory_budget
 
     def fit(
         self,

@@ -123,6 +123,12 @@ from torch import nn
 from torch.func import functional_call
 
 from datatrace.data import batch_size_of, map_tensors
+from datatrace.grads.norm_hooks import (
+    affine_gradients,
+    check_shapes,
+    norm_kind,
+    normalisation_state,
+)
 from datatrace.grads.per_example import PerExampleGradients, _Bound, _eval_mode, module_state
 from datatrace.grads.projectors import (
     DENSE_GENERATION_ROWS,
@@ -133,7 +139,7 @@ from datatrace.grads.projectors import (
     _generator,
     derive_seed,
 )
-from datatrace.tasks.base import Task
+from datatrace.tasks.base import Task, fuses_out_to_loss
 
 VARIANTS = ("dense", "sparse", "sketch")
 SPLITS = ("gradient", "params")
@@ -265,8 +271,23 @@ class FactorizedPlan:
     fallback_projector: Projector | None
     fallback_dim: int
     fallback_size: int = 0  # coordinates of the fallback's parameters
-    moved: dict[str, str] = field(default_factory=dict)  # block name -> why it left the hooks
+    # (module, kind, weight name or None, bias name or None) of the normalisation layers whose
+    # selected affine parameters (part of the fallback) come from hooks (norm_hooks)
+    norms: list[tuple[nn.Module, str, str | None, str | None]] = field(default_factory=list)
+    # block or fallback parameter name -> why it left the hooks
+    moved: dict[str, str] = field(default_factory=dict)
     checked: list[Task] = field(default_factory=list)  # tasks whose first batch was checked
+
+    def hooked_norms(self) -> list[tuple[nn.Module, str, str | None, str | None]]:
+        """The :attr:`norms` still on the hooks (none of their parameters moved to vmap)."""
+        return [
+            norm for norm in self.norms if not any(name in self.moved for name in norm[2:] if name)
+        ]
+
+    def vmap_names(self) -> list[str]:
+        """Fallback parameters whose per-example gradients come from vmap."""
+        hooked = {name for norm in self.hooked_norms() for name in norm[2:] if name}
+        return [name for name in self.fallback_names if name not in hooked]
 
     @property
     def output_dim(self) -> int:
@@ -283,8 +304,10 @@ class FactorizedPlan:
 
     def layout(self) -> list[dict[str, Any]]:
         """One row per block, then one for the fallback: ``name``, ``kind``, ``path``
-        (``"factorized"``, ``"materialized"``, ``"vmap"``, or ``"hooks"`` before any batch),
-        ``k`` (its features), ``params`` and, for blocks, ``shape`` and ``factors``."""
+        (``"factorized"``, ``"materialized"``, ``"vmap"``, or ``"hooks"`` before any batch;
+        the fallback's: ``"hooks"`` when every parameter is a normalisation layer's affine
+        parameter formed from hooks, ``"vmap"`` or ``"hooks+vmap"``), ``k`` (its features),
+        ``params``, for blocks ``shape`` and ``factors``, for the fallback ``vmap_params``."""
         rows = [
             {
                 "name": block.name,
@@ -298,13 +321,19 @@ class FactorizedPlan:
             for block in self.blocks
         ]
         if self.fallback_names:
+            by_vmap = self.vmap_names()
+            if not by_vmap:
+                path = "hooks"
+            else:
+                path = "vmap" if len(by_vmap) == len(self.fallback_names) else "hooks+vmap"
             rows.append(
                 {
                     "name": "(other)",
                     "kind": "other",
-                    "path": "vmap",
+                    "path": path,
                     "k": self.fallback_dim,
                     "params": list(self.fallback_names),
+                    "vmap_params": by_vmap,
                 }
             )
         return rows
@@ -383,11 +412,20 @@ class _CountSketch:
 class _Call:
     """One call of a hooked module: its input and output (and, after backward, the gradient)."""
 
-    block: str
+    block: str  # the block's name; for a normalisation layer, its first hooked parameter
     kind: str
     module: nn.Module
     inputs: torch.Tensor
     output: torch.Tensor
+    # a normalisation layer's: (weight name or None, bias name or None), normalisation_state
+    norm_params: tuple[str | None, str | None] | None = None
+    norm_state: Any = None
+
+    def names(self) -> tuple[str, ...]:
+        """The block, or the normalisation layer's hooked parameters."""
+        if self.norm_params is None:
+            return (self.block,)
+        return tuple(name for name in self.norm_params if name)
 
 
 def _unfold(x: torch.Tensor, module: nn.Module, kind: str) -> torch.Tensor:
@@ -473,6 +511,7 @@ class FactorizedProjector(Projector):
             None if layer_dims is None else {str(n): int(k) for n, k in layer_dims.items()}
         )
         self._plans: list[tuple[nn.Module, tuple[str, ...], FactorizedPlan]] = []
+        self._pilot: tuple[nn.Module, tuple[str, ...], FactorizedPlan] | None = None
         self._cache_seed: int | None = None
         self._cache_bytes = 0
 
@@ -511,6 +550,7 @@ class FactorizedProjector(Projector):
         if self.split == "gradient":
             self.layer_dims_ = None
             self._plans = []
+            self._pilot = None
 
     def fit_split(
         self,
@@ -550,7 +590,7 @@ class FactorizedProjector(Projector):
         totals = torch.zeros(len(parts), dtype=torch.float64)
         count = 0
         for batch in batches:
-            features = self._features(pilot, model, task, state, batch, seed).double()
+            features = self._features(pilot, model, task, state, batch, seed)[0].double()
             count += len(features)
             totals += torch.stack(
                 [features[:, lo:hi].pow(2).sum() for lo, hi in itertools.pairwise(edges)]
@@ -565,6 +605,9 @@ class FactorizedProjector(Projector):
         split = split_dim(self.proj_dim, [size for _, size, _ in parts], weights=energies)
         self.layer_dims_ = {name: k for (name, _, _), k in zip(parts, split)}
         self._plans = []
+        # What the pilot's first batch showed about the hooks (which blocks they serve) holds
+        # for the fitted plan too: its check is not repeated.
+        self._pilot = (model, tuple(names), pilot)
         return self
 
     def output_dim(self, sizes: Sequence[int]) -> int:
@@ -599,6 +642,9 @@ class FactorizedProjector(Projector):
                 "call fit_split(...) on pilot examples, or pass split='params'"
             )
         plan = self._build_plan(model, list(names), self.split)
+        if self._pilot is not None and self._pilot[0] is model and self._pilot[1] == names:
+            plan.moved.update(self._pilot[2].moved)
+            plan.checked.extend(self._pilot[2].checked)
         self._plans = [*self._plans[-3:], (model, names, plan)]
         return plan
 
@@ -649,6 +695,7 @@ class FactorizedProjector(Projector):
             modules += [(module, kind, name) for module, kind in zip(users, kinds)]
             taken.update(params)
         fallback = [name for name in param_names if name not in taken]
+        norms = _norms(model, fallback, named, holders, name_of)
         sizes = {block.name: block.size for block in blocks}
         if fallback:
             sizes[FALLBACK] = sum(named[name].numel() for name in fallback)
@@ -673,7 +720,7 @@ class FactorizedProjector(Projector):
                 projector = SparseJLProjector(share, self.nnz, self.max_cache_bytes)
                 fallback_dim = share
         return FactorizedPlan(
-            blocks, modules, fallback, projector, fallback_dim, sizes.get(FALLBACK, 0)
+            blocks, modules, fallback, projector, fallback_dim, sizes.get(FALLBACK, 0), norms
         )
 
     def _size_block(self, block: Block, share: int) -> None:
@@ -849,47 +896,73 @@ class FactorizedProjector(Projector):
         Returns:
             ``(batch_size, plan.output_dim)`` features, in the activations' dtype.
         """
-        return self._features(self.plan(model, param_names), model, task, state, batch, seed)
+        plan = self.plan(model, param_names)
+        return self._features(plan, model, task, state, batch, seed)[0]
 
-    def _features(self, plan, model, task, state, batch, seed) -> torch.Tensor:
+    def features_and_out_to_loss(
+        self,
+        model: nn.Module,
+        task: Task,
+        param_names: Sequence[str],
+        state: Mapping[str, torch.Tensor],
+        batch: Any,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`features` and, where the task computes both from one forward pass
+        (:func:`~datatrace.tasks.base.fuses_out_to_loss`), the out-to-loss weights ``Q``
+        ``(batch_size,)`` of that same forward pass (detached); else ``None``, and the caller
+        computes ``Q`` as usual."""
+        plan = self.plan(model, param_names)
+        return self._features(plan, model, task, state, batch, seed, fuses_out_to_loss(task))
+
+    def _features(self, plan, model, task, state, batch, seed, out_to_loss=False):
         if self.check_examples and not any(known is task for known in plan.checked):
             self._check(plan, model, task, state, batch, seed)
         hooked = [block for block in plan.blocks if block.name not in plan.moved]
-        features, bad = self._hooked_features(plan, model, task, state, batch, seed, hooked)
+        norms = plan.hooked_norms()
+        features, bad, grads, weights = self._hooked_features(
+            plan, model, task, state, batch, seed, hooked, norms, out_to_loss
+        )
         self._move(plan, bad)
         by_vmap = [block for block in plan.blocks if block.name in plan.moved]
-        names = [name for block in by_vmap for name in block.params] + plan.fallback_names
+        names = [name for block in by_vmap for name in block.params] + plan.vmap_names()
         parts = []
         if names:
-            grads = PerExampleGradients(model, task, names).gradients(state, batch)
+            grads.update(PerExampleGradients(model, task, names).gradients(state, batch))
             for block in by_vmap:
                 features[block.name] = self.apply_map(block, _matrices(block, grads), seed)
-            if plan.fallback_names:
-                fallback = plan.fallback_projector.project(
-                    [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
-                )
-                parts.append(fallback)
+        if plan.fallback_names:
+            fallback = plan.fallback_projector.project(
+                [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
+            )
+            parts.append(fallback)
         parts = [features[block.name] for block in plan.blocks] + parts
-        return torch.cat([part.to(parts[0].dtype) for part in parts], dim=1)
+        return torch.cat([part.to(parts[0].dtype) for part in parts], dim=1), weights
 
     def _check(self, plan, model, task, state, batch, seed) -> None:
         plan.checked.append(task)
         blocks = [block for block in plan.blocks if block.name not in plan.moved]
-        if not blocks:
+        norms = plan.hooked_norms()
+        if not blocks and not norms:
             return
         count = min(self.check_examples, batch_size_of(batch))
         few = map_tensors(lambda tensor: tensor[:count], batch)
-        hooked, differing = self._hooked_features(plan, model, task, state, few, seed, blocks)
-        names = [name for block in blocks for name in block.params]
+        hooked, differing, norm_grads, _ = self._hooked_features(
+            plan, model, task, state, few, seed, blocks, norms
+        )
+        norm_names = [name for norm in norms for name in norm[2:] if name]
+        names = [name for block in blocks for name in block.params] + norm_names
         grads = PerExampleGradients(model, task, names).gradients(state, few)
-        for block in blocks:
-            if block.name in differing:
+        maps = [self.apply_map(block, _matrices(block, grads), seed) for block in blocks]
+        compared = [(block.name, hooked.get(block.name), m) for block, m in zip(blocks, maps)]
+        compared += [(name, norm_grads.get(name), grads[name]) for name in norm_names]
+        for name, value, reference in compared:
+            if name in differing:
                 continue
-            reference = self.apply_map(block, _matrices(block, grads), seed)
-            error = torch.linalg.vector_norm(hooked[block.name] - reference).item()
+            error = torch.linalg.vector_norm(value - reference).item()
             scale = torch.linalg.vector_norm(reference).item()
             if not error <= math.sqrt(torch.finfo(reference.dtype).eps) * scale:
-                differing[block.name] = (
+                differing[name] = (
                     f"relative difference {error / scale:.2g}"
                     if scale > 0
                     else f"features of norm {error:.2g} where per-example gradients are zero"
@@ -911,9 +984,13 @@ class FactorizedProjector(Projector):
             stacklevel=3,
         )
 
-    def _hooked_features(self, plan, model, task, state, batch, seed, blocks):
-        """Features of ``blocks`` from one batched forward and backward with hooks, and the
-        blocks whose calls the hooks could not map to examples (with why)."""
+    def _hooked_features(
+        self, plan, model, task, state, batch, seed, blocks, norms=(), out_to_loss=False
+    ):
+        """Features of ``blocks`` and per-example gradients of the affine parameters of
+        ``norms`` from one batched forward and backward with hooks, the blocks and parameters
+        whose calls the hooks could not map to examples (with why), and ``Q`` of the batch from
+        the same forward (``task.output_and_out_to_loss``) if ``out_to_loss``, else ``None``."""
         n = batch_size_of(batch)
         wanted = {block.name for block in blocks}
         calls: list[_Call] = []
@@ -931,8 +1008,22 @@ class FactorizedProjector(Projector):
 
             return hook
 
-        if not blocks:
-            return {}, bad
+        def norm_hook_for(kind: str, norm_params: tuple[str | None, str | None]):
+            def hook(module, inputs, output):
+                call = _Call("", kind, module, None, output, norm_params)
+                x = inputs[0] if inputs else None
+                if x is None or x.shape[0] != n or not check_shapes(module, kind, x):
+                    bad.update(dict.fromkeys(call.names(), "inputs not batched along dim 0"))
+                    return None
+                call.block, call.inputs = call.names()[0], x
+                call.norm_state = normalisation_state(module, kind)
+                calls.append(call)
+                return output.clone()
+
+            return hook
+
+        if not blocks and not norms:
+            return {}, bad, {}, None
         params = {"model." + name: t.detach() for name, t in module_state(model, state).items()}
         for block in blocks:
             params["model." + block.name].requires_grad_(True)
@@ -941,13 +1032,26 @@ class FactorizedProjector(Projector):
             for module, kind, name in plan.modules
             if name in wanted
         ]
+        for module, kind, weight, bias in norms:
+            for name in (weight, bias):
+                if name:
+                    params["model." + name].requires_grad_(True)
+            handles.append(module.register_forward_hook(norm_hook_for(kind, (weight, bias))))
+        fn = task.output_and_out_to_loss if out_to_loss else task.output
         try:
             with _eval_mode(model), torch.enable_grad():
-                total = functional_call(_Bound(model, task.output), params, (batch,)).sum()
+                result = functional_call(_Bound(model, fn), params, (batch,))
         finally:
             for handle in handles:
                 handle.remove()
-        calls = [call for call in calls if call.output.requires_grad and call.block not in bad]
+        output, weights = result if out_to_loss else (result, None)
+        total = output.sum()
+        weights = None if weights is None else weights.detach()
+        calls = [
+            call
+            for call in calls
+            if call.output.requires_grad and not any(name in bad for name in call.names())
+        ]
         if calls and total.requires_grad:
             grads = torch.autograd.grad(total, [call.output for call in calls], allow_unused=True)
         else:  # no hooked call reaches the output: its gradients are zero
@@ -955,19 +1059,24 @@ class FactorizedProjector(Projector):
         by_block = {block.name: block for block in blocks}
         sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         paths: dict[str, set[str]] = defaultdict(set)
+        like = total.detach()
+        norm_grads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for call, grad in zip(calls, grads):
-                if grad is not None:
-                    block = by_block[call.block]
-                    path, term = self._term(block, call, grad.detach(), n, seed)
-                    paths[block.name].add(path)
-                    sums[block.name][path] = sums[block.name].get(path, 0) + term
+                if grad is None:
+                    continue
+                if call.norm_params is not None:
+                    _add_norm_gradients(call, grad.detach(), norm_grads)
+                    continue
+                block = by_block[call.block]
+                path, term = self._term(block, call, grad.detach(), n, seed)
+                paths[block.name].add(path)
+                sums[block.name][path] = sums[block.name].get(path, 0) + term
             features = {}
             for block in blocks:
                 if block.name in bad:
                     continue
                 parts = sums[block.name]
-                like = total.detach()
                 out = like.new_zeros(n, block.dim)
                 if "factorized" in parts:
                     out += self._finish(block, parts["factorized"].reshape(n, -1), seed)
@@ -975,7 +1084,13 @@ class FactorizedProjector(Projector):
                     out += self.apply_map(block, parts["materialized"], seed)
                 features[block.name] = out
                 block.path = "+".join(sorted(paths[block.name])) or block.path
-        return features, bad
+            named = dict(model.named_parameters())
+            for _, _, *names in norms:
+                for name in names:
+                    if name and name not in bad and name not in norm_grads:
+                        # no call reached the output: a zero gradient
+                        norm_grads[name] = like.new_zeros(n, *named[name].shape)
+        return features, bad, norm_grads, weights
 
     def _term(self, block: Block, call: _Call, grad: torch.Tensor, n: int, seed: int):
         """``("factorized", Σ_t (F_outᵀ u_t)(F_inᵀ v_t)ᵀ)`` or ``("materialized", Σ_t u_t v_tᵀ)``
@@ -1084,6 +1199,35 @@ class FactorizedProjector(Projector):
         out = conv(inputs, filters, None, module.stride, module.padding, module.dilation)
         out = out.flatten(2).transpose(1, 2)
         return out + matrix[-1] if augmented else out
+
+
+def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict) -> None:
+    """Add one normalisation call's per-example affine gradients into ``norm_grads``."""
+    values = affine_gradients(call.module, call.kind, call.inputs.detach(), grad, call.norm_state)
+    for name, value in zip(call.norm_params, values):
+        if name and value is not None:
+            norm_grads[name] = norm_grads[name] + value if name in norm_grads else value
+
+
+def _norms(model, fallback, named, holders, name_of):
+    """The normalisation layers (:func:`~datatrace.grads.norm_hooks.norm_kind`) whose selected
+    affine parameters in ``fallback`` are theirs alone: ``(module, kind, weight, bias)`` with
+    the names of those parameters (``None`` for one not selected)."""
+    wanted = set(fallback)
+    norms = []
+    for module in model.modules():
+        kind = norm_kind(module)
+        if kind is None:
+            continue
+        names = []
+        for attribute in ("weight", "bias"):
+            param = getattr(module, attribute, None)
+            name = name_of.get(id(param)) if isinstance(param, nn.Parameter) else None
+            alone = name is not None and holders[id(named[name])] == [module]
+            names.append(name if alone and name in wanted else None)
+        if any(names):
+            norms.append((module, kind, *names))
+    return norms
 
 
 def _product_costs(block: Block) -> tuple[int, int]:

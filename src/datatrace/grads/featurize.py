@@ -15,6 +15,14 @@ from torch import nn
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
+from datatrace.grads.memory import (
+    ACTIVATION_FACTOR,
+    FEATURE_FACTOR,
+    PER_EXAMPLE_GRADIENT_FACTOR,
+    activation_bytes,
+    choose_batch_size,
+    default_budget,
+)
 from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
 from datatrace.grads.projectors import Projector, derive_seed
 from datatrace.grads.selection import ParamSelection, select_parameters
@@ -32,6 +40,8 @@ from datatrace.tasks.base import Task
 # Training examples whose values are hashed into the provenance to recognise the training set
 # at once; every example is also hashed into its chunk (example_fingerprints) as it is featurized.
 FINGERPRINT_EXAMPLES = 16
+# Batch of the pilot pass when batch_size="auto" is not chosen yet (it needs the fitted split).
+AUTO_PILOT_BATCH = 8
 # Offending examples named in a NonFiniteError (the count is always given).
 SHOWN_EXAMPLES = 10
 
@@ -118,10 +128,14 @@ class GradientFeatures:
         projector: the random projection (see :mod:`datatrace.grads.projectors`).
         params: which parameters to differentiate (see :data:`ParamSelection`).
         seed: base seed; checkpoint ``c`` is projected with ``derive_seed(seed, "checkpoint", c)``.
-        batch_size: examples per per-example-gradient batch (bounds memory: ``batch_size × p``).
+        batch_size: examples per batch, or ``"auto"``: the largest batch whose estimated memory
+            fits ``memory_budget`` (:mod:`datatrace.grads.memory`), chosen on the first examples
+            featurized (:meth:`resolve_batch_size`).
         chunk_rows: training examples per stored chunk (the unit of resumption).
         device: where gradients are computed; defaults to the model's device.
         progress: show progress bars.
+        memory_budget: bytes that ``batch_size="auto"`` sizes a batch to (default: half the
+            free memory of a CUDA device; on the CPU a quarter of the free RAM, at most 4 GiB).
     """
 
     def __init__(
@@ -135,15 +149,21 @@ class GradientFeatures:
         chunk_rows: int = 512,
         device: torch.device | str | None = None,
         progress: bool = True,
+        memory_budget: int | None = None,
     ):
-        if batch_size < 1 or chunk_rows < 1:
-            raise ValueError("batch_size and chunk_rows must be positive")
+        if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive byte count, got {memory_budget}")
         self.model = model
         self.task = task
         self.projector = projector
         self.params = params
         self.seed = seed
-        self.batch_size = batch_size
+        self._batch_size = None if batch_size == "auto" else batch_size
+        self.memory_budget = memory_budget
         self.chunk_rows = chunk_rows
         self.device = torch.device(device) if device is not None else default_device(model)
         self.progress = progress
@@ -155,6 +175,51 @@ class GradientFeatures:
         self.sizes = [named[name].numel() for name in self.param_names]
         if not isinstance(projector, FactorizedProjector):
             projector.check_sizes(self.sizes)
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per batch (``"auto"``: once :meth:`resolve_batch_size` has chosen it)."""
+        if self._batch_size is None:
+            raise RuntimeError(
+                "batch_size='auto' is chosen on the first examples featurized: call "
+                "resolve_batch_size(examples, checkpoint) (fit and score do) first"
+            )
+        return self._batch_size
+
+    def resolve_batch_size(self, examples: Examples, checkpoint: Checkpoint) -> int:
+        """Choose ``batch_size="auto"`` (nothing to do for a number) from probes of the first
+        two of ``examples`` under ``checkpoint`` and the memory budget
+        (:mod:`datatrace.grads.memory`); returns the batch size."""
+        if self._batch_size is not None:
+            return self._batch_size
+        state = self.load(checkpoint)
+        with examples_from(0):
+            probe = self._checked_batch(examples.read(0, min(examples.n, 2)))
+        task = self.gradients_for(state, 0).task
+        fixed, per_example = activation_bytes(self.model, task, self.param_names, state, probe)
+        per_example *= ACTIVATION_FACTOR
+        itemsize = next(iter(state.values())).element_size() if state else 4
+        named = dict(self.model.named_parameters())
+        if isinstance(self.projector, FactorizedProjector):
+            plan = self.projector.plan(self.model, self.param_names)
+            vmap_names = [n for b in plan.blocks if b.name in plan.moved for n in b.params]
+            vmap_names += plan.vmap_names()
+        else:
+            vmap_names = self.param_names
+        vmap_size = sum(named[name].numel() for name in vmap_names)
+        per_example += PER_EXAMPLE_GRADIENT_FACTOR * vmap_size * itemsize
+        per_example += FEATURE_FACTOR * self.dim * 4
+        fixed += sum(t.numel() * t.element_size() for t in state.values())
+        budget = self.memory_budget or default_budget(self.device)
+        self._batch_size = choose_batch_size(fixed, per_example, budget, examples.n)
+        self.batch_estimate_ = {
+            "budget": int(budget),
+            "fixed": int(fixed),
+            "per_example": int(per_example),
+            "batch_size": self._batch_size,
+        }
+        self._prepared = None
+        return self._batch_size
 
     @property
     def dim(self) -> int:
@@ -183,27 +248,38 @@ class GradientFeatures:
         split if it is not set (nothing to do for other projectors): adopt the one recorded in
         ``recorded`` (a store's provenance) if it was made with the same projector settings,
         else measure it by a pilot pass over the first ``min(n, PILOT_EXAMPLES)`` examples of
-        ``train`` under ``checkpoint`` (index ``index``, whose seed projects them)."""
+        ``train`` under ``checkpoint`` (index ``index``, whose seed projects them). Then
+        choose ``batch_size="auto"`` (:meth:`resolve_batch_size`)."""
         projector = self.projector
-        if not isinstance(projector, FactorizedProjector) or projector.split_fitted:
-            return
-        if recorded is not None and projector.adopt_split(recorded.get("projector")):
-            try:
-                projector.plan(self.model, self.param_names)
-                return
-            except SplitMismatchError:  # recorded for other parameters: the provenance refuses
-                projector.reset_split()
+        if isinstance(projector, FactorizedProjector) and not projector.split_fitted:
+            if not self._adopt_split(recorded):
+                self._pilot(train, checkpoint, index)
+        self.resolve_batch_size(train, checkpoint)
+
+    def _adopt_split(self, recorded: dict[str, Any] | None) -> bool:
+        projector = self.projector
+        if recorded is None or not projector.adopt_split(recorded.get("projector")):
+            return False
+        try:
+            projector.plan(self.model, self.param_names)
+            return True
+        except SplitMismatchError:  # recorded for other parameters: the provenance refuses
+            projector.reset_split()
+            return False
+
+    def _pilot(self, train: Examples, checkpoint: Checkpoint, index: int) -> None:
         state = self.load(checkpoint)
         count = min(train.n, PILOT_EXAMPLES)
+        step = self._batch_size or AUTO_PILOT_BATCH  # "auto" is chosen after the split
 
         def batches():
-            for lo in range(0, count, self.batch_size):
+            for lo in range(0, count, step):
                 with examples_from(lo):
-                    batch = self._checked_batch(train.read(lo, min(lo + self.batch_size, count)))
+                    batch = self._checked_batch(train.read(lo, min(lo + step, count)))
                 yield batch
 
         task = self.gradients_for(state, index).task
-        projector.fit_split(
+        self.projector.fit_split(
             self.model, task, self.param_names, state, batches(), self.projection_seed(index)
         )
         self._prepared = None  # let the pilot's checkpoint go
@@ -257,18 +333,21 @@ class GradientFeatures:
         """Features ``(batch_size, k)`` and out-to-loss weights ``(batch_size,)`` of one batch,
         on the CPU in float32. The batch is checked first (``Task.check_batch``). A
         :class:`~datatrace.grads.factorized.FactorizedProjector` computes the features from the
-        model and the batch directly, without per-example gradients."""
+        model and the batch directly, without per-example gradients, and ``Q`` from the same
+        forward pass where the task allows it (``Task.output_and_out_to_loss``)."""
         gradients = self.gradients_for(state, checkpoint)
         batch = self._checked_batch(batch)
         seed = self.projection_seed(checkpoint)
+        out_to_loss = None
         if isinstance(self.projector, FactorizedProjector):
-            features = self.projector.features(
+            features, out_to_loss = self.projector.features_and_out_to_loss(
                 self.model, gradients.task, self.param_names, state, batch, seed
             )
         else:
             grads = gradients.gradients(state, batch)
             features = self.projector.project([grads[name] for name in self.param_names], seed)
-        out_to_loss = gradients.out_to_loss(state, batch)
+        if out_to_loss is None:
+            out_to_loss = gradients.out_to_loss(state, batch)
         return features.float().cpu(), out_to_loss.float().cpu()
 
     def featurize_all(

@@ -33,6 +33,17 @@ class Task(ABC):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The out-to-loss weight ``Q`` of each example of ``batch``, shape ``(batch_size,)``."""
 
+    def output_and_out_to_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, out_to_loss)`` of ``batch`` from one forward pass, where a task can share
+        it; ``out_to_loss`` detached. Featurizing through layer hooks (the factorised
+        projections) calls it with gradients enabled and differentiates ``output`` only, so
+        that ``Q`` costs no second forward pass. Optional: a task overrides it together with
+        ``output`` and ``out_to_loss`` (:func:`fuses_out_to_loss`), and it must return what
+        those two return. The default calls both."""
+        return self.output(model, batch), self.out_to_loss(model, batch).detach()
+
     def check_batch(self, model: nn.Module, batch: Any) -> Any:
         """Check a batch before it is featurized; return it as the task reads it.
 
@@ -79,3 +90,19 @@ class Task(ABC):
     def config(self) -> dict[str, Any]:
         """Settings that identify this task in a store's provenance (JSON-serialisable)."""
         return {"name": type(self).__name__}
+
+
+def _defining_class(cls: type, name: str) -> type:
+    return next(base for base in cls.__mro__ if name in base.__dict__)
+
+
+def fuses_out_to_loss(task: Task) -> bool:
+    """Whether ``task.output_and_out_to_loss`` computes both from one forward pass: it is
+    overridden in the class that defines ``output`` and ``out_to_loss`` or in a subclass of it
+    (a subclass that redefines either of those without it falls back to two passes)."""
+    fused = _defining_class(type(task), "output_and_out_to_loss")
+    if fused is Task:
+        return False
+    return all(
+        issubclass(fused, _defining_class(type(task), name)) for name in ("output", "out_to_loss")
+    )

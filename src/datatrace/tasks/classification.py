@@ -114,6 +114,12 @@ class Classification(Task):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
 
+    def output_and_out_to_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        margins = self.output(model, batch)
+        return margins, margin_out_to_loss(margins.detach())
+
 
 def centred_class_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``logit_c − mean_k logit_k`` of each row, for the class ``c`` of that row.

@@ -292,8 +292,14 @@ class CLIPContrastive(Task):
         return image_margin + text_margin
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return clip_out_to_loss(*self.margins(model, batch))
+
+    def output_and_out_to_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         image_margin, text_margin = self.margins(model, batch)
-        return (torch.sigmoid(-image_margin) + torch.sigmoid(-text_margin)) / 2
+        weights = clip_out_to_loss(image_margin.detach(), text_margin.detach())
+        return image_margin + text_margin, weights
 
     def config(self) -> dict[str, Any]:
         return {
@@ -304,3 +310,8 @@ class CLIPContrastive(Task):
             "seed": self.seed,
             "embed": getattr(self.embed, "__qualname__", type(self.embed).__name__),
         }
+
+
+def clip_out_to_loss(image_margin: torch.Tensor, text_margin: torch.Tensor) -> torch.Tensor:
+    """``Q``: the mean of ``sigmoid(−margin)`` of the two directions, ``(batch_size,)``."""
+    return (torch.sigmoid(-image_margin) + torch.sigmoid(-text_margin)) / 2

@@ -192,6 +192,12 @@ class _LanguageModel(Task):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return sequence_out_to_loss(*self.token_margins(model, batch))
 
+    def output_and_out_to_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        margins, counted = self.token_margins(model, batch)
+        return sequence_output(margins, counted), sequence_out_to_loss(margins.detach(), counted)
+
     def config(self) -> dict[str, Any]:
         return {
             "name": type(self).__name__,

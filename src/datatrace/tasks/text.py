@@ -81,6 +81,12 @@ class TextClassification(Task):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
 
+    def output_and_out_to_loss(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        margins = self.output(model, batch)
+        return margins, margin_out_to_loss(margins.detach())
+
     def check_batch(self, model: nn.Module, batch: Any) -> dict[str, Any]:
         """The batch checked (see :meth:`Task.check_batch`): the label column ``(batch_size,)``
         integers in ``0 … n_classes − 1`` (one forward pass of the first example gives
