@@ -58,13 +58,16 @@ def test_auto_batch_follows_the_budget_and_not_the_scores(digits, projector):
     train, targets = (X[:300], y[:300]), (X[1000:1010], y[1000:1010])
 
     def fit(**settings):
-        trak = dt.TRAK(model, dt.Classification(), proj_dim=64, projector=projector,
-                       progress=False, **settings)  # fmt: skip
-        return trak.fit(train), trak
+        trak = dt.TRAK(
+            model, dt.Classification(), proj_dim=64, projector=projector, progress=False,
+            **settings,
+        )  # fmt: skip
+        return trak.fit(train)
 
-    fixed, fixed_trak = fit(batch_size=32)
-    small, small_trak = fit(batch_size="auto", memory_budget=300_000)
-    large, large_trak = fit(batch_size="auto", memory_budget=1 << 30)
+    fixed = fit(batch_size=32)
+    small = fit(batch_size="auto", memory_budget=300_000)
+    large = fit(batch_size="auto", memory_budget=1 << 30)
+    small_trak, large_trak = small, large
     chosen = [t.features_.batch_size for t in (small_trak, large_trak)]
     assert 1 <= chosen[0] < chosen[1] <= 300, chosen
     estimate = small_trak.features_.batch_estimate_
@@ -82,9 +85,11 @@ def test_bad_batch_size_and_budget_are_refused():
         dt.TRAK(model, dt.Classification(), batch_size=0, progress=False).fit(
             (torch.randn(4, 64), torch.zeros(4, dtype=torch.long))
         )
+    data = (torch.randn(4, 64), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="memory_budget"):
-        dt.TRAK(model, dt.Classification(), batch_size="auto", memory_budget=-1,
-                progress=False).fit((torch.randn(4, 64), torch.zeros(4, dtype=torch.long)))  # fmt: skip
+        dt.TRAK(
+            model, dt.Classification(), batch_size="auto", memory_budget=-1, progress=False
+        ).fit(data)
 
 
 def test_default_budget_is_a_share_of_free_memory():
