@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 import datatrace as dt
@@ -750,3 +751,33 @@ def test_gradient_split_is_recorded_and_adopted_on_resume(trained_mlps, tmp_path
             store_trak(models[0], path, **other).fit(train_set, checkpoints)
         with pytest.raises(StoreMismatchError, match="projector"):
             dt.TRAK.from_store(path, make_mlp(seed=7), dt.Classification(), checkpoints, **other)
+
+
+@pytest.mark.parametrize("projector", ["factgrass", "sparse"])
+def test_bfloat16_forward_keeps_features_close_and_float32(trained_mlps, projector):
+    """Under bf16 autocast the features are float32, within bf16's rounding of the float32
+    ones, and the ranking of TRAK scores is nearly unchanged; the store records the precision."""
+    models, X, y = trained_mlps
+    model = models[0]
+    train_set, targets = (X[:200], y[:200]), (X[1000:1010], y[1000:1010])
+
+    def fit(**settings):
+        trak = dt.TRAK(
+            model, dt.Classification(), proj_dim=256, projector=projector, progress=False,
+            **settings,
+        )  # fmt: skip
+        return trak.fit(train_set)
+
+    full, half = fit(), fit(precision="bfloat16")
+    features = [np.concatenate([c for _, _, c in t._stored[0].iter_chunks()]) for t in (full, half)]
+    assert features[1].dtype == np.float32
+    error = np.linalg.norm(features[1] - features[0]) / np.linalg.norm(features[0])
+    assert 0 < error < 0.03, error  # bf16 keeps 8 bits: ~0.4% per value, more after layers
+    np.testing.assert_allclose(half.out_to_loss_, full.out_to_loss_, rtol=0.05, atol=1e-3)
+    scores = [t.score(targets).scores for t in (full, half)]
+    rank = np.mean([spearmanr(a, b)[0] for a, b in zip(*scores)])
+    assert rank > 0.98, rank
+    assert half.store_.provenance("features")["precision"] == "bfloat16"
+    assert "precision" not in full.store_.provenance("features")
+    with pytest.raises(ValueError, match="precision"):
+        dt.TRAK(model, dt.Classification(), precision="int8", progress=False).fit(train_set)

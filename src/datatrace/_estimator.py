@@ -92,7 +92,9 @@ def gradient_features(
         chunk_rows=estimator.chunk_size,
         device=estimator.device,
         progress=estimator.progress,
-        memory_budget=getattr(estimator, "memory_budget", None),  # TRAK has it, baselines not
+        # TRAK's settings; the gradient baselines keep the defaults
+        memory_budget=getattr(estimator, "memory_budget", None),
+        precision=getattr(estimator, "precision", None),
     )
 
 

@@ -71,6 +71,10 @@ class TRAK:
         memory_budget: bytes a batch is sized to with ``batch_size="auto"`` (default: half
             the free memory of a CUDA device; on the CPU a quarter of the free RAM, at most
             4 GiB).
+        precision: ``None`` (the model's dtype), ``"bfloat16"`` or ``"float16"``: forward and
+            backward passes under ``torch.autocast`` in that dtype, projections and features
+            in float32, the kernel in float64 (see
+            :class:`~datatrace.grads.featurize.GradientFeatures`).
 
     Attributes (after ``fit``):
         store_: the :class:`~datatrace.store.Store` holding features and kernels.
@@ -101,6 +105,7 @@ class TRAK:
         device: torch.device | str | None = None,
         progress: bool = True,
         memory_budget: int | None = None,
+        precision: str | None = None,
     ):
         self.model = model
         self.task = task
@@ -116,6 +121,7 @@ class TRAK:
         self.device = device
         self.progress = progress
         self.memory_budget = memory_budget
+        self.precision = precision
 
     def fit(
         self,

@@ -110,6 +110,7 @@ batched along dim 0) is computed from vmap gradients from then on, with the same
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -929,17 +930,25 @@ class FactorizedProjector(Projector):
         parts = []
         if names:
             grads.update(PerExampleGradients(model, task, names).gradients(state, batch))
+        with without_autocast():
+            grads = {name: full_precision(grad) for name, grad in grads.items()}
             for block in by_vmap:
                 features[block.name] = self.apply_map(block, _matrices(block, grads), seed)
-        if plan.fallback_names:
-            fallback = plan.fallback_projector.project(
-                [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
-            )
-            parts.append(fallback)
-        parts = [features[block.name] for block in plan.blocks] + parts
-        return torch.cat([part.to(parts[0].dtype) for part in parts], dim=1), weights
+            if plan.fallback_names:
+                fallback = plan.fallback_projector.project(
+                    [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
+                )
+                parts.append(fallback)
+            parts = [features[block.name] for block in plan.blocks] + parts
+            features = torch.cat([part.to(parts[0].dtype) for part in parts], dim=1)
+        return features, None if weights is None else full_precision(weights)
 
     def _check(self, plan, model, task, state, batch, seed) -> None:
+        # In full precision: what is checked is where the hooks apply, not rounding.
+        with without_autocast():
+            self._check_hooks(plan, model, task, state, batch, seed)
+
+    def _check_hooks(self, plan, model, task, state, batch, seed) -> None:
         plan.checked.append(task)
         blocks = [block for block in plan.blocks if block.name not in plan.moved]
         norms = plan.hooked_norms()
@@ -1059,17 +1068,19 @@ class FactorizedProjector(Projector):
         by_block = {block.name: block for block in blocks}
         sums: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         paths: dict[str, set[str]] = defaultdict(set)
-        like = total.detach()
+        like = full_precision(total.detach())
         norm_grads: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
+        # Under autocast the forward and backward ran in 16 bits; the projections do not.
+        with torch.no_grad(), without_autocast():
             for call, grad in zip(calls, grads):
                 if grad is None:
                     continue
+                grad, call.inputs = full_precision(grad.detach()), full_precision(call.inputs)
                 if call.norm_params is not None:
-                    _add_norm_gradients(call, grad.detach(), norm_grads)
+                    _add_norm_gradients(call, grad, norm_grads)
                     continue
                 block = by_block[call.block]
-                path, term = self._term(block, call, grad.detach(), n, seed)
+                path, term = self._term(block, call, grad, n, seed)
                 paths[block.name].add(path)
                 sums[block.name][path] = sums[block.name].get(path, 0) + term
             features = {}
@@ -1199,6 +1210,23 @@ class FactorizedProjector(Projector):
         out = conv(inputs, filters, None, module.stride, module.padding, module.dilation)
         out = out.flatten(2).transpose(1, 2)
         return out + matrix[-1] if augmented else out
+
+
+def full_precision(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A 16-bit floating tensor (from a forward pass under autocast) in float32; any other as
+    it is."""
+    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
+def without_autocast():
+    """A context in which autocast is off (on the CPU and, where there is one, CUDA)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict) -> None:

@@ -5,6 +5,7 @@ Shared by TRAK and the gradient baselines, so that they all read the same stored
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,12 @@ from torch import nn
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
-from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
+from datatrace.grads.factorized import (
+    PILOT_EXAMPLES,
+    FactorizedProjector,
+    SplitMismatchError,
+    full_precision,
+)
 from datatrace.grads.memory import (
     ACTIVATION_FACTOR,
     FEATURE_FACTOR,
@@ -40,6 +46,8 @@ from datatrace.tasks.base import Task
 # Training examples whose values are hashed into the provenance to recognise the training set
 # at once; every example is also hashed into its chunk (example_fingerprints) as it is featurized.
 FINGERPRINT_EXAMPLES = 16
+# The 16-bit dtypes the forward and backward passes may run in (GradientFeatures' precision).
+PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Batch of the pilot pass when batch_size="auto" is not chosen yet (it needs the fitted split).
 AUTO_PILOT_BATCH = 8
 # Offending examples named in a NonFiniteError (the count is always given).
@@ -136,6 +144,12 @@ class GradientFeatures:
         progress: show progress bars.
         memory_budget: bytes that ``batch_size="auto"`` sizes a batch to (default: half the
             free memory of a CUDA device; on the CPU a quarter of the free RAM, at most 4 GiB).
+        precision: ``None`` (the model's own dtype), ``"bfloat16"`` or ``"float16"``: the
+            forward and backward passes run under ``torch.autocast`` in that dtype, and the
+            projections, features and kernel stay in float32/float64. Recorded in the store's
+            provenance (a store is featurized in one precision). ``"float16"``'s narrow range
+            can overflow or flush small gradients to zero (no loss scaling is applied: the
+            attributed output, not a loss, is differentiated); ``"bfloat16"`` has float32's.
     """
 
     def __init__(
@@ -150,6 +164,7 @@ class GradientFeatures:
         device: torch.device | str | None = None,
         progress: bool = True,
         memory_budget: int | None = None,
+        precision: str | None = None,
     ):
         if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
@@ -164,6 +179,11 @@ class GradientFeatures:
         self.seed = seed
         self._batch_size = None if batch_size == "auto" else batch_size
         self.memory_budget = memory_budget
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be None, 'bfloat16' or 'float16', got {precision!r}"
+            )
+        self.precision = precision
         self.chunk_rows = chunk_rows
         self.device = torch.device(device) if device is not None else default_device(model)
         self.progress = progress
@@ -309,7 +329,7 @@ class GradientFeatures:
             "n_train": train.n,
             "train_data": batch_fingerprint(train.read(0, min(train.n, FINGERPRINT_EXAMPLES))),
             "chunk_rows": self.chunk_rows,
-        }
+        } | ({"precision": self.precision} if self.precision is not None else {})
 
     def gradients_for(self, state: dict[str, torch.Tensor], checkpoint: int) -> PerExampleGradients:
         """The gradient computation under checkpoint ``checkpoint`` (whose parameters and buffers
@@ -339,16 +359,26 @@ class GradientFeatures:
         batch = self._checked_batch(batch)
         seed = self.projection_seed(checkpoint)
         out_to_loss = None
-        if isinstance(self.projector, FactorizedProjector):
-            features, out_to_loss = self.projector.features_and_out_to_loss(
-                self.model, gradients.task, self.param_names, state, batch, seed
-            )
-        else:
-            grads = gradients.gradients(state, batch)
-            features = self.projector.project([grads[name] for name in self.param_names], seed)
-        if out_to_loss is None:
-            out_to_loss = gradients.out_to_loss(state, batch)
+        with self._forward_precision():
+            if isinstance(self.projector, FactorizedProjector):
+                features, out_to_loss = self.projector.features_and_out_to_loss(
+                    self.model, gradients.task, self.param_names, state, batch, seed
+                )
+            else:
+                grads = gradients.gradients(state, batch)
+            if out_to_loss is None:
+                out_to_loss = gradients.out_to_loss(state, batch)
+        if not isinstance(self.projector, FactorizedProjector):
+            grads = [full_precision(grads[name]) for name in self.param_names]
+            features = self.projector.project(grads, seed)
         return features.float().cpu(), out_to_loss.float().cpu()
+
+    def _forward_precision(self):
+        """Autocast to ``precision`` for the forward and backward passes (not the projections:
+        :mod:`datatrace.grads.factorized` turns it off for them)."""
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     def featurize_all(
         self, data: Any, checkpoint: Checkpoint, index: int, description: str = "featurizing"
