@@ -110,13 +110,12 @@ batched along dim 0) is computed from vmap gradients from then on, with the same
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,12 +123,18 @@ from torch import nn
 from torch.func import functional_call
 
 from datatrace.data import batch_size_of, map_tensors
-from datatrace.grads.norm_hooks import (
-    affine_gradients,
-    check_shapes,
-    norm_kind,
-    normalisation_state,
+from datatrace.grads.factors import CountSketch, Factor, full_precision, without_autocast
+from datatrace.grads.layer_plan import (
+    FALLBACK,
+    MIN_LAYER_DIM,
+    Block,
+    FactorizedPlan,
+    factor_dims,
+    hookable_norms,
+    layer_kind,
+    split_dim,
 )
+from datatrace.grads.norm_hooks import affine_gradients, check_shapes, normalisation_state
 from datatrace.grads.per_example import PerExampleGradients, _Bound, _eval_mode, module_state
 from datatrace.grads.projectors import (
     DENSE_GENERATION_ROWS,
@@ -148,10 +153,6 @@ SPLITS = ("gradient", "params")
 # "gradient" split): enough for a few-percent estimate of each block's mean, a small cost next
 # to featurizing the training set.
 PILOT_EXAMPLES = 64
-# The name of the fallback's share in a split (no parameter has it).
-FALLBACK = "(other)"
-# Smallest share of k a block gets (unless it has fewer coordinates): see "Splitting k".
-MIN_LAYER_DIM = 16
 # FactGraSS keeps this many times k_l masked products before its sparse JL: more kept coordinates
 # lower the masks' variance, at a cost linear in their number.
 SPARSE_BLOWUP = 4
@@ -171,242 +172,6 @@ BATCHED_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1, "hf_conv1
 class FactorizationWarning(UserWarning):
     """Blocks whose factorised features disagreed with per-example gradients: they are computed
     from per-example gradients (vmap) instead, with the same projection."""
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """The kind of a module whose weight gradient the hooks can factor, or ``None``."""
-    cls = type(module)
-    if isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and cls.forward in (
-        nn.Conv1d.forward,
-        nn.Conv2d.forward,
-    ):
-        plain = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
-        return ("conv1d" if isinstance(module, nn.Conv1d) else "conv2d") if plain else None
-    if isinstance(module, nn.Embedding) and cls.forward is nn.Embedding.forward:
-        plain = module.max_norm is None and not module.scale_grad_by_freq
-        return "embedding" if plain else None
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
-        return "hf_conv1d"  # detected by name so that transformers stays optional
-    return None
-
-
-def split_dim(
-    total: int,
-    sizes: Sequence[int],
-    floor: int = MIN_LAYER_DIM,
-    weights: Sequence[float] | None = None,
-) -> list[int]:
-    """``k_l = clip(c·w_l, min(p_l, floor), p_l)`` with ``c`` such that they sum to ``total``
-    (before rounding); all ``p_l`` if they fit, the floors if those alone exceed ``total``.
-
-    Args:
-        total: the ``k`` to split.
-        sizes: ``p_l``, the coordinates of each block.
-        floor: the smallest share of a block with more coordinates.
-        weights: ``w_l >= 0``, what the shares are proportional to; ``sizes`` if ``None`` or
-            all zero.
-
-    Returns:
-        One ``k_l`` per block.
-    """
-    floors = [min(size, floor) for size in sizes]
-    if sum(sizes) <= total:
-        return list(sizes)
-    if sum(floors) >= total:
-        return floors
-    if weights is None or not any(weights):
-        weights = sizes
-
-    def shares(c: float) -> list[float]:
-        return [min(size, max(low, c * w)) for size, low, w in zip(sizes, floors, weights)]
-
-    # at high every block of positive weight is whole: the shares reach total, or all they can
-    low, high = 0.0, max(size / w for size, w in zip(sizes, weights) if w > 0)
-    for _ in range(80):
-        middle = (low + high) / 2
-        low, high = (middle, high) if sum(shares(middle)) < total else (low, middle)
-    return [max(low_k, round(share)) for share, low_k in zip(shares(high), floors)]
-
-
-def factor_dims(k: int, rows: int, cols: int) -> tuple[int, int]:
-    """``(k_out, k_in)`` with ``k_out·k_in ≈ k``: both ``√k``, except that a side smaller than
-    that is kept whole and the other side gets the rest."""
-    if k >= rows * cols:
-        return rows, cols
-    k_rows = min(rows, max(1, round(math.sqrt(k))))
-    k_cols = min(cols, max(1, round(k / k_rows)))
-    return min(rows, max(1, round(k / k_cols))), k_cols
-
-
-@dataclass
-class Block:
-    """One projected block: a weight (and its module's bias), seen as a ``rows × cols`` matrix."""
-
-    name: str  # the weight's name
-    params: tuple[str, ...]  # the weight, then its bias if the block holds one
-    kinds: tuple[str, ...]  # kinds of the modules that use the weight
-    rows: int  # including the bias coordinate when bias_axis == 0
-    cols: int  # including the bias coordinate when bias_axis == 1
-    bias_axis: int | None
-    k_rows: int = 0  # factor sizes (sparse variant: the masks'; sketch: its width)
-    k_cols: int = 0
-    dim: int = 0  # features of the block
-    sparse_jl: bool = False  # a sparse JL maps the k_rows·k_cols products to dim
-    sketch: bool = False  # TensorSketch: nnz sketches of width k_rows = k_cols, dim = nnz·width
-    path: str = "hooks"  # how its features were last computed
-
-    @property
-    def size(self) -> int:
-        return self.rows * self.cols
-
-
-@dataclass
-class FactorizedPlan:
-    """How a model's selected parameters are projected: blocks, fallback, dimensions."""
-
-    blocks: list[Block]
-    modules: list[tuple[nn.Module, str, str]]  # (module, kind, block name) of every hooked module
-    fallback_names: list[str]
-    fallback_projector: Projector | None
-    fallback_dim: int
-    fallback_size: int = 0  # coordinates of the fallback's parameters
-    # (module, kind, weight name or None, bias name or None) of the normalisation layers whose
-    # selected affine parameters (part of the fallback) come from hooks (norm_hooks)
-    norms: list[tuple[nn.Module, str, str | None, str | None]] = field(default_factory=list)
-    # block or fallback parameter name -> why it left the hooks
-    moved: dict[str, str] = field(default_factory=dict)
-    checked: list[Task] = field(default_factory=list)  # tasks whose first batch was checked
-
-    def hooked_norms(self) -> list[tuple[nn.Module, str, str | None, str | None]]:
-        """The :attr:`norms` still on the hooks (none of their parameters moved to vmap)."""
-        return [
-            norm for norm in self.norms if not any(name in self.moved for name in norm[2:] if name)
-        ]
-
-    def vmap_names(self) -> list[str]:
-        """Fallback parameters whose per-example gradients come from vmap."""
-        hooked = {name for norm in self.hooked_norms() for name in norm[2:] if name}
-        return [name for name in self.fallback_names if name not in hooked]
-
-    @property
-    def output_dim(self) -> int:
-        """Total number of features: the blocks' in order, then the fallback's."""
-        return sum(block.dim for block in self.blocks) + self.fallback_dim
-
-    def parts(self) -> list[tuple[str, int, int]]:
-        """``(name, coordinates, features)`` of each block, then of the fallback
-        (``"(other)"``), in the order of the features."""
-        parts = [(block.name, block.size, block.dim) for block in self.blocks]
-        if self.fallback_names:
-            parts.append((FALLBACK, self.fallback_size, self.fallback_dim))
-        return parts
-
-    def layout(self) -> list[dict[str, Any]]:
-        """One row per block, then one for the fallback: ``name``, ``kind``, ``path``
-        (``"factorized"``, ``"materialized"``, ``"vmap"``, or ``"hooks"`` before any batch;
-        the fallback's: ``"hooks"`` when every parameter is a normalisation layer's affine
-        parameter formed from hooks, ``"vmap"`` or ``"hooks+vmap"``), ``k`` (its features),
-        ``params``, for blocks ``shape`` and ``factors``, for the fallback ``vmap_params``."""
-        rows = [
-            {
-                "name": block.name,
-                "kind": "+".join(block.kinds),
-                "path": "vmap" if block.name in self.moved else block.path,
-                "k": block.dim,
-                "params": list(block.params),
-                "shape": (block.rows, block.cols),
-                "factors": (block.k_rows, block.k_cols),
-            }
-            for block in self.blocks
-        ]
-        if self.fallback_names:
-            by_vmap = self.vmap_names()
-            if not by_vmap:
-                path = "hooks"
-            else:
-                path = "vmap" if len(by_vmap) == len(self.fallback_names) else "hooks+vmap"
-            rows.append(
-                {
-                    "name": "(other)",
-                    "kind": "other",
-                    "path": path,
-                    "k": self.fallback_dim,
-                    "params": list(self.fallback_names),
-                    "vmap_params": by_vmap,
-                }
-            )
-        return rows
-
-
-class _Factor:
-    """One side's ``(dim, k)`` factor: identity, a dense matrix, or a scaled coordinate mask."""
-
-    def __init__(self, dim: int, k: int, matrix=None, index=None, scale: float = 1.0):
-        self.dim, self.k, self.matrix, self.index, self.scale = dim, k, matrix, index, scale
-        self.identity = matrix is None and index is None
-        self._dense = matrix
-
-    def dense(self, like: torch.Tensor) -> torch.Tensor:
-        """The factor as a ``(dim, k)`` matrix in the dtype and on the device of ``like``."""
-        if self._dense is None:
-            dense = torch.zeros(self.dim, self.k, dtype=like.dtype, device=like.device)
-            columns = torch.arange(self.k, device=like.device)
-            dense[columns if self.identity else self.index, columns] = self.scale
-            self._dense = dense
-        return self._dense
-
-    def vectors(self, x: torch.Tensor, augmented: bool) -> torch.Tensor:
-        """``[x, 1] F`` (``augmented``) or ``x F`` for ``x`` of shape ``(..., dim - augmented)``."""
-        if self.identity:
-            return torch.cat([x, torch.ones_like(x[..., :1])], -1) if augmented else x
-        if self.index is None:
-            out = x @ self.matrix[: x.shape[-1]]
-            return out + self.matrix[-1] if augmented else out
-        out = x[..., self.index.clamp(max=x.shape[-1] - 1)] * self.scale
-        if augmented:
-            out[..., self.index == x.shape[-1]] = self.scale
-        return out
-
-    def along(self, matrices: torch.Tensor, axis: int) -> torch.Tensor:
-        """``Fᵀ`` applied along ``axis`` (1 or 2) of ``(batch, rows, cols)`` matrices."""
-        if self.identity:
-            return matrices
-        if self.index is not None:
-            return matrices.index_select(axis, self.index) * self.scale
-        if axis == 1:
-            return torch.einsum("nrc,rk->nkc", matrices, self.matrix)
-        return matrices @ self.matrix
-
-
-class _CountSketch:
-    """One side's ``nnz`` CountSketches ``[dim] → [width]``: in sketch ``j``, coordinate ``i`` is
-    added to bucket ``buckets[j, i]`` of slice ``j`` (of ``width``) with sign ``signs[j, i]``."""
-
-    def __init__(self, dim: int, width: int, buckets: torch.Tensor, signs: torch.Tensor):
-        self.dim, self.width, self.buckets, self.signs = dim, width, buckets, signs
-        self.nnz = len(buckets)
-        offsets = torch.arange(self.nnz, device=buckets.device).unsqueeze(1) * width
-        self._flat_buckets = buckets + offsets  # buckets among all nnz·width
-
-    def vectors(self, x: torch.Tensor, augmented: bool) -> torch.Tensor:
-        """Sketches ``(..., nnz, width)`` of ``[x, 1]`` (``augmented``) or ``x``, for ``x`` of
-        shape ``(..., dim - augmented)``."""
-        size = x.shape[-1]
-        out = x.new_zeros(*x.shape[:-1], self.nnz * self.width)
-        for buckets, signs in zip(self._flat_buckets, self.signs.to(x.dtype)):
-            out.index_add_(-1, buckets[:size], x * signs[:size])
-            if augmented:
-                out[..., buckets[-1]] += signs[-1]
-        return out.unflatten(-1, (self.nnz, self.width))
-
-    def one_hot(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Sketches ``(*index.shape, nnz, width)`` of the unit vectors ``e_index``."""
-        out = like.new_zeros(*index.shape, self.nnz * self.width)
-        buckets = self._flat_buckets[:, index].movedim(0, -1)
-        signs = self.signs.to(like.dtype)[:, index].movedim(0, -1)
-        return out.scatter_(-1, buckets, signs).unflatten(-1, (self.nnz, self.width))
 
 
 @dataclass
@@ -696,7 +461,7 @@ class FactorizedProjector(Projector):
             modules += [(module, kind, name) for module, kind in zip(users, kinds)]
             taken.update(params)
         fallback = [name for name in param_names if name not in taken]
-        norms = _norms(model, fallback, named, holders, name_of)
+        norms = hookable_norms(model, fallback, named, holders, name_of)
         sizes = {block.name: block.size for block in blocks}
         if fallback:
             sizes[FALLBACK] = sum(named[name].numel() for name in fallback)
@@ -760,10 +525,11 @@ class FactorizedProjector(Projector):
     def factor(self, block: Block, axis: int, seed: int, like: torch.Tensor):
         """The factor of ``block`` over its rows (``axis=0``, side ``"out"``) or columns
         (``axis=1``, side ``"in"``), on the device of ``like`` (and in its dtype): a
-        :class:`_Factor`, or the side's :class:`_CountSketch` for the sketch."""
+        :class:`~datatrace.grads.factors.Factor`, or the side's
+        :class:`~datatrace.grads.factors.CountSketch` for the sketch."""
         dim, k = (block.rows, block.k_rows) if axis == 0 else (block.cols, block.k_cols)
         if k == dim and not block.sketch:
-            return _Factor(dim, k)
+            return Factor(dim, k)
         side = "out" if axis == 0 else "in"
         key = (block.name, side, dim, k, self.variant, str(like.device), like.dtype)
 
@@ -785,17 +551,17 @@ class FactorizedProjector(Projector):
                 signs = torch.cat([table[1] for table in tables], 1)[:, :dim].mul_(2).sub_(1)
                 signs = signs.to(like.device, torch.int8)
                 # int64 buckets (also offset by slice) and int8 signs
-                return _CountSketch(dim, k, buckets, signs), 17 * self.nnz * dim
+                return CountSketch(dim, k, buckets, signs), 17 * self.nnz * dim
             n_blocks = -(-dim // DENSE_GENERATION_ROWS)
             generators = [_generator(seed, block.name, side, b) for b in range(n_blocks)]
             if self.variant == "dense":
                 shape = (DENSE_GENERATION_ROWS, k)
                 rows = torch.cat([torch.randn(shape, generator=g) for g in generators])[:dim]
                 matrix = rows.div_(math.sqrt(k)).to(like.device, like.dtype)
-                return _Factor(dim, k, matrix=matrix), matrix.numel() * matrix.element_size()
+                return Factor(dim, k, matrix=matrix), matrix.numel() * matrix.element_size()
             keys = torch.cat([torch.rand(DENSE_GENERATION_ROWS, generator=g) for g in generators])
             index = torch.argsort(keys[:dim])[:k].sort().values.to(like.device)
-            return _Factor(dim, k, index=index, scale=math.sqrt(dim / k)), 8 * k
+            return Factor(dim, k, index=index, scale=math.sqrt(dim / k)), 8 * k
 
         return self._cached(key, seed, make)
 
@@ -1201,7 +967,7 @@ class FactorizedProjector(Projector):
         return torch.cat([inputs, torch.ones_like(inputs[..., :1])], -1) if augmented else inputs
 
     @staticmethod
-    def _conv_input(factor: _Factor, inputs, module, kind, augmented, like):
+    def _conv_input(factor: Factor, inputs, module, kind, augmented, like):
         """``F_inᵀ`` of every patch as a convolution with ``k_in`` filters: no unfolded copy."""
         matrix = factor.dense(like)
         width = matrix.shape[0] - augmented
@@ -1212,50 +978,12 @@ class FactorizedProjector(Projector):
         return out + matrix[-1] if augmented else out
 
 
-def full_precision(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """A 16-bit floating tensor (from a forward pass under autocast) in float32; any other as
-    it is."""
-    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
-        return tensor.float()
-    return tensor
-
-
-def without_autocast():
-    """A context in which autocast is off (on the CPU and, where there is one, CUDA)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available():
-        stack.enter_context(torch.autocast("cuda", enabled=False))
-    return stack
-
-
 def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict) -> None:
     """Add one normalisation call's per-example affine gradients into ``norm_grads``."""
     values = affine_gradients(call.module, call.kind, call.inputs.detach(), grad, call.norm_state)
     for name, value in zip(call.norm_params, values):
         if name and value is not None:
             norm_grads[name] = norm_grads[name] + value if name in norm_grads else value
-
-
-def _norms(model, fallback, named, holders, name_of):
-    """The normalisation layers (:func:`~datatrace.grads.norm_hooks.norm_kind`) whose selected
-    affine parameters in ``fallback`` are theirs alone: ``(module, kind, weight, bias)`` with
-    the names of those parameters (``None`` for one not selected)."""
-    wanted = set(fallback)
-    norms = []
-    for module in model.modules():
-        kind = norm_kind(module)
-        if kind is None:
-            continue
-        names = []
-        for attribute in ("weight", "bias"):
-            param = getattr(module, attribute, None)
-            name = name_of.get(id(param)) if isinstance(param, nn.Parameter) else None
-            alone = name is not None and holders[id(named[name])] == [module]
-            names.append(name if alone and name in wanted else None)
-        if any(names):
-            norms.append((module, kind, *names))
-    return norms
 
 
 def _product_costs(block: Block) -> tuple[int, int]:
