@@ -781,3 +781,38 @@ def test_bfloat16_forward_keeps_features_close_and_float32(trained_mlps, project
     assert "precision" not in full.store_.provenance("features")
     with pytest.raises(ValueError, match="precision"):
         dt.TRAK(model, dt.Classification(), precision="int8", progress=False).fit(train_set)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model_class", [Sequence, Convolutions, TiedLanguageModel, Norms])
+def test_features_on_cuda_equal_the_cpu_ones(variant, model_class):
+    """The maps are generated on the CPU and moved: the same features on CUDA (float64)."""
+    model, batch = make(model_class, positions=6 if model_class is TiedLanguageModel else 4)
+    model.eval()
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(40, variant=variant, split="params")
+    want = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    cuda = model.to("cuda")
+    on_cuda = map_tensors(lambda tensor: tensor.to("cuda"), batch)
+    got = FactorizedProjector(40, variant=variant, split="params").features(
+        cuda, ModelOutput(), names, cuda.state_dict(), on_cuda, SEED
+    )
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_trak_on_cuda_scores_like_the_cpu(trained_mlps, precision):
+    models, X, y = trained_mlps
+    train_set, targets = (X[:200], y[:200]), (X[1000:1010], y[1000:1010])
+    scores = []
+    for device in ("cpu", "cuda"):
+        trak = dt.TRAK(
+            models[0], dt.Classification(), proj_dim=256, projector="factgrass",
+            device=device, precision=precision, progress=False,
+        )  # fmt: skip
+        scores.append(trak.fit(train_set, [m.state_dict() for m in models]).score(targets).scores)
+    scale = np.abs(scores[0]).max()
+    np.testing.assert_allclose(scores[1], scores[0], atol=(3e-2 if precision else 1e-4) * scale)
