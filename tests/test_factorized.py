@@ -418,6 +418,32 @@ def test_norm_layer_gradients_from_hooks_equal_loop_gradients():
     assert {row["name"]: row["path"] for row in checked.layout()}["(other)"] == "hooks"
 
 
+class InPlace(nn.Module):
+    """In-place ReLUs change the outputs of a hooked Linear and a hooked LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 8)
+        self.norm = nn.LayerNorm(8)
+        self.last = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = nn.functional.relu(self.first(x), inplace=True) + 0.1
+        hidden = nn.functional.relu(self.norm(hidden), inplace=True)
+        return torch.sin(self.last(hidden)).sum((1, 2))
+
+
+def test_outputs_changed_in_place_are_copied_and_features_stay_exact():
+    model, batch = make(InPlace)
+    projector = FactorizedProjector(40, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    got = featurize(projector, model, batch)
+    plan = projector.plan(model, names)
+    assert plan.copied_outputs == {id(model.first), id(model.norm)}  # not model.last
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 class BatchStatistics(nn.Module):
     """A BatchNorm without running statistics: examples interact, it stays on vmap."""
 

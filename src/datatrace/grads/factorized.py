@@ -186,6 +186,7 @@ class _Call:
     # a normalisation layer's: (weight name or None, bias name or None), normalisation_state
     norm_params: tuple[str | None, str | None] | None = None
     norm_state: Any = None
+    version: int = 0  # the output's version counter when the hook saw it
 
     def names(self) -> tuple[str, ...]:
         """The block, or the normalisation layer's hooked parameters."""
@@ -776,10 +777,8 @@ class FactorizedProjector(Projector):
                 if not inputs or inputs[0].dim() < BATCHED_DIMS[kind] or inputs[0].shape[0] != n:
                     bad[name] = "inputs not batched along the first dimension"
                     return None
-                calls.append(_Call(name, kind, module, inputs[0], output))
-                # Later in-place changes of the returned tensor must not reach the one whose
-                # gradient is read.
-                return output.clone()
+                calls.append(_Call(name, kind, module, inputs[0], output, version=output._version))
+                return _guarded(output, module, plan)
 
             return hook
 
@@ -792,8 +791,9 @@ class FactorizedProjector(Projector):
                     return None
                 call.block, call.inputs = call.names()[0], x
                 call.norm_state = normalisation_state(module, kind)
+                call.version = output._version
                 calls.append(call)
-                return output.clone()
+                return _guarded(output, module, plan)
 
             return hook
 
@@ -819,6 +819,14 @@ class FactorizedProjector(Projector):
         finally:
             for handle in handles:
                 handle.remove()
+        changed = [call for call in calls if call.output._version != call.version]
+        if changed:
+            # A later in-place operation (e.g. ReLU(inplace=True)) changed a hooked output, so its
+            # gradient would be the changed tensor's: run again with those outputs copied.
+            plan.copied_outputs.update(id(call.module) for call in changed)
+            return self._hooked_features(
+                plan, model, task, state, batch, seed, blocks, norms, out_to_loss
+            )
         output, weights = result if out_to_loss else (result, None)
         total = output.sum()
         weights = None if weights is None else weights.detach()
@@ -897,6 +905,8 @@ class FactorizedProjector(Projector):
             projected_input = input_factor.dense(grad)[inputs]
             if module.padding_idx is not None:
                 projected_input = projected_input * (inputs != module.padding_idx).unsqueeze(-1)
+        elif kind in ("conv1d", "conv2d") and input_factor.index is not None:
+            projected_input = _masked_patches(input_factor, inputs, module, kind, augmented)
         elif kind in ("conv1d", "conv2d") and not input_factor.identity:
             projected_input = self._conv_input(input_factor, inputs, module, kind, augmented, grad)
         elif kind in ("conv1d", "conv2d"):
@@ -976,6 +986,53 @@ class FactorizedProjector(Projector):
         out = conv(inputs, filters, None, module.stride, module.padding, module.dilation)
         out = out.flatten(2).transpose(1, 2)
         return out + matrix[-1] if augmented else out
+
+
+def _guarded(output: torch.Tensor, module: nn.Module, plan: FactorizedPlan):
+    """What a forward hook returns: a copy of the output of a module whose output a later
+    in-place operation was seen to change (so the hooked tensor keeps its value and its
+    gradient), else ``None`` (the output as it is: no copy of every activation)."""
+    return output.clone() if id(module) in plan.copied_outputs else None
+
+
+def _masked_patches(factor: Factor, inputs, module, kind, augmented) -> torch.Tensor:
+    """A mask's ``F_inᵀ`` of every patch, ``(batch, positions, k_in)``: the kept patch
+    coordinates ``(channel, offsets)`` gathered from the padded input at every output position
+    (a gather of ``k_in`` values per position, where a convolution with one-hot filters would
+    multiply ``in·kernel`` of them), times the mask's scale; the bias coordinate is the scale."""
+    spatial = 1 if kind == "conv1d" else 2
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    padding = (0,) * spatial if module.padding == "valid" else module.padding
+    padded = nn.functional.pad(inputs, [p for size in reversed(padding) for p in (size, size)])
+    width = math.prod(kernel) * inputs.shape[1]
+    index = factor.index
+    coordinates = index.clamp(max=width - 1)
+    # coordinate = channel·prod(kernel) + offsets in the kernel, row-major like the weight
+    offsets, channel = [], coordinates // math.prod(kernel)
+    rest = coordinates % math.prod(kernel)
+    for axis in range(spatial):
+        inner = math.prod(kernel[axis + 1 :])
+        offsets.append(rest // inner)
+        rest = rest % inner
+    outputs = [
+        (inputs.shape[2 + axis] + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1) - 1)
+        // stride[axis]
+        + 1
+        for axis in range(spatial)
+    ]
+    k = len(index)
+    selectors = [channel.reshape(k, *([1] * spatial))]
+    for axis in range(spatial):
+        steps = torch.arange(outputs[axis], device=inputs.device) * stride[axis]
+        position = offsets[axis].unsqueeze(1) * dilation[axis] + steps  # (k, outputs[axis])
+        shape = [k] + [1] * spatial
+        shape[1 + axis] = outputs[axis]
+        selectors.append(position.reshape(shape))
+    gathered = padded[(slice(None), *selectors)]  # (batch, k, *outputs)
+    out = gathered.flatten(2).transpose(1, 2) * factor.scale
+    if augmented:
+        out[..., index == width] = factor.scale
+    return out
 
 
 def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict) -> None:

@@ -126,6 +126,8 @@ class FactorizedPlan:
     # block or fallback parameter name -> why it left the hooks
     moved: dict[str, str] = field(default_factory=dict)
     checked: list[Task] = field(default_factory=list)  # tasks whose first batch was checked
+    # ids of hooked modules whose output a later in-place operation changes: hooks copy it
+    copied_outputs: set[int] = field(default_factory=set)
 
     def hooked_norms(self) -> list[tuple[nn.Module, str, str | None, str | None]]:
         """The :attr:`norms` still on the hooks (none of their parameters moved to vmap)."""
