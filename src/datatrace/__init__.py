@@ -43,6 +43,7 @@ _EXPORTS = {
     "LassoConvergenceWarning": "datatrace.lasso",
     "LocalBackend": "datatrace.subsets",
     "MatchingSettings": "datatrace.unlearning",
+    "Metagradients": "datatrace.metagradients",
     "ModelDiff": "datatrace.modeldiff",
     "Ranking": "datatrace.attributions",
     "RayBackend": "datatrace.subsets",

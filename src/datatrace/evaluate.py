@@ -5,6 +5,14 @@ and the outputs ``y_rj`` of models trained on each subset, attributions ``τ`` p
 ``ŷ_rj = Σ_{i ∈ S_r} τ_ji`` (``masks @ τᵀ``, plus the bias of datamodels, which does not change
 ranks). The LDS of target ``j`` is the Spearman rank correlation over subsets between ``ŷ_·j`` and
 ``y_·j``; the LDS of a method is its mean over targets (Park et al. 2023, TRAK, section 2).
+
+Two protocols produce the subsets, and their figures are not comparable (docs/evaluation.md):
+the *classic* one (random subsets of a fraction ``alpha``, typically halves, each model trained
+with a fresh seed; TRAK, datamodels) and the *small-drop* one (each subset leaves out a small
+fraction, default 1%, and every model is trained with the same seed and the full run's data
+order, or across seeds; MAGIC, Bergson). :func:`lds` scores both the same way, with the same
+bootstrap interval; ``protocol="small-drop"`` checks that the masks are small drops and says so in
+the result.
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from datatrace.attributions import Attributions
 
 # Bootstrap draws of target means held in memory at once (numbers, ~80 MB of float64).
 BOOTSTRAP_BLOCK_ELEMENTS = 10_000_000
+PROTOCOLS = ("classic", "small-drop")
+# Masks that leave out more than this fraction of the training set are not small drops: the
+# linear prediction of a small drop is what the protocol tests.
+MAX_SMALL_DROP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,9 @@ class LDSResult:
         ci: ``(low, high)`` bootstrap percentile interval of ``mean`` over targets.
         confidence: the confidence level of ``ci``.
         n_subsets: evaluation subsets used.
+        protocol: the protocol the subsets were checked against (``None``: not stated).
+        drop_fraction: small-drop protocol: the mean fraction of training examples the subsets
+            leave out.
     """
 
     mean: float
@@ -40,6 +55,8 @@ class LDSResult:
     ci: tuple[float, float]
     confidence: float
     n_subsets: int
+    protocol: str | None = None
+    drop_fraction: float | None = None
 
     @property
     def n_undefined(self) -> int:
@@ -49,9 +66,14 @@ class LDSResult:
     def __str__(self) -> str:
         low, high = self.ci
         defined = self.per_target.size - self.n_undefined
+        protocol = ""
+        if self.protocol == "small-drop":
+            protocol = f", small-drop protocol, {self.drop_fraction:.1%} dropped"
+        elif self.protocol is not None:
+            protocol = f", {self.protocol} protocol"
         return (
             f"LDS {self.mean:.3f} ({self.confidence:.0%} CI {low:.3f} to {high:.3f}; "
-            f"{defined} targets, {self.n_subsets} subsets)"
+            f"{defined} targets, {self.n_subsets} subsets{protocol})"
         )
 
 
@@ -172,6 +194,7 @@ def lds(
     bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    protocol: str | None = None,
 ) -> LDSResult:
     """Linear datamodeling score of attributions against models trained on held-out subsets.
 
@@ -198,16 +221,25 @@ def lds(
         bootstrap: bootstrap draws for the interval (0: no interval, ``ci = (mean, mean)``).
         confidence: level of the interval.
         seed: seed of the bootstrap.
+        protocol: ``"classic"`` or ``"small-drop"``, the protocol the subsets follow (recorded in
+            the result); ``"small-drop"`` also checks that every mask leaves out at least one and
+            at most ``MAX_SMALL_DROP_FRACTION`` of the training examples. ``None``: not stated.
 
     Returns:
         :class:`LDSResult`.
 
     Raises:
-        ValueError: shapes that do not match, masks that are not 0/1, fewer than 3 subsets.
+        ValueError: shapes that do not match, masks that are not 0/1, fewer than 3 subsets,
+            masks that are not small drops under ``protocol="small-drop"``.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS} or None, got {protocol!r}")
     mask_array, output_array = subset_data(masks, outputs)
+    drop_fraction = None
+    if protocol == "small-drop":
+        drop_fraction = check_small_drops(mask_array)
     scores = score_matrix(attributions)
     _check_train_size(scores, mask_array)
     if scores.shape[0] != output_array.shape[1]:
@@ -225,7 +257,32 @@ def lds(
     defined = per_target[~np.isnan(per_target)]
     mean = float(defined.mean()) if defined.size else float("nan")
     ci = bootstrap_mean_ci(defined, draws=bootstrap, confidence=confidence, seed=seed)
-    return LDSResult(mean, per_target, ci, confidence, mask_array.shape[0])
+    return LDSResult(mean, per_target, ci, confidence, mask_array.shape[0], protocol, drop_fraction)
+
+
+def check_small_drops(masks: np.ndarray) -> float:
+    """The mean fraction of training examples that ``masks`` leave out, after checking that each
+    leaves out at least one and at most ``MAX_SMALL_DROP_FRACTION`` of them.
+
+    Args:
+        masks: ``(n_subsets, n_train)`` bool.
+
+    Raises:
+        ValueError: a mask that drops nothing or too much, saying which.
+    """
+    dropped = 1.0 - np.asarray(masks, dtype=bool).mean(axis=1)
+    if (dropped == 0).any():
+        raise ValueError(
+            f"{int((dropped == 0).sum())} masks keep every training example: small-drop subsets "
+            "must each leave some out"
+        )
+    if (dropped > MAX_SMALL_DROP_FRACTION).any():
+        raise ValueError(
+            f"masks leave out up to {dropped.max():.1%} of the training set, more than the "
+            f"{MAX_SMALL_DROP_FRACTION:.0%} of a small drop: these look like classic subsets "
+            "(use protocol='classic')"
+        )
+    return float(dropped.mean())
 
 
 def _check_train_size(scores: np.ndarray, masks: np.ndarray) -> None:

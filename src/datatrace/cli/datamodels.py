@@ -47,6 +47,20 @@ def read_subsets(store: Store, name: str) -> tuple[np.ndarray, np.ndarray]:
     return results.masks, results.outputs
 
 
+def subsets_protocol(store: Store, name: str) -> dict[str, Any]:
+    """The LDS protocol of the subset experiment ``name``: ``{"protocol", "drop_fraction",
+    "seed_policy", "n_seeds"}`` from its provenance (classic for tables made without one)."""
+    from datatrace.subsets import SubsetExperiment
+
+    experiment = SubsetExperiment.open(store, name)
+    return {
+        "protocol": experiment.protocol,
+        "drop_fraction": experiment.drop_fraction,
+        "seed_policy": experiment.seed_policy,
+        "n_seeds": experiment.n_seeds,
+    }
+
+
 def _set_threads(threads: int) -> None:
     if threads < 0:
         raise ValueError(f"threads must be 0 (torch's default) or more, got {threads}")
@@ -180,6 +194,14 @@ def lds_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap draws for the interval.")] = 1000,
     confidence: Annotated[float, typer.Option(help="Confidence level of the interval.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="LDS protocol of the subsets: classic (random subsets, fresh seeds), small-drop "
+            "(each subset leaves out a small fraction), or auto (the one the subset experiment "
+            "records; classic for tables made without a protocol)."
+        ),
+    ] = "auto",
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the result and these settings to a JSON file."),
@@ -190,6 +212,16 @@ def lds_command(
         opened = open_store(store)
         attributions = opened.load_attributions(scores)
         masks, outputs = read_subsets(opened, subsets)
+        recorded = subsets_protocol(opened, subsets)
+        if protocol not in ("auto", "classic", "small-drop"):
+            raise ValueError(f"--protocol must be auto, classic or small-drop, got {protocol!r}")
+        if protocol == "auto":
+            protocol = recorded["protocol"]
+        elif protocol != recorded["protocol"]:
+            raise ValueError(
+                f"--protocol {protocol}, but the subset experiment {subsets!r} was made for the "
+                f"{recorded['protocol']} protocol: pass --protocol {recorded['protocol']} (or auto)"
+            )
         if attributions.info.get("subsets") == subsets:
             error_console.print(
                 f"warning: scores/{escape(scores)} were fit on the subsets {escape(subsets)}: "
@@ -197,7 +229,13 @@ def lds_command(
                 style="yellow",
             )
         result = linear_datamodeling_score(
-            attributions, masks, outputs, bootstrap=bootstrap, confidence=confidence, seed=seed
+            attributions,
+            masks,
+            outputs,
+            bootstrap=bootstrap,
+            confidence=confidence,
+            seed=seed,
+            protocol=protocol,
         )
         console.print(f"{escape(scores)}: {result}", highlight=False)
         if json_path is not None:
@@ -209,6 +247,7 @@ def lds_command(
                 "bootstrap": bootstrap,
                 "confidence": confidence,
                 "seed": seed,
+                "protocol": protocol,
             }
             record = {
                 "config": settings,
@@ -217,6 +256,7 @@ def lds_command(
                 "n_targets": int(result.per_target.size),
                 "n_undefined": result.n_undefined,
                 "n_subsets": result.n_subsets,
+                "subsets_protocol": recorded,
                 "per_target": [None if np.isnan(v) else float(v) for v in result.per_target],
             }
             json_path.parent.mkdir(parents=True, exist_ok=True)

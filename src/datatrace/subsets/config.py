@@ -17,9 +17,13 @@ from typing import Any
 from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.experiment import DEFAULT_LEASE_S, SubsetExperiment
+from datatrace.subsets.masks import DEFAULT_DROP_FRACTION, SEED_POLICIES
 
 DIGITS_FACTORY = "datatrace.demo.subsets:DigitsSubsets"
 BACKENDS = ("local", "processes", "ray")
+# LDS protocols a subset table can serve: random subsets of a fraction alpha with fresh seeds
+# (TRAK, datamodels), or small drops (MAGIC, Bergson; see docs/evaluation.md).
+PROTOCOLS = ("classic", "small-drop")
 
 
 @dataclass
@@ -38,6 +42,18 @@ class SubsetRunConfig(JsonSettings):
     alpha: float = setting("fraction of the training set in each subset", 0.5)
     seed: int = setting("seed of the masks and of the training seeds", 0)
     n_seeds: int = setting("models trained per subset, each with its own seed", 1)
+    protocol: str = setting(
+        "LDS protocol of the masks: classic (random subsets of alpha) or small-drop (each subset "
+        "leaves out drop_fraction of the data)",
+        "classic",
+    )
+    drop_fraction: float = setting(
+        "small-drop: fraction of the training set each subset leaves out", DEFAULT_DROP_FRACTION
+    )
+    seed_policy: str | None = setting(
+        "per-row (fresh seeds per subset) or fixed (row 0's seeds for every subset: "
+        "deterministic); null: per-row for classic, fixed for small-drop"
+    )
     experiment: str | None = setting(
         "import path 'package.module:factory' of an object with train(train_indices, seed), "
         "evaluate(model), n_train and n_outputs; null to give train/evaluate instead",
@@ -69,6 +85,14 @@ class SubsetRunConfig(JsonSettings):
         """``self`` if its settings are consistent, else a ValueError saying what to change."""
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.seed_policy is not None and self.seed_policy not in SEED_POLICIES:
+            raise ValueError(
+                f"seed_policy must be one of {SEED_POLICIES} or null, got {self.seed_policy!r}"
+            )
+        if self.protocol == "small-drop" and not 0.0 < self.drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
         pair = (self.train, self.evaluate)
         if self.experiment is None and None in pair:
             raise ValueError("give experiment (a factory) or both train and evaluate")
@@ -80,6 +104,12 @@ class SubsetRunConfig(JsonSettings):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         return self
+
+    def resolved_seed_policy(self) -> str:
+        """The seed policy in force: the one given, else the protocol's default."""
+        if self.seed_policy is not None:
+            return self.seed_policy
+        return "fixed" if self.protocol == "small-drop" else "per-row"
 
     def make_backend(self) -> Backend:
         """The backend these settings describe."""
@@ -177,6 +207,8 @@ def run_config(config: SubsetRunConfig) -> SubsetExperiment:
         seed=config.seed,
         n_seeds=config.n_seeds,
         description=functions.description,
+        drop_fraction=config.drop_fraction if config.protocol == "small-drop" else None,
+        seed_policy=config.resolved_seed_policy(),
     )
     experiment.save_config(asdict(config))
     threads = torch.get_num_threads()

@@ -1,7 +1,8 @@
 """A store-backed table of subset masks and the outputs of models trained on them.
 
 Layout, under ``<store>/subsets/<name>/`` (attrs["provenance"]: n_train, n_outputs, alpha, seed,
-n_seeds, masks source, user description)::
+n_seeds, masks source, user description; and, only where they are not the classic defaults, the
+small-drop protocol's drop_fraction and the seed_policy)::
 
     masks        (R, n_train)           bool, one row per chunk
     outputs      (R, n_seeds, n_outputs) float32, one row per chunk, NaN until computed
@@ -33,7 +34,13 @@ from datatrace.store import Store, StoreMismatchError
 from datatrace.store.verify import CheckedArray, create_array
 from datatrace.subsets.backends import Backend, EvaluateFn, TrainFn
 from datatrace.subsets.claims import RowClaims
-from datatrace.subsets.masks import check_masks, random_masks, train_seeds
+from datatrace.subsets.masks import (
+    check_masks,
+    check_seed_policy,
+    kept_fraction,
+    random_masks,
+    train_seeds,
+)
 
 SECTION = "subsets"
 CLAIMS_PREFIX = "claims/held"
@@ -90,6 +97,12 @@ class SubsetExperiment:
         n_seeds: models trained per row, each with its own seed.
         description: JSON-serialisable description of what produces the outputs (e.g. the name
             and settings of the training function); part of the provenance.
+        drop_fraction: random masks of the small-drop LDS protocol: each row leaves out
+            ``dropped_count(n_train, drop_fraction)`` examples (``alpha`` is then ignored and set
+            to :func:`~datatrace.subsets.masks.kept_fraction`). ``None``: the classic protocol.
+        seed_policy: ``"per-row"`` (each row its own seeds) or ``"fixed"`` (every row gets row
+            0's seeds, :meth:`row_seeds`; with a deterministic ``train`` that keeps the full
+            run's data order, subsets' models then differ only by what they drop).
 
     Raises:
         StoreMismatchError: the store holds a table of this name made differently (another
@@ -109,6 +122,8 @@ class SubsetExperiment:
         seed: int = 0,
         n_seeds: int = 1,
         description: dict[str, Any] | None = None,
+        drop_fraction: float | None = None,
+        seed_policy: str = "per-row",
     ):
         if not NAME_PATTERN.fullmatch(name):
             raise ValueError(
@@ -129,6 +144,12 @@ class SubsetExperiment:
         self.n_outputs = n_outputs
         self.n_seeds = n_seeds
         self.seed = seed
+        self.seed_policy = check_seed_policy(seed_policy)
+        if drop_fraction is not None and masks is not None:
+            raise ValueError("drop_fraction describes random masks: give it or masks, not both")
+        self.drop_fraction = drop_fraction
+        if drop_fraction is not None:
+            alpha = kept_fraction(n_train, drop_fraction)
         explicit = None if masks is None else check_masks(masks, n_train)
         self.source = "random" if explicit is None else "explicit"
         self.alpha = alpha if explicit is None else None
@@ -145,19 +166,23 @@ class SubsetExperiment:
             )
         if n_masks is not None and n_masks < 0:
             raise ValueError(f"n_masks must be non-negative, got {n_masks}")
-        self.provenance = self.store.check_provenance(
-            self.path,
-            {
-                "kind": "subset-experiment",
-                "n_train": n_train,
-                "n_outputs": n_outputs,
-                "alpha": self.alpha,
-                "seed": seed,
-                "n_seeds": n_seeds,
-                "masks": self.source,
-                "description": self.description,
-            },
-        )
+        provenance = {
+            "kind": "subset-experiment",
+            "n_train": n_train,
+            "n_outputs": n_outputs,
+            "alpha": self.alpha,
+            "seed": seed,
+            "n_seeds": n_seeds,
+            "masks": self.source,
+            "description": self.description,
+        }
+        # Recorded only when set, so that the provenance of classic tables (and every table
+        # stored before these options) stays what it was.
+        if drop_fraction is not None:
+            provenance["drop_fraction"] = drop_fraction
+        if self.seed_policy != "per-row":
+            provenance["seed_policy"] = self.seed_policy
+        self.provenance = self.store.check_provenance(self.path, provenance)
         # Arrays are created with their final number of rows, so that runners creating the same
         # table at the same moment write identical metadata.
         self._create_arrays(len(explicit) if explicit is not None else (n_masks or 0))
@@ -197,6 +222,8 @@ class SubsetExperiment:
             seed=recorded["seed"],
             n_seeds=recorded["n_seeds"],
             description=recorded["description"],
+            drop_fraction=recorded.get("drop_fraction"),
+            seed_policy=recorded.get("seed_policy", "per-row"),
             **(
                 {"masks": np.zeros((0, recorded["n_train"]), bool)}
                 if recorded["masks"] == "explicit"
@@ -332,8 +359,14 @@ class SubsetExperiment:
         return self._array("done")[:].astype(bool)
 
     def row_seeds(self, row: int) -> list[int]:
-        """The seeds ``train`` gets for the models of ``row``."""
-        return train_seeds(self.seed, row, self.n_seeds)
+        """The seeds ``train`` gets for the models of ``row`` (row 0's for every row under the
+        ``"fixed"`` seed policy)."""
+        return train_seeds(self.seed, row, self.n_seeds, self.seed_policy)
+
+    @property
+    def protocol(self) -> str:
+        """The LDS protocol the table's masks serve: ``"small-drop"`` or ``"classic"``."""
+        return "classic" if self.drop_fraction is None else "small-drop"
 
     def extend(
         self, n_masks: int | None = None, *, masks: np.ndarray | None = None
