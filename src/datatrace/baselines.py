@@ -35,6 +35,7 @@ from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.progress import progress_bar
 from datatrace.store import Store
+from datatrace.subsets.backends import Backend
 from datatrace.tasks.base import Task
 
 
@@ -71,9 +72,18 @@ class _GradientBaseline:
         self.progress = progress
 
     def fit(
-        self, train_data: Any, checkpoints: Sequence[Checkpoint] | Checkpoint | None = None
+        self,
+        train_data: Any,
+        checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
+        *,
+        backend: str | Backend | None = None,
     ) -> _GradientBaseline:
         """Featurize the training set under each checkpoint (or reuse a store that has it).
+
+        Args:
+            train_data: training examples.
+            checkpoints: state dicts, modules or file paths; ``None`` for the model as it is.
+            backend: where to featurize, as in :meth:`TRAK.fit <datatrace.TRAK.fit>`.
 
         Returns:
             ``self``.
@@ -88,8 +98,10 @@ class _GradientBaseline:
         self.checkpoints_ = checkpoint_list(self.model, checkpoints)
         store = self.store if isinstance(self.store, Store) else Store(self.store)
         self.store_ = store
-        self.stored_ = self.features_.featurize_train(train, self.checkpoints_, store)
-        self.n_train_ = self.stored_[0].n_rows
+        self.stored_ = self.features_.featurize_train(
+            train, self.checkpoints_, store, backend=backend
+        )
+        self.n_train_ = self.stored_[0].n_train
         return self
 
     @classmethod
@@ -108,7 +120,7 @@ class _GradientBaseline:
         """
         estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
         estimator.stored_ = stored
-        estimator.n_train_ = stored[0].n_rows
+        estimator.n_train_ = stored[0].n_train  # less examples removed from the store
         return estimator
 
     def score(self, targets: Any) -> Attributions:
@@ -127,8 +139,9 @@ class _GradientBaseline:
             )
             stored = self.stored_[index]
             scores = np.empty((len(target_features), self.n_train_), dtype=np.float32)
+            out_to_loss = stored.train_out_to_loss()
             for start, stop, block in stored.iter_chunks():
-                weights = stored.out_to_loss[start:stop]
+                weights = out_to_loss[start:stop]
                 scores[:, start:stop] = self._combine(
                     target_features, torch.as_tensor(block), torch.as_tensor(weights)
                 )

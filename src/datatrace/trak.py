@@ -18,7 +18,10 @@ from datatrace._estimator import (
     reopen_features,
 )
 from datatrace.attributions import Attributions
+from datatrace.data import Examples
+from datatrace.faiss_index import FaissIndex, faiss_top_k
 from datatrace.grads.checkpoints import Checkpoint
+from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
 from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.kernel import (
@@ -28,7 +31,17 @@ from datatrace.kernel import (
     damping_from_features,
     uses_dual,
 )
+from datatrace.retrieval import (
+    DEFAULT_MEMORY_BUDGET,
+    EnsembleScores,
+    TopK,
+    stream_top_k,
+    write_scores,
+)
 from datatrace.store import CheckpointFeatures, Store
+from datatrace.store.provenance import batch_fingerprint
+from datatrace.store.scores import ScoreMatrix, score_chunks
+from datatrace.subsets.backends import Backend
 from datatrace.tasks.base import Task
 
 
@@ -129,17 +142,24 @@ class TRAK:
         checkpoints: Sequence[Checkpoint] | Checkpoint | None = None,
         *,
         shard: tuple[int, int] | None = None,
+        backend: str | Backend | None = None,
     ) -> TRAK:
         """Featurize the training set under each checkpoint and build the kernels.
 
         Resumes whatever the store already holds. With ``shard=(index, count)`` only that share of
         the row chunks is computed (for several processes on one store); the kernels are built
         once every chunk is present, so only a call that finds the store complete is fitted.
+        Each primal ``ΦᵀΦ`` is the sum of the chunks' partial Grams, not a pass over ``Φ``.
 
         Args:
             train_data: training examples (Dataset, ordered DataLoader, tuple or dict of tensors).
             checkpoints: state dicts, modules or file paths; ``None`` for the model as it is.
             shard: optional ``(index, count)`` share of the featurization work.
+            backend: ``None`` (default) featurizes in this process;
+                ``LocalBackend(processes=N)`` or ``RayBackend(...)`` (or ``"processes"``,
+                ``"ray"``) spreads row chunks × checkpoints over its workers, with claims so
+                that several drivers can share one store and a dead one's chunks are taken over
+                (:mod:`datatrace.grads.distributed`, docs/scale.md). The store is the same.
 
         Returns:
             ``self``.
@@ -153,7 +173,7 @@ class TRAK:
         train = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
         checkpoints = checkpoint_list(self.model, checkpoints)
         store = Store(self.store) if not isinstance(self.store, Store) else self.store
-        stored = features.featurize_train(train, checkpoints, store, shard)
+        stored = features.featurize_train(train, checkpoints, store, shard, backend)
         self.store_ = store
         self.features_ = features
         self.checkpoints_ = checkpoints
@@ -205,12 +225,61 @@ class TRAK:
         estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
         return estimator._build_kernels(stored)
 
+    def add_examples(self, train_data: Any, *, backend: str | Backend | None = None) -> TRAK:
+        """Add training examples to the fitted store: only they are featurized, and each kernel
+        becomes the stored ``ΦᵀΦ`` plus their partial Grams (:mod:`datatrace.incremental`).
+
+        They become the last columns of the scores. The damping is chosen again (``"auto"``
+        reads the features once for its statistics).
+
+        Args:
+            train_data: the new examples, in any form accepted by :meth:`fit`.
+            backend: where to featurize them (as in :meth:`fit`).
+
+        Returns:
+            ``self``, refitted.
+        """
+        from datatrace.incremental import add_examples
+
+        check_fitted(self, "store_")
+        new = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
+        add_examples(self.features_, new, self.checkpoints_, self._stored, self.store_, backend)
+        for part in self._stored:
+            part._require_complete("scoring with the added examples")
+        return self._build_kernels(self._stored)
+
+    def remove_examples(self, indices: Any) -> TRAK:
+        """Remove training examples: their rows are marked removed in the store and each
+        kernel is downdated by their contributions, nothing is featurized
+        (:mod:`datatrace.incremental`). The scores then have ``n_train_ - len(indices)``
+        columns, those of the remaining examples in order, as a fit without them would give;
+        ``train_rows_`` maps each column to its stored row.
+
+        Args:
+            indices: ``(r,)`` positions in the current training set (score columns).
+
+        Returns:
+            ``self``, refitted.
+        """
+        from datatrace.incremental import remove_examples
+
+        check_fitted(self, "store_")
+        remove_examples(self._stored, indices)
+        return self._build_kernels(self._stored)
+
+    @property
+    def train_rows_(self) -> np.ndarray:
+        """``(n_train,)`` the stored row of each training example (score column); ``arange``
+        unless examples were added after padding or removed."""
+        check_fitted(self, "store_")
+        return self._stored[0].train_rows()
+
     def _build_kernels(self, stored: list[CheckpointFeatures]) -> TRAK:
         """Fitted state from the complete stored features of every checkpoint."""
         self._stored = stored
-        self.n_train_ = stored[0].n_rows
+        self.n_train_ = stored[0].n_train  # less removed examples (add/remove_examples)
         self.feature_dim_ = self.features_.dim
-        self.out_to_loss_ = np.stack([part.out_to_loss[:] for part in stored])
+        self.out_to_loss_ = np.stack([part.train_out_to_loss() for part in stored])
         statistics = [part.statistics() for part in stored]
         self.damping_ = np.array([self._damping(stats) for stats in statistics])
         self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
@@ -238,26 +307,54 @@ class TRAK:
         return absolute_damping(statistics, float(self.damping))
 
     def score(
-        self, targets: Any, *, name: str | None = None, task: Task | None = None
-    ) -> Attributions:
+        self,
+        targets: Any,
+        *,
+        name: str | None = None,
+        task: Task | None = None,
+        out: str | Path | Store | None = None,
+        memory_budget: int | None = None,
+    ) -> Attributions | ScoreMatrix:
         """Attribute each target to the training examples.
 
         Args:
             targets: target examples, in any form accepted for training data.
-            name: if given, also save the result in the store under ``scores/<name>``.
+            name: if given, also save the result in the store under ``scores/<name>``; with
+                ``out`` a store or path, the name of the streamed matrix there (default
+                ``"scores"``).
             task: another output for the targets only (e.g.
                 :class:`~datatrace.tasks.ClassLogit`, one class's logit per target row), with
                 the same parameters and projections as the training features; default: the
                 task the estimator was fitted with.
+            out: stream the scores into a store instead of memory (docs/scale.md): a name
+                (a string: ``scores/<out>`` in the estimator's store), or a
+                :class:`~datatrace.store.Store` or a directory ``Path`` (``scores/<name>``
+                there). The matrix is written chunk by chunk, each checksummed and marked done;
+                calling again with the same targets after an interruption computes only the
+                missing chunks.
+            memory_budget: with ``out``, the working memory in bytes (default
+                :data:`~datatrace.retrieval.DEFAULT_MEMORY_BUDGET`, 1 GiB); it sets how many
+                targets are scored per pass over the training features.
 
         Returns:
-            :class:`~datatrace.Attributions` with ``scores`` of shape ``(n_targets, n_train)``.
+            :class:`~datatrace.Attributions` with ``scores`` of shape ``(n_targets, n_train)``;
+            with ``out``, the complete :class:`~datatrace.store.scores.ScoreMatrix` (read it by
+            ``.rows(lo, hi)``, ``.columns(lo, hi)`` or slices).
 
         Raises:
             ValueError, TypeError: no targets, or their first batch is malformed
-                (:meth:`Task.check_batch <datatrace.tasks.Task.check_batch>`).
+                (:meth:`Task.check_batch <datatrace.tasks.Task.check_batch>`);
+                ``memory_budget`` without ``out``, or too small for one block of targets.
+            StoreMismatchError: ``out`` names a matrix of other targets or another fit.
         """
         check_fitted(self, "store_")
+        if out is not None:
+            return self._score_to_store(targets, out, name, task, memory_budget)
+        if memory_budget is not None:
+            raise ValueError(
+                "memory_budget bounds the memory of streamed scores: pass out=... with it (the "
+                "in-memory score matrix needs n_targets × n_train × 4 bytes)"
+            )
         features = self.features_
         if task is not None and task is not self.task:
             features = gradient_features(self, task, features.projector)
@@ -294,4 +391,155 @@ class TRAK:
             "dual": self.dual_,
             "n_params": int(sum(self.features_.sizes)),
             "seed": self.seed,
+        }
+
+    # -- queries that never hold the whole score matrix (docs/scale.md) ----------------------
+
+    def top_k(
+        self,
+        targets: Any,
+        k: int = 10,
+        *,
+        task: Task | None = None,
+        index: FaissIndex | None = None,
+        memory_budget: int | None = None,
+    ) -> TopK:
+        """The ``k`` strongest proponents and opponents of each target, without the score matrix.
+
+        Exact by default: the scores of :meth:`score` are computed block by block over the
+        stored training features with a running top-k, ties broken by the lower training
+        index (as a stable ``argsort`` of the full rows). With ``index`` (from
+        :meth:`faiss_index`), approximate: one inner-product search per target.
+
+        Args:
+            targets: target examples, in any form accepted for training data.
+            k: examples per target and side (at most ``n_train``).
+            task: another output for the targets only, as in :meth:`score`.
+            index: a :class:`~datatrace.faiss_index.FaissIndex` built from this estimator.
+            memory_budget: working memory in bytes (default
+                :data:`~datatrace.retrieval.DEFAULT_MEMORY_BUDGET`).
+
+        Returns:
+            :class:`~datatrace.retrieval.TopK`: ``proponents`` and ``opponents``, each a
+            :class:`~datatrace.Ranking` with ``indices`` and ``scores`` ``(n_targets, k)``,
+            strongest first.
+
+        Raises:
+            ValueError: ``k < 1``, or the budget is too small for one target.
+        """
+        check_fitted(self, "store_")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        examples, featurize, _ = self._target_featurizer(targets, task)
+        scores = self._ensemble()
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+        if index is not None:
+            return faiss_top_k(scores, index, featurize, examples.n, k, budget)
+        _, width = score_chunks(examples.n, self.n_train_, scores.feature_rows)
+        return stream_top_k(scores, featurize, examples.n, k, width, budget, self.progress)
+
+    def self_influence(self) -> np.ndarray:
+        """Each training example's score on itself, from the stored features (no featurizing).
+
+        ``q̄_i · mean_c φ_{i,c} K_c⁻¹ φ_{i,c}ᵀ``: the diagonal of :meth:`score` with the
+        training set as targets (same ensemble, same ``Q``), computed in float64.
+
+        Returns:
+            ``(n_train,)`` float32.
+        """
+        check_fitted(self, "store_")
+        return self._ensemble().self_influence(self.progress)
+
+    def faiss_index(
+        self, factory: str = "auto", *, nprobe: int | None = None, seed: int = 0
+    ) -> FaissIndex:
+        """A FAISS inner-product index over the kernel-folded training vectors, for approximate
+        :meth:`top_k` (``pip install "datatrace[faiss]"``).
+
+        Args:
+            factory: a FAISS ``index_factory`` string, or ``"auto"`` (exact ``"Flat"`` for
+                small training sets, else ``"IVF{√n},Flat"``).
+            nprobe: inverted lists searched per query (IVF; default 32).
+            seed: seed of the sample the inverted lists are fitted on.
+
+        Returns:
+            :class:`~datatrace.faiss_index.FaissIndex` (pass it as ``top_k(..., index=...)``).
+
+        Raises:
+            ImportError: faiss is not installed.
+            ValueError: the kernels are dual (``k > n``, :attr:`dual_`): there is no ``k × k``
+                inverse to fold into the queries; exact :meth:`top_k` is cheap there.
+        """
+        check_fitted(self, "store_")
+        return FaissIndex(self._ensemble(), factory, nprobe, seed, self.progress)
+
+    def _ensemble(self) -> EnsembleScores:
+        return EnsembleScores(self.kernels_, self._stored, self.out_to_loss_)
+
+    def _target_featurizer(self, targets: Any, task: Task | None):
+        """The checked targets, ``featurize(start, stop)`` (per checkpoint, the features of
+        targets ``start:stop``) and the targets' task."""
+        features: GradientFeatures = self.features_
+        if task is not None and task is not self.task:
+            features = gradient_features(self, task, features.projector)
+        examples = checked_examples(targets, "targets", features.task, self.model, self.batch_size)
+        count = len(self.checkpoints_)
+
+        def featurize(start: int, stop: int) -> list[torch.Tensor]:
+            batch = examples.read(start, stop)
+            return [
+                features.featurize_all(
+                    batch, checkpoint, index, f"targets, checkpoint {index + 1}/{count}"
+                )[0]
+                for index, checkpoint in enumerate(self.checkpoints_)
+            ]
+
+        return examples, featurize, features.task
+
+    def _score_to_store(
+        self,
+        targets: Any,
+        out: str | Path | Store,
+        name: str | None,
+        task: Task | None,
+        memory_budget: int | None,
+    ) -> ScoreMatrix:
+        if isinstance(out, str):
+            if name is not None:
+                raise ValueError(
+                    f"out={out!r} already names the matrix in the estimator's store: leave "
+                    "name= out, or pass a Store or Path as out="
+                )
+            store, name = self.store_, out
+        else:
+            store, name = (out if isinstance(out, Store) else Store(out)), name or "scores"
+        examples, featurize, target_task = self._target_featurizer(targets, task)
+        scores = self._ensemble()
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+        rows, width = score_chunks(examples.n, self.n_train_, scores.feature_rows)
+        rows = min(rows, scores.block_rows(budget, examples.n, width))
+        matrix = ScoreMatrix.create(
+            store,
+            name,
+            (examples.n, self.n_train_),
+            (rows, width),
+            self._query_provenance(examples, target_task),
+            scores.mean_out_to_loss,
+            "TRAK",
+            self._info(),
+        )
+        return write_scores(scores, matrix, featurize, budget, self.progress)
+
+    def _query_provenance(self, examples: Examples, task: Task) -> dict[str, Any]:
+        """What a streamed score matrix depends on: the fit and the targets."""
+        first = examples.read(0, min(examples.n, FINGERPRINT_EXAMPLES))
+        return {
+            "features": self.store_.provenance("features"),
+            "checkpoints": [dict(part.group.attrs.get("identity", {})) for part in self._stored],
+            "train_rows": batch_fingerprint(self._stored[0].train_rows()),
+            "damping": self.damping_.tolist(),
+            "dual": self.dual_,
+            "target_task": task.config(),
+            "n_targets": examples.n,
+            "targets": batch_fingerprint(first),
         }

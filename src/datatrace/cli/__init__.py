@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "datatrace.cli.demo",
         "Train small digit classifiers, attribute their test predictions with TRAK, report.",
     ),
+    "fit": (
+        "datatrace.cli.fit",
+        "Featurize a training set into a store and build TRAK's kernels, from a run config.",
+    ),
     "info": (
         "datatrace.cli.info",
         "Show what a store holds: provenance, featurized checkpoints, saved scores, subsets.",

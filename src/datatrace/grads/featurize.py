@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,12 +16,8 @@ from torch import nn
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
-from datatrace.grads.factorized import (
-    PILOT_EXAMPLES,
-    FactorizedProjector,
-    SplitMismatchError,
-    full_precision,
-)
+from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
+from datatrace.grads.factors import full_precision
 from datatrace.grads.memory import (
     ACTIVATION_FACTOR,
     FEATURE_FACTOR,
@@ -40,6 +37,7 @@ from datatrace.store.provenance import (
     example_fingerprints,
     tensors_fingerprint,
 )
+from datatrace.store.store import partial_gram
 from datatrace.tasks._checks import examples_from
 from datatrace.tasks.base import Task
 
@@ -180,9 +178,7 @@ class GradientFeatures:
         self._batch_size = None if batch_size == "auto" else batch_size
         self.memory_budget = memory_budget
         if precision is not None and precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be None, 'bfloat16' or 'float16', got {precision!r}"
-            )
+            raise ValueError(f"precision must be None, 'bfloat16' or 'float16', got {precision!r}")
         self.precision = precision
         self.chunk_rows = chunk_rows
         self.device = torch.device(device) if device is not None else default_device(model)
@@ -411,6 +407,8 @@ class GradientFeatures:
         checkpoints: Sequence[Checkpoint],
         store: Store,
         shard: tuple[int, int] | None = None,
+        backend: Any = None,
+        **run_options: Any,
     ) -> list[CheckpointFeatures]:
         """Featurize the training set under every checkpoint into ``store``, resuming what is done.
 
@@ -421,64 +419,114 @@ class GradientFeatures:
         at the same moment each measure it, from the same examples, checkpoint and seed, so they
         record one split (a shard on other hardware whose rounding differed would be refused).
 
+        Each row chunk is written with its features, weights, example hashes and (when
+        ``k ≤ n``) its partial Gram ``Φ_chunkᵀΦ_chunk`` in float64 (see
+        :mod:`datatrace.store.store`).
+
         Args:
             data: the training set.
             checkpoints: one per model in the ensemble.
             store: where features go; its provenance is checked first.
             shard: ``(index, count)`` to compute only the row chunks ``≡ index (mod count)``, so
                 that ``count`` processes can share the work on one store.
+            backend: ``None`` computes in this process; a
+                :class:`~datatrace.subsets.LocalBackend`, :class:`~datatrace.subsets.RayBackend`
+                or their name spreads the row chunks × checkpoints over its workers, with claims
+                so that several drivers can share one store and a dead one's chunks are taken
+                over (:func:`datatrace.grads.distributed.featurize_chunks`).
+            **run_options: ``lease_s``, ``poll_s`` of
+                :func:`~datatrace.grads.distributed.featurize_chunks` (with a backend).
 
         Returns:
             The stored features of each checkpoint.
         """
+        # Imported here: distributed builds on this module (GradientFeatures, featurize_chunk).
+        from datatrace.grads.distributed import featurize_chunks
+
         if shard is not None and not (0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         train = Examples(data)
+        stored = self.open_train_features(train, checkpoints, store)
+        jobs = [
+            (index, chunk) for index, part in enumerate(stored) for chunk in part.pending(shard)
+        ]
+        featurize_chunks(self, train, 0, checkpoints, stored, jobs, store, backend, **run_options)
+        return stored
+
+    def open_train_features(
+        self, train: Examples, checkpoints: Sequence[Checkpoint], store: Store
+    ) -> list[CheckpointFeatures]:
+        """The stored features of each checkpoint, created on first use, after checking the
+        provenance, each checkpoint's identity and the training examples of finished chunks
+        (:func:`check_training_examples`)."""
         if checkpoints:
             self.fit_split(train, checkpoints[0], 0, store.provenance("features"))
         recorded = store.check_provenance("features", self.provenance(train), adopt=["chunk_rows"])
         chunk_rows = recorded["chunk_rows"]
         stored, checked = [], set()
         for index, checkpoint in enumerate(checkpoints):
-            state = self.load(checkpoint)
             identity = {
-                "checkpoint": tensors_fingerprint(state),
+                "checkpoint": tensors_fingerprint(self.load(checkpoint)),
                 "projection_seed": self.projection_seed(index),
             }
             features = store.checkpoint_features(index, train.n, self.dim, chunk_rows, identity)
             check_training_examples(train, features, checked, store.where)
-            pending = features.pending(shard)
-            rows = sum(stop - start for start, stop in map(features.rows, pending))
-            description = f"checkpoint {index + 1}/{len(checkpoints)}"
-            with progress_bar(rows, description, self.progress) as advance:
-                for chunk in pending:
-                    start, stop = features.rows(chunk)
-                    bounds = [
-                        (lo, min(lo + self.batch_size, stop))
-                        for lo in range(start, stop, self.batch_size)
-                    ]
-                    batches = [train.read(lo, hi) for lo, hi in bounds]
-                    parts = []
-                    for batch, (lo, _) in zip(batches, bounds):
-                        with examples_from(lo):
-                            parts.append(self.featurize(state, batch, index))
-                    chunk_features = torch.cat([p[0] for p in parts])
-                    chunk_weights = torch.cat([p[1] for p in parts])
-                    check_finite(
-                        chunk_features, chunk_weights, start, "training examples",
-                        f"under checkpoint {index}",
-                    )  # fmt: skip
-                    hashes = np.concatenate(
-                        [
-                            example_fingerprints(batch, hi - lo)
-                            for batch, (lo, hi) in zip(batches, bounds)
-                        ]
-                    )
-                    features.write(
-                        chunk, chunk_features.numpy(), chunk_weights.numpy(), example_hashes=hashes
-                    )
-                    checked.add(chunk)
-                    advance(stop - start)
             stored.append(features)
-        self._prepared = None
         return stored
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What featurizing one row chunk under one checkpoint gives, ready to be written.
+
+    Attributes:
+        features: ``(rows, k)`` float32 projected gradients.
+        out_to_loss: ``(rows,)`` float32 weights ``Q``.
+        example_hashes: ``(rows,)`` uint64 hash of each example.
+        partial_gram: ``(k, k)`` float64 ``featuresᵀfeatures``, or ``None`` (dual case).
+    """
+
+    features: np.ndarray
+    out_to_loss: np.ndarray
+    example_hashes: np.ndarray
+    partial_gram: np.ndarray | None
+
+
+def featurize_chunk(
+    features: GradientFeatures,
+    state: dict[str, torch.Tensor],
+    checkpoint: int,
+    batches: Sequence[tuple[int, int, Any]],
+    with_gram: bool,
+) -> ChunkResult:
+    """Featurize one row chunk under checkpoint ``checkpoint`` (whose tensors are ``state``).
+
+    Args:
+        features: the gradient features.
+        state: the checkpoint's parameters and buffers (:meth:`GradientFeatures.load`).
+        checkpoint: the checkpoint's index (its projection seed).
+        batches: ``(first, past_last, batch)`` of each batch of the chunk, in order; the rows
+            name the examples in error messages.
+        with_gram: also compute the partial Gram (:func:`~datatrace.store.store.partial_gram`).
+
+    Raises:
+        NonFiniteError: a feature or weight is NaN or infinite (nothing is returned to store).
+    """
+    parts = []
+    for lo, _, batch in batches:
+        with examples_from(lo):
+            parts.append(features.featurize(state, batch, checkpoint))
+    chunk_features = torch.cat([part[0] for part in parts])
+    chunk_weights = torch.cat([part[1] for part in parts])
+    first = batches[0][0] if batches else 0
+    check_finite(
+        chunk_features, chunk_weights, first, "training examples", f"under checkpoint {checkpoint}"
+    )
+    hashes = np.concatenate([example_fingerprints(batch, hi - lo) for lo, hi, batch in batches])
+    chunk_features = chunk_features.numpy()
+    return ChunkResult(
+        chunk_features,
+        chunk_weights.numpy(),
+        hashes,
+        partial_gram(chunk_features) if with_gram else None,
+    )

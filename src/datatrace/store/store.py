@@ -10,10 +10,24 @@ Layout::
         out_to_loss  (n_train,)      float32, same row chunks
         example_hash (n_train,)      uint64 hash of each example, same row chunks (when given)
         done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
-        gram         (k, k)          float64 ΦᵀΦ, written when every row chunk is done (k ≤ n)
-        dual_gram    (n, n)          float64 ΦΦᵀ, instead, when k > n
+        partial_gram (n_chunks, k, k) float64 Φ_chunkᵀΦ_chunk of each row chunk, written with it
+                                     (when k ≤ n); its objects deleted once folded into gram
+        removed      (n_train,)      uint8 1 for rows that are not (or no longer) training
+                                     examples (see remove_rows, extend); absent: none
+        gram         (k, k)          float64 ΦᵀΦ of the kept rows, written when every row chunk
+                                     is done (k ≤ n); attrs["gram_chunks"]: row chunks it covers
+        dual_gram    (n, n)          float64 ΦΦᵀ of the kept rows, instead, when k > n
                                      attrs["statistics"]: what the damping rule reads
       scores/<name>/                 saved Attributions (see attributions.py)
+
+Partial Grams. ``ΦᵀΦ = Σ_chunks Φ_chunkᵀΦ_chunk``, so the primal kernel is assembled by adding the
+partial Grams in chunk order (bit for bit the same sum whichever process computed which chunk)
+and never reads ``Φ``. They cost ``8k²`` bytes per chunk (``2k/chunk_rows`` times the chunk's
+features), so once ``gram`` holds their sum their objects are deleted (the array's metadata
+stays); adding examples later adds the new chunks' partial Grams to ``gram``. The dual ``ΦΦᵀ``
+(``n × n``, used when ``k > n``) is not a sum of per-chunk terms (its blocks pair every two
+chunks): it is built by reading ``Φ``, which is then smaller than one ``k × k`` matrix. A chunk
+without a partial Gram (stores written before they existed) is read from ``Φ`` instead.
 
 A row chunk's completion mark is written after its data, and every chunk is its own object, so a
 crash at any point loses at most the chunks in flight, and independent processes (or machines, on
@@ -44,6 +58,7 @@ from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sampl
 from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
     METADATA_ADVICE,
+    MISSING,
     CheckedArray,
     StoreCorruptionError,
     create_array,
@@ -419,6 +434,7 @@ class CheckpointFeatures:
                 "in the same order, or use a new store location."
             )
         self.group = group
+        self.dim = dim
         self.features = self._array("features", (n_rows, dim), (chunk_rows, dim), "float32")
         self.out_to_loss = self._array("out_to_loss", (n_rows,), (chunk_rows,), "float32")
         self.done = self._array("done", (self.n_chunks,), (1,), "uint8", marks=True)
@@ -428,16 +444,41 @@ class CheckpointFeatures:
             if "example_hash" in group
             else None
         )
+        # Created by the first write with a partial Gram, deleted once folded into the gram.
+        self.partial_gram = self._partial_gram_array() if "partial_gram" in group else None
+        # Created by the first removal (or padding of extend): absent means every row is kept.
+        self.removed = (
+            self._array("removed", (n_rows,), (chunk_rows,), "uint8")
+            if "removed" in group
+            else None
+        )
+
+    def _partial_gram_array(self) -> CheckedArray:
+        # Not compressed: zstd does not shrink float64 Grams and would dominate their writes.
+        return self._array(
+            "partial_gram",
+            (self.n_chunks, self.dim, self.dim),
+            (1, self.dim, self.dim),
+            "float64",
+            compress=False,
+        )
 
     def _array(
-        self, name: str, shape: tuple, chunks: tuple, dtype: str, marks: bool = False
+        self,
+        name: str,
+        shape: tuple,
+        chunks: tuple,
+        dtype: str,
+        marks: bool = False,
+        compress: bool = True,
     ) -> CheckedArray:
         if name not in self.group:
             self.store.refuse_lost_metadata(f"{self.group.path}/{name}")
             try:
                 create_array(
-                    self.group, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0
-                )
+                    self.group, name, compress, shape=shape, chunks=chunks, dtype=dtype,
+                    fill_value=0,
+                )  # fmt: skip
             except zarr.errors.ContainsArrayError:
                 pass  # another process created it at the same moment
         array = self.group[name]
@@ -486,6 +527,7 @@ class CheckpointFeatures:
         features: np.ndarray,
         out_to_loss: np.ndarray,
         example_hashes: np.ndarray | None = None,
+        partial_gram: np.ndarray | None = None,
     ) -> None:
         """Write one row chunk's data, then its completion mark.
 
@@ -498,8 +540,17 @@ class CheckpointFeatures:
             out_to_loss: ``(rows_in_chunk,)`` float32.
             example_hashes: optional ``(rows_in_chunk,)`` uint64 hash of each example, read back
                 by :meth:`example_hashes`.
+            partial_gram: optional ``(k, k)`` float64 ``featuresᵀfeatures`` of the chunk
+                (:func:`partial_gram`), added up by :meth:`gram` instead of reading the features.
         """
         start, stop = self.rows(chunk)
+        if partial_gram is not None:
+            partial_gram = np.asarray(partial_gram)
+            if partial_gram.shape != (self.dim, self.dim) or partial_gram.dtype != np.float64:
+                raise ValueError(
+                    f"partial_gram must be ({self.dim}, {self.dim}) float64 (featuresᵀfeatures of "
+                    f"chunk {chunk}), got shape {partial_gram.shape} of {partial_gram.dtype}"
+                )
         if example_hashes is not None:
             example_hashes = np.asarray(example_hashes)
             if example_hashes.shape != (stop - start,) or example_hashes.dtype.kind not in "ui":
@@ -515,6 +566,10 @@ class CheckpointFeatures:
                     "example_hash", (self.n_rows,), (self.chunk_rows,), "uint64"
                 )
             self.example_hash[start:stop] = example_hashes.astype(np.uint64)
+        if partial_gram is not None:
+            if self.partial_gram is None:
+                self.partial_gram = self._partial_gram_array()
+            self.partial_gram[chunk] = partial_gram
         self.done.set_mark(chunk)
 
     def example_hashes(self, chunk: int) -> np.ndarray | None:
@@ -544,29 +599,113 @@ class CheckpointFeatures:
     def is_complete(self) -> bool:
         return bool(self.completed().all())
 
+    # -- the training set: kept rows -----------------------------------------------------------
+
+    def kept(self) -> np.ndarray:
+        """Boolean ``(n_rows,)``: which stored rows are training examples (not removed)."""
+        if self.removed is None:
+            return np.ones(self.n_rows, bool)
+        return ~self.removed[:].astype(bool)
+
+    def train_rows(self) -> np.ndarray:
+        """``(n_train,)`` the stored row of each training example: column ``j`` of every score
+        matrix is the example stored at row ``train_rows()[j]``."""
+        return np.flatnonzero(self.kept())
+
+    @property
+    def n_train(self) -> int:
+        """Training examples: the stored rows less the removed ones."""
+        return self.n_rows if self.removed is None else int(self.kept().sum())
+
+    def train_out_to_loss(self) -> np.ndarray:
+        """``(n_train,)`` float32 out-to-loss weights of the training examples (kept rows)."""
+        out_to_loss = self.out_to_loss[:]
+        return out_to_loss if self.removed is None else out_to_loss[self.kept()]
+
     def iter_chunks(self) -> Iterable[tuple[int, int, np.ndarray]]:
-        """``(start, stop, features)`` for each row chunk, in order."""
+        """``(start, stop, features)`` for each row chunk, in order, of the kept rows only:
+        ``start:stop`` are training-example positions (score columns), which are the stored rows
+        when nothing was removed."""
+        kept = None if self.removed is None else self.kept()
+        position = 0
         for chunk in range(self.n_chunks):
             start, stop = self.rows(chunk)
-            yield start, stop, self.features[start:stop]
+            block = self.features[start:stop]
+            if kept is not None:
+                block = block[kept[start:stop]]
+            yield position, position + len(block), block
+            position += len(block)
+
+    def stored_partial_gram(self, chunk: int) -> np.ndarray | None:
+        """The ``(k, k)`` partial Gram written with ``chunk``, or ``None`` where there is none
+        (a store written before partial Grams, the dual case, or folded into the gram).
+
+        Raises:
+            StoreCorruptionError: the chunk's partial Gram is damaged.
+        """
+        if self.partial_gram is None or not self.partial_gram.has_chunk((chunk, 0, 0)):
+            return None
+        return self.partial_gram.read(slice(chunk, chunk + 1))[0]
+
+    def chunk_gram(self, chunk: int) -> np.ndarray:
+        """``(k, k)`` float64 ``Σ φ_iφ_iᵀ`` over the kept rows of ``chunk``: its stored partial
+        Gram less its removed rows, or (without one) computed from its features."""
+        start, stop = self.rows(chunk)
+        removed = np.zeros(stop - start, bool) if self.removed is None else ~self.kept()[start:stop]
+        try:
+            gram = self.stored_partial_gram(chunk)
+        except StoreCorruptionError as error:
+            if error.problem != MISSING:
+                raise
+            gram = None  # folded into the gram by another process this moment: read Φ
+        if gram is None:
+            return partial_gram(self.features[start:stop][~removed])
+        if removed.any():
+            gram = gram - partial_gram(self.features[start:stop][removed])
+        return gram
 
     def gram(self, dual: bool = False) -> np.ndarray:
-        """``ΦᵀΦ`` ``(k, k)``, or ``ΦΦᵀ`` ``(n, n)`` with ``dual``, in float64; computed from the
-        features once (with :meth:`statistics`) and stored."""
+        """``ΦᵀΦ`` ``(k, k)``, or ``ΦΦᵀ`` ``(n_train, n_train)`` with ``dual``, in float64, of
+        the kept rows; built once and stored.
+
+        The primal adds the row chunks' partial Grams in chunk order (reading ``Φ`` only for
+        chunks stored without one), starting from the stored gram where it covers the first
+        chunks (examples added since, :meth:`extend`); the partial Grams folded in are then
+        deleted. The dual reads ``Φ``.
+        """
         name = "dual_gram" if dual else "gram"
-        if name in self.group and self.group.attrs.get(f"{name}_complete"):
-            return self.store.checked(self.group[name])[:]
+        attrs = self.group.attrs
+        cached, first = None, 0
+        if name in self.group and attrs.get(f"{name}_complete"):
+            cached = self.store.checked(self.group[name])[:]
+            first = self.n_chunks if dual else int(attrs.get("gram_chunks", self.n_chunks))
+            if first >= self.n_chunks:
+                return cached
         self._require_complete("computing the kernel")
-        dim = self.features.shape[1]
         if dual:
             features = np.concatenate([block for _, _, block in self.iter_chunks()])
             features = features.astype(np.float64)
             gram = features @ features.T
         else:
-            gram = np.zeros((dim, dim))
-            for _, _, block in self.iter_chunks():
-                block = block.astype(np.float64)
-                gram += block.T @ block
+            gram = np.zeros((self.dim, self.dim)) if cached is None else cached
+            for chunk in range(first, self.n_chunks):
+                gram = gram + self.chunk_gram(chunk)
+        self._write_gram(name, gram)
+        if not dual:
+            self._drop_partial_grams(range(first, self.n_chunks))
+        return gram
+
+    def _drop_partial_grams(self, chunks: Iterable[int]) -> None:
+        """Delete the objects of the partial Grams of ``chunks``, folded into the gram (8k² bytes
+        each). The array's metadata stays: a process still writing a chunk (two fits racing on
+        one store) then writes an ordinary object, and a reader that misses one reads ``Φ``."""
+        if self.partial_gram is None:
+            return
+        for chunk in chunks:
+            sync(self.store.zarr_store.delete(self.partial_gram.key((chunk, 0, 0))))
+
+    def _write_gram(self, name: str, gram: np.ndarray) -> None:
+        self.group.attrs[f"{name}_complete"] = False
         side = len(gram)
         array = create_array(
             self.group,
@@ -577,28 +716,104 @@ class CheckpointFeatures:
             overwrite=True,
         )
         array[:] = gram
-        self.group.attrs[f"{name}_complete"] = True
-        return gram
+        update = {f"{name}_complete": True}
+        if name == "gram":
+            update["gram_chunks"] = self.n_chunks
+        self.group.attrs.update(update)
 
     def statistics(self) -> KernelStatistics:
-        """The :class:`~datatrace.kernel.KernelStatistics` (traces) the damping rules read."""
+        """The :class:`~datatrace.kernel.KernelStatistics` (traces) the damping rules read, of
+        the kept rows."""
         recorded = self.group.attrs.get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
             return KernelStatistics(**recorded)
         self._require_complete("choosing the damping")
-        rows = neighbour_sample(self.n_rows)
-        sample = self.features[rows, :]
+        rows = neighbour_sample(self.n_train)
+        sample = self.features[self.train_rows()[rows], :]
         trace = 0.0
         for _, _, block in self.iter_chunks():
             trace += float(np.square(block, dtype=np.float64).sum())
         statistics = KernelStatistics(
-            self.n_rows,
+            self.n_train,
             self.features.shape[1],
             trace,
             neighbour_cosine(sample, rows, self.iter_chunks()),
         )
         self.group.attrs["statistics"] = asdict(statistics)
         return statistics
+
+    # -- incremental changes ---------------------------------------------------------------
+
+    def _forget_derived(self) -> None:
+        """Drop what the training set's change invalidates: the statistics and the dual gram
+        (rebuilt from ``Φ``); the primal gram is updated, not dropped."""
+        for key in ("statistics", "dual_gram_complete"):
+            if key in self.group.attrs:
+                del self.group.attrs[key]
+
+    def extend(self, n_new: int) -> int:
+        """Make room for ``n_new`` more rows, in new row chunks; returns the first new row.
+
+        The new rows start at the next chunk boundary, so no finished chunk is rewritten: the
+        rows between the last example and that boundary become padding, marked removed. The
+        new chunks are pending (featurize them, e.g. :func:`datatrace.incremental.add_examples`);
+        the stored gram keeps covering the old chunks (``gram_chunks``) and :meth:`gram` adds
+        the new chunks' partial Grams to it.
+        """
+        if n_new < 1:
+            raise ValueError(f"n_new must be positive, got {n_new}")
+        first = self.n_chunks * self.chunk_rows
+        n_rows = first + n_new
+        if "gram_complete" in self.group.attrs and "gram_chunks" not in self.group.attrs:
+            self.group.attrs["gram_chunks"] = self.n_chunks  # a gram written before the key
+        padding = first - self.n_rows
+        if padding and self.removed is None:
+            self.removed = self._array("removed", (self.n_rows,), (self.chunk_rows,), "uint8")
+            self.removed[:] = np.zeros(self.n_rows, np.uint8)
+        old_rows = self.n_rows
+        self.n_rows, self.n_chunks = n_rows, -(-n_rows // self.chunk_rows)
+        for array in (self.features, self.out_to_loss, self.example_hash, self.removed):
+            if array is not None:
+                array.resize((n_rows, *array.shape[1:]))
+        self.done.resize((self.n_chunks,))
+        if self.partial_gram is not None:
+            self.partial_gram.resize((self.n_chunks, self.dim, self.dim))
+        if self.removed is not None:
+            # Written whole (with the padding marked): every chunk of the mask is stored.
+            mask = np.zeros(n_rows, np.uint8)
+            mask[:old_rows] = self.removed.read(slice(0, old_rows))
+            mask[old_rows:first] = 1
+            self.removed[:] = mask
+        self._forget_derived()
+        return first
+
+    def remove_rows(self, rows: np.ndarray) -> None:
+        """Remove the stored ``rows`` from the training set, downdating the stored gram by their
+        contributions (``ΦᵀΦ − Φ_rowsᵀΦ_rows``): their features stay stored but are no longer
+        read (:meth:`iter_chunks`, :meth:`train_out_to_loss`, the kernels).
+
+        Raises:
+            ValueError: a row is out of range or already removed.
+        """
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        kept = self.kept()
+        if rows.size and (rows[0] < 0 or rows[-1] >= self.n_rows):
+            raise ValueError(f"rows to remove must be in [0, {self.n_rows}), got {rows}")
+        if not kept[rows].all():
+            raise ValueError(f"stored rows {rows[~kept[rows]].tolist()} are already removed")
+        self._require_complete("removing examples")
+        gram = None
+        if self.group.attrs.get("gram_complete"):
+            gram = self.gram() - partial_gram(self.features[rows, :])
+            self.group.attrs["gram_complete"] = False  # until the downdated one is written
+        if self.removed is None:
+            self.removed = self._array("removed", (self.n_rows,), (self.chunk_rows,), "uint8")
+        mask = (~kept).astype(np.uint8)
+        mask[rows] = 1
+        self.removed[:] = mask
+        self._forget_derived()
+        if gram is not None:
+            self._write_gram("gram", gram)
 
     def _require_complete(self, purpose: str) -> None:
         if not self.is_complete():
@@ -607,3 +822,11 @@ class CheckpointFeatures:
                 f"checkpoint {self.checkpoint} still has {missing} of {self.n_chunks} row chunks "
                 f"to featurize: finish featurizing (every shard) before {purpose}"
             )
+
+
+def partial_gram(features: np.ndarray) -> np.ndarray:
+    """``featuresᵀfeatures`` ``(k, k)`` in float64 of a block of features ``(rows, k)``: the
+    one computation of every partial Gram (by workers, by :meth:`CheckpointFeatures.gram` for
+    chunks stored without one), so that each chunk's term is the same bits wherever it is made."""
+    block = np.asarray(features, dtype=np.float64)
+    return block.T @ block

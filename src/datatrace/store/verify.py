@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # zarr's default compressor for numbers (zstd, level 0), then a CRC-32C of the compressed bytes:
 # zstd frames carry no checksum by default, so without it most flipped bits decode to wrong values.
 COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+CHECKSUM_ONLY = (Crc32cCodec(),)
 # Store every chunk written, even one of fill values only (zarr skips those by default), so that
 # a missing chunk object always means a lost one.
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
@@ -92,9 +93,14 @@ def format_chunk(chunk: tuple[int, ...] | None) -> str:
     return str(chunk[0]) if len(chunk) == 1 else f"({', '.join(map(str, chunk))})"
 
 
-def create_array(group: zarr.Group, name: str, **settings: Any) -> zarr.Array:
-    """``group.create_array(name, **settings)`` with the checksum and every chunk stored."""
-    return group.create_array(name, compressors=COMPRESSORS, config=WRITE_EVERY_CHUNK, **settings)
+def create_array(
+    group: zarr.Group, name: str, compress: bool = True, **settings: Any
+) -> zarr.Array:
+    """``group.create_array(name, **settings)`` with the checksum and every chunk stored;
+    ``compress=False`` leaves zstd out (for float64 matrices such as partial Grams, which it does
+    not shrink and whose writes it makes ~6× slower), keeping the checksum."""
+    compressors = COMPRESSORS if compress else CHECKSUM_ONLY
+    return group.create_array(name, compressors=compressors, config=WRITE_EVERY_CHUNK, **settings)
 
 
 def has_checksum(array: zarr.Array) -> bool:
@@ -354,11 +360,12 @@ class MarkedLayout:
 MARKED_LAYOUTS = (
     MarkedLayout(
         section="features",
-        rows=("features", "out_to_loss", "example_hash"),
+        # partial_gram: (n_chunks, k, k), one chunk per row chunk; absent once folded into gram
+        rows=("features", "out_to_loss", "example_hash", "partial_gram"),
         required=("features", "out_to_loss", "example_hash"),
-        finite=("features", "out_to_loss"),
+        finite=("features", "out_to_loss", "partial_gram"),
         derived=("gram", "dual_gram"),
-        derived_attrs=("gram_complete", "dual_gram_complete", "statistics"),
+        derived_attrs=("gram_complete", "gram_chunks", "dual_gram_complete", "statistics"),
         rerun="the next fit recomputes it",
     ),
     MarkedLayout(
