@@ -41,6 +41,7 @@ _EXPORTS = {
     "GradientAscentSettings": "datatrace.unlearning",
     "GradientCosine": "datatrace.baselines",
     "GradientDot": "datatrace.baselines",
+    "InfluenceFunctions": "datatrace.influence",
     "LDSResult": "datatrace.evaluate",
     "LassoConvergenceWarning": "datatrace.lasso",
     "LocalBackend": "datatrace.subsets",
