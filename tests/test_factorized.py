@@ -842,3 +842,47 @@ def test_trak_on_cuda_scores_like_the_cpu(trained_mlps, precision):
         scores.append(trak.fit(train_set, [m.state_dict() for m in models]).score(targets).scores)
     scale = np.abs(scores[0]).max()
     np.testing.assert_allclose(scores[1], scores[0], atol=(3e-2 if precision else 1e-4) * scale)
+
+
+class OneAndMany(nn.Module):
+    """``head`` sees one position per example, ``body`` four."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(9, 12)
+        self.head = nn.Linear(12, 7)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x)).mean(1)  # (n, 12): one position
+        return torch.sin(self.head(hidden)).sum(-1)
+
+
+def test_hybrid_sketches_one_position_blocks_and_masks_the_others():
+    model, batch = make(OneAndMany)
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(60, variant="hybrid", nnz=2)
+    projector.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
+    assert projector.layer_maps_ == {"body.weight": "masks", "head.weight": "sketch"}
+    got = featurize(projector, model, batch)
+    plan = projector.plan(model, names)
+    kinds = {block.name: (block.sketch, block.sparse_jl) for block in plan.blocks}
+    assert kinds == {"body.weight": (False, True), "head.weight": (True, False)}
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # the recorded split rebuilds the same map, and a projector adopts it
+    config = projector.config()
+    rebuilt = projector_from_config(json_round_trip(config))
+    torch.testing.assert_close(featurize(rebuilt, model, batch), got)
+    fresh = FactorizedProjector(60, variant="hybrid", nnz=2)
+    assert fresh.adopt_split(config) and fresh.layer_maps_ == projector.layer_maps_
+    with pytest.raises(ValueError, match="hybrid"):
+        FactorizedProjector(60, variant="hybrid", split="params")
+    with pytest.raises(ValueError, match="layer_maps"):
+        FactorizedProjector(60, variant="sparse", layer_dims=config["layer_dims"],
+                            layer_maps=config["layer_maps"])  # fmt: skip
+
+
+def json_round_trip(config):
+    import json
+
+    return json.loads(json.dumps(config))

@@ -192,6 +192,7 @@ def projector_from_config(config: dict[str, Any]) -> Projector:
             nnz=config["nnz"],
             split=split,
             layer_dims=layer_dims,
+            layer_maps=config.get("layer_maps"),
         )
     if name == "sparse_jl":
         return SparseJLProjector(config["proj_dim"], config["nnz"])

@@ -30,6 +30,11 @@ embedding and LM head add their terms into one block). Variants:
   that spread as it is but preserve the geometry of many gradients better, which TRAK's inverse
   kernel needs: one sketch of width ``k`` gave clearly worse scores.
 
+- ``"hybrid"``: ``"sketch"`` for the blocks whose every call the pilot pass (``fit_split``) saw
+  at one position (a rank-one gradient ``g aᵀ``, on whose few large coordinates masks are noisy),
+  ``"sparse"`` for the others; the choice is recorded in :meth:`~FactorizedProjector.config` as
+  ``layer_maps``. Measured in docs/trak.md ("Where FactGraSS loses"): mixed, so not the default.
+
 A side whose ``k`` equals its size is the identity (Kronecker variants). All variants have
 ``E[PPᵀ] = I`` (each factor has it, and the JL is independent of the masks; the sketch's signs
 cancel every cross term). Factors are generated on the CPU in blocks of
@@ -147,7 +152,9 @@ from datatrace.grads.projectors import (
 )
 from datatrace.tasks.base import Task, fuses_out_to_loss
 
-VARIANTS = ("dense", "sparse", "sketch")
+VARIANTS = ("dense", "sparse", "sketch", "hybrid")
+# The map of each block under the "hybrid" variant (recorded in config()["layer_maps"]).
+LAYER_MAPS = ("masks", "sketch")
 SPLITS = ("gradient", "params")
 # Training examples of the pilot pass that measures each block's gradient energy (the
 # "gradient" split): enough for a few-percent estimate of each block's mean, a small cost next
@@ -225,7 +232,9 @@ class FactorizedProjector(Projector):
     Args:
         proj_dim: the total ``k`` to split across layers (the result is close to it).
         variant: ``"dense"`` (LoGra: Gaussian factors), ``"sparse"`` (FactGraSS: masks, then
-            a sparse JL) or ``"sketch"`` (TensorSketch of each block).
+            a sparse JL), ``"sketch"`` (TensorSketch of each block) or ``"hybrid"``
+            (TensorSketch for the blocks the pilot pass sees at one position per call,
+            FactGraSS for the others; needs ``split="gradient"``).
         nnz: nonzeros per coordinate of the sparse JLs (FactGraSS and the fallback).
         check_examples: examples of the first batch of each task on which the features of every
             block are checked against vmap per-example gradients (0: no check).
@@ -234,6 +243,8 @@ class FactorizedProjector(Projector):
             gradient energy, measured by a pilot pass) or ``"params"`` (to its size).
         layer_dims: a fitted ``"gradient"`` split, ``{block name: k_l}`` (the fallback as
             ``"(other)"``), as ``config()["layer_dims"]`` records it; ``None`` to fit one.
+        layer_maps: with ``"hybrid"`` and ``layer_dims``, the fitted ``{block name: "masks" |
+            "sketch"}`` that ``config()["layer_maps"]`` records.
     """
 
     def __init__(
@@ -245,6 +256,7 @@ class FactorizedProjector(Projector):
         max_cache_bytes: int = 1 << 30,
         split: str = "gradient",
         layer_dims: Mapping[str, int] | None = None,
+        layer_maps: Mapping[str, str] | None = None,
     ):
         super().__init__(max_cache_bytes)
         if proj_dim < 1 or nnz < 1 or check_examples < 0:
@@ -269,8 +281,25 @@ class FactorizedProjector(Projector):
                 "layer_dims is a fitted split='gradient' ({block name: k_l}, each k_l >= 1), "
                 f"got {layer_dims!r} with split={split!r}"
             )
+        if variant == "hybrid" and split != "gradient":
+            raise ValueError(
+                "variant='hybrid' chooses each block's map in the pilot pass of "
+                "split='gradient'; use variant='sparse' or 'sketch' with split='params'"
+            )
+        if (layer_maps is not None) != (variant == "hybrid" and layer_dims is not None) or (
+            layer_maps is not None and not set(layer_maps.values()) <= set(LAYER_MAPS)
+        ):
+            raise ValueError(
+                "layer_maps ({block name: 'masks' | 'sketch'}) goes with variant='hybrid' and "
+                f"its fitted layer_dims, got {layer_maps!r}"
+            )
         self.proj_dim = proj_dim
         self.variant = variant
+        self.layer_maps_ = (
+            None if layer_maps is None else {str(n): str(m) for n, m in layer_maps.items()}
+        )
+        # positions per call of each block seen in the pilot pass ("hybrid" only)
+        self._positions: dict[str, int] | None = None
         self.nnz = nnz
         self.check_examples = check_examples
         self.split = split
@@ -294,6 +323,8 @@ class FactorizedProjector(Projector):
         }
         if self.split == "gradient":
             config["layer_dims"] = None if self.layer_dims_ is None else dict(self.layer_dims_)
+        if self.variant == "hybrid":
+            config["layer_maps"] = None if self.layer_maps_ is None else dict(self.layer_maps_)
         return config
 
     @property
@@ -306,9 +337,14 @@ class FactorizedProjector(Projector):
         is not fitted yet and every other setting is the same; return whether it was taken."""
         if self.split_fitted or not isinstance(config, Mapping):
             return False
-        if config.get("layer_dims") is None or {**config, "layer_dims": None} != self.config():
+        fitted = {"layer_dims": None} | ({"layer_maps": None} if "layer_maps" in config else {})
+        if config.get("layer_dims") is None or {**config, **fitted} != self.config():
+            return False
+        if self.variant == "hybrid" and config.get("layer_maps") is None:
             return False
         self.layer_dims_ = {str(name): int(k) for name, k in config["layer_dims"].items()}
+        if self.variant == "hybrid":
+            self.layer_maps_ = {str(name): str(m) for name, m in config["layer_maps"].items()}
         self._plans = []
         return True
 
@@ -316,6 +352,7 @@ class FactorizedProjector(Projector):
         """Forget a fitted ``"gradient"`` split (one adopted for other parameters)."""
         if self.split == "gradient":
             self.layer_dims_ = None
+            self.layer_maps_ = None
             self._plans = []
             self._pilot = None
 
@@ -356,6 +393,7 @@ class FactorizedProjector(Projector):
         edges = [0, *itertools.accumulate(dim for _, _, dim in parts)]
         totals = torch.zeros(len(parts), dtype=torch.float64)
         count = 0
+        self._positions = {} if self.variant == "hybrid" else None
         for batch in batches:
             features = self._features(pilot, model, task, state, batch, seed)[0].double()
             count += len(features)
@@ -371,6 +409,15 @@ class FactorizedProjector(Projector):
             )
         split = split_dim(self.proj_dim, [size for _, size, _ in parts], weights=energies)
         self.layer_dims_ = {name: k for (name, _, _), k in zip(parts, split)}
+        if self.variant == "hybrid":
+            # One position per call: a rank-one gradient, which masks estimate badly
+            # (docs/trak.md, "Where FactGraSS loses"); the sketch reads every coordinate. A
+            # block the hooks never reached in the pilot (moved to vmap) keeps the masks.
+            self.layer_maps_ = {
+                block.name: "sketch" if self._positions.get(block.name) == 1 else "masks"
+                for block in pilot.blocks
+            }
+        self._positions = None
         self._plans = []
         # What the pilot's first batch showed about the hooks (which blocks they serve) holds
         # for the fitted plan too: its check is not repeated.
@@ -502,7 +549,9 @@ class FactorizedProjector(Projector):
         if dim >= block.size:
             block.k_rows, block.k_cols, block.dim = block.rows, block.cols, block.size
             return
-        if self.variant == "sketch":
+        if self.variant == "sketch" or (
+            self.variant == "hybrid" and (self.layer_maps_ or {}).get(block.name) == "sketch"
+        ):
             block.k_rows = block.k_cols = dim // self.nnz
             block.dim, block.sketch = dim, True
             return
@@ -886,6 +935,8 @@ class FactorizedProjector(Projector):
         else:
             output_side = grad.reshape(n, -1, grad.shape[-1])
         positions = output_side.shape[1]
+        if self._positions is not None:
+            self._positions[block.name] = max(self._positions.get(block.name, 0), positions)
         input_axis = INPUT_AXIS[kind]
         augmented = block.bias_axis is not None
         if kind == "embedding":
@@ -950,7 +1001,8 @@ class FactorizedProjector(Projector):
 
     def _materialise(self, block: Block, kind: str, positions: int, n: int, itemsize: int):
         """The cost rule (module docstring), in multiply-adds per example: not for FactGraSS."""
-        if self.variant == "sparse" or n * block.size * itemsize > MATERIALISE_BYTES:
+        masks = self.variant == "sparse" or (self.variant == "hybrid" and not block.sketch)
+        if masks or n * block.size * itemsize > MATERIALISE_BYTES:
             return False
         if block.sketch:
             row_cost = self.nnz * (1 if kind == "embedding" else block.rows)

@@ -296,6 +296,7 @@ FACTORIZED_NAMES = {
     "logra": "dense",
     "factgrass": "sparse",
     "tensorsketch": "sketch",
+    "hybrid": "hybrid",
 }
 # What ``projector="auto"`` (the default) builds for AUTO_FACTORIZED_MIN_PARAMS selected
 # parameters or more: per-layer FactGraSS (masks, then sparse JL) of the factorised gradients
@@ -334,7 +335,7 @@ def make_projector(
             f"unknown projector {projector!r}: use 'auto' (default: per-layer FactGraSS for "
             "models of a million parameters or more, sparse JL below), "
             "'sparse', 'dense' (Gaussian), 'rademacher', 'identity', 'factorized' (or 'logra'), "
-            "'factgrass', 'tensorsketch', or a Projector object"
+            "'factgrass', 'tensorsketch', 'hybrid', or a Projector object"
         )
     if proj_dim is None:
         raise ValueError(f"the {projector!r} projector needs proj_dim")
