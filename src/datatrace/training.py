@@ -35,6 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from datatrace.data import Examples, map_tensors
+from datatrace.grads.per_example import _Bound
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -132,19 +133,6 @@ class TrainState(NamedTuple):
 
     params: tuple[torch.Tensor, ...]
     slots: tuple[tuple[torch.Tensor, ...], ...]
-
-
-class _Bound(nn.Module):
-    """``fn(model, batch)`` as a module, so that ``functional_call`` swaps the parameters for
-    the whole computation (a loss or a task output), not only ``model.forward``."""
-
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self._fn = fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self._fn(self.model, batch)
 
 
 def _safe_sqrt(values: torch.Tensor) -> torch.Tensor:
