@@ -886,3 +886,57 @@ def json_round_trip(config):
     import json
 
     return json.loads(json.dumps(config))
+
+
+class SharedPositions(nn.Module):
+    """A position embedding called once with ids of batch size 1, broadcast onto the batch
+    (GPT-2's ``wpe``); ``strict`` reshapes its output to ``(positions, dim)`` first, which an
+    output expanded to the batch cannot take."""
+
+    def __init__(self, strict=False):
+        super().__init__()
+        self.strict = strict
+        self.embed = nn.Embedding(40, 6, padding_idx=0)
+        self.positions = nn.Embedding(8, 6)
+        self.mix = nn.Linear(6, 7)
+
+    def forward(self, batch):
+        ids = batch["ids"]
+        shared = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, positions)
+        positions = self.positions(shared)
+        if self.strict:
+            positions = positions.reshape(ids.shape[1], -1)
+        hidden = torch.tanh(self.embed(ids) + positions)
+        return torch.sin(self.mix(hidden)).sum((1, 2))
+
+
+class StrictSharedPositions(SharedPositions):
+    def __init__(self):
+        super().__init__(strict=True)
+
+
+def shared_positions(model_class):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 40, (5, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 0  # padded tail
+    return model_class().double(), {"ids": ids}
+
+
+def test_embedding_called_with_ids_shared_by_the_batch_is_expanded_to_it():
+    model, batch = shared_positions(SharedPositions)
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(48, split="params")
+    got = featurize(projector, model, batch)  # no FactorizationWarning
+    plan = projector.plan(model, names)
+    assert {row["name"]: row["path"] for row in plan.layout()}["positions.weight"] == "factorized"
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # a model that cannot take the expanded output: the call is left alone, and vmap serves it
+    model, batch = shared_positions(StrictSharedPositions)
+    projector = FactorizedProjector(48, split="params")
+    with pytest.warns(FactorizationWarning, match="positions.weight"):
+        got = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    plan = projector.plan(model, names)
+    assert plan.unexpanded == {id(model.positions)}
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

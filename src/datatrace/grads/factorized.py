@@ -821,8 +821,24 @@ class FactorizedProjector(Projector):
         calls: list[_Call] = []
         bad: dict[str, str] = {}
 
+        expanded: list[nn.Module] = []
+
         def hook_for(kind: str, name: str):
             def hook(module, inputs, output):
+                if (
+                    kind == "embedding"
+                    and inputs
+                    and inputs[0].shape[:1] == (1,)
+                    and n > 1
+                    and id(module) not in plan.unexpanded
+                ):
+                    # Ids shared by the batch (GPT-2's position ids), broadcast onto it later:
+                    # the output expanded to the batch has a gradient per example.
+                    expanded.append(module)
+                    ids = inputs[0].expand(n, *inputs[0].shape[1:])
+                    output = output.expand(n, *output.shape[1:]).clone()
+                    calls.append(_Call(name, kind, module, ids, output, version=output._version))
+                    return output
                 if not inputs or inputs[0].dim() < BATCHED_DIMS[kind] or inputs[0].shape[0] != n:
                     bad[name] = "inputs not batched along the first dimension"
                     return None
@@ -865,6 +881,14 @@ class FactorizedProjector(Projector):
         try:
             with _eval_mode(model), torch.enable_grad():
                 result = functional_call(_Bound(model, fn), params, (batch,))
+        except Exception:
+            if not expanded:
+                raise
+            # the model could not take a shared-ids embedding's output expanded to the batch
+            plan.unexpanded.update(id(module) for module in expanded)
+            return self._hooked_features(
+                plan, model, task, state, batch, seed, blocks, norms, out_to_loss
+            )
         finally:
             for handle in handles:
                 handle.remove()

@@ -128,6 +128,9 @@ class FactorizedPlan:
     checked: list[Task] = field(default_factory=list)  # tasks whose first batch was checked
     # ids of hooked modules whose output a later in-place operation changes: hooks copy it
     copied_outputs: set[int] = field(default_factory=set)
+    # ids of embeddings called with ids shared by the batch whose output the model could not
+    # take expanded to the batch: left to the safety check (and vmap)
+    unexpanded: set[int] = field(default_factory=set)
 
     def hooked_norms(self) -> list[tuple[nn.Module, str, str | None, str | None]]:
         """The :attr:`norms` still on the hooks (none of their parameters moved to vmap)."""
