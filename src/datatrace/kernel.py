@@ -250,14 +250,22 @@ class Kernel:
             n_train: total number of training examples.
         """
         targets = torch.as_tensor(target_features).to(torch.float64)
-        if self.dual:
-            cross = torch.empty((n_train, targets.shape[0]), dtype=torch.float64)
+        if not self.dual:
+            solved = self.fold(targets)
+            scores = np.empty((targets.shape[0], n_train), dtype=np.float32)
             for start, stop, block in train_chunks:
-                cross[start:stop] = torch.as_tensor(block).to(torch.float64) @ targets.T
-            return torch.cholesky_solve(cross, self.factor).T.to(torch.float32).numpy()
-        solved = torch.cholesky_solve(targets.T, self.factor)
-        scores = np.empty((targets.shape[0], n_train), dtype=np.float32)
+                block = torch.as_tensor(block)  # the product in the features' precision
+                scores[:, start:stop] = (block @ solved.to(block.dtype)).T.numpy()
+            return scores
+        cross = torch.empty((n_train, targets.shape[0]), dtype=torch.float64)
         for start, stop, block in train_chunks:
-            block = torch.as_tensor(block)  # the product in the features' precision
-            scores[:, start:stop] = (block @ solved.to(block.dtype)).T.numpy()
-        return scores
+            cross[start:stop] = torch.as_tensor(block).to(torch.float64) @ targets.T
+        return torch.cholesky_solve(cross, self.factor).T.to(torch.float32).numpy()
+
+    def fold(self, target_features: torch.Tensor) -> torch.Tensor:
+        """``K⁻¹Φ'ᵀ``, ``(k, n_targets)`` float64, for ``(n_targets, k)`` target features: the
+        primal scores are then ``Φ`` times it (the dual has no ``k × k`` kernel to fold)."""
+        if self.dual:
+            raise ValueError("folding K⁻¹ into the targets needs the primal kernel (k ≤ n)")
+        targets = torch.as_tensor(target_features).to(torch.float64)
+        return torch.cholesky_solve(targets.T, self.factor)

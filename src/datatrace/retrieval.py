@@ -259,9 +259,7 @@ class EnsembleScores:
         if self.dual:
             raise ValueError("folding K⁻¹ into the targets needs the primal kernel (k ≤ n)")
         return [
-            torch.cholesky_solve(torch.as_tensor(features).to(torch.float64).T, kernel.factor).to(
-                torch.float32
-            )
+            kernel.fold(features).to(torch.float32)
             for features, kernel in zip(target_features, self.kernels)
         ]
 
