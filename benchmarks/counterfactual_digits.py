@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, Classification
-from datatrace.counterfactual import brittleness, counterfactual_removal
 from datatrace.demo import digits_split, make_model, train_checkpoints
 from datatrace.demo.subsets import TEST_SIZE, DigitsSubsets
+from datatrace.evaluation.counterfactual import brittleness, counterfactual_removal
 
 N_CHECKPOINTS, PROJ_DIM, KS, MAX_SIZE = 3, 1024, (10, 50, 100), 256
 

@@ -7,9 +7,10 @@ For each family of ``families.py`` and projection dimension, TRAK's features are
 per checkpoint (sparse JL) and cached under ``--out``; then, for 1 checkpoint and for the whole
 ensemble, the family's metric (LDS or MRR) is computed for λ on a grid of multiples of the mean
 diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
-:func:`datatrace.kernel.damping_from_features` picks from the features (the default). Scores
+:func:`datatrace.methods.kernel.damping_from_features` picks from the features (the default). Scores
 for every λ come from one eigendecomposition per checkpoint (``T(λ) = Φ'V (S + λ)⁻¹ VᵀΦᵀ``),
-checked on every family against :class:`datatrace.kernel.Kernel`, the solver TRAK uses (to 1e-4
+checked on every family against :class:`datatrace.methods.kernel.Kernel`, the solver TRAK uses (to
+1e-4
 of the largest score: the eigendecomposition loses digits on ill-conditioned kernels). Prints
 one table per family and writes ``--out/study.json``.
 """
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import datatrace as dt
 import families
-from datatrace.kernel import Kernel, KernelStatistics, damping_from_features, uses_dual
+from datatrace.methods.kernel import Kernel, KernelStatistics, damping_from_features, uses_dual
 
 # Multiples of the mean diagonal of ΦᵀΦ (the old relative damping) on the grid.
 GRID = 10.0 ** np.arange(-5.0, 1.51, 0.25)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, Classification, SingularKernelWarning
-from datatrace.datamodels import Datamodels
 from datatrace.demo.lds import ground_truth
 from datatrace.demo.subsets import DigitsSubsets
-from datatrace.evaluate import lds
-from datatrace.tuning import select_damping
+from datatrace.evaluation.lds import lds
+from datatrace.evaluation.tuning import select_damping
+from datatrace.methods.datamodels import Datamodels
 
 
 def run_experiments(args: argparse.Namespace, digits: DigitsSubsets):

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from datatrace.datamodels import Datamodels
 from datatrace.demo.subsets import DigitsSubsets
-from datatrace.evaluate import column_spearman, lds
+from datatrace.evaluation.lds import column_spearman, lds
+from datatrace.methods.datamodels import Datamodels
 from lds_digits import EVAL_SEED, FIT_SEED, experiment
 
 ALPHAS = 20

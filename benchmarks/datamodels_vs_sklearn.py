@@ -47,8 +47,8 @@ import torch
 from sklearn.linear_model import Lasso, lasso_path
 from threadpoolctl import threadpool_limits
 
-from datatrace.datamodels import Datamodels
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
+from datatrace.methods.datamodels import Datamodels
 
 FRESH_SUBSETS = 500
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
 from datatrace.subsets import SubsetExperiment
 from datatrace.tasks.base import Task
 
@@ -281,7 +281,7 @@ def text_family(out: Path, n_models: int = 100, checkpoints: int = 3, epochs: in
 
 
 def _scheduler(timesteps: int):
-    from datatrace.diffusion.training import require_diffusers
+    from datatrace.applications.diffusion.training import require_diffusers
 
     return require_diffusers().DDPMScheduler(num_train_timesteps=timesteps)
 
@@ -300,12 +300,12 @@ def ddpm_memorised_family(
     """A DDPM (100 noise levels) on ``n_unique`` digits plus ``n_memorised`` digits repeated
     ``copies`` times each; the samples that reproduce a repeated digit are the targets at
     sampling step ``step``, and every copy of that digit is a right answer (MRR)."""
-    from datatrace.diffusion import (
+    from datatrace.applications.diffusion import (
         DiffusionTargets,
         DiffusionTrainingExamples,
         sample_with_trajectory,
     )
-    from datatrace.diffusion.training import digits_images, tiny_unet, train_denoiser
+    from datatrace.applications.diffusion.training import digits_images, tiny_unet, train_denoiser
     from datatrace.tasks import Diffusion
 
     images, _ = digits_images(8)
@@ -362,7 +362,7 @@ def ddpm_lds_family(out: Path, output: str, n_models: int = 40, checkpoints: int
     """``benchmarks/lds_diffusion.py``'s set-up: 100 digits, 40 DDPMs on random halves, the
     negated denoising loss of x̂_0(t) at 7 steps of 16 samples; LDS."""
     import lds_diffusion as bench
-    from datatrace.diffusion import (
+    from datatrace.applications.diffusion import (
         DiffusionTargets,
         DiffusionTrainingExamples,
         sample_with_trajectory,

@@ -30,7 +30,7 @@ import torch
 import datatrace as dt
 from datatrace.demo.lds import ground_truth
 from datatrace.demo.subsets import DigitsSubsets, _split
-from datatrace.evaluate import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, lds
 
 # The ground truth of lds_digits.py: halves of the training set, mask seed 1.
 ALPHA, EVAL_SEED = 0.5, 1

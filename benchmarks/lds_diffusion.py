@@ -34,15 +34,20 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, SingularKernelWarning, Store
-from datatrace.diffusion import (
+from datatrace.applications.diffusion import (
     DiffusionTrainingExamples,
     Trajectory,
     attribute_trajectory,
     sample_with_trajectory,
     trajectory_outputs,
 )
-from datatrace.diffusion.training import digits_images, require_diffusers, tiny_unet, train_denoiser
-from datatrace.evaluate import lds
+from datatrace.applications.diffusion.training import (
+    digits_images,
+    require_diffusers,
+    tiny_unet,
+    train_denoiser,
+)
+from datatrace.evaluation.lds import lds
 from datatrace.subsets import SubsetExperiment
 from datatrace.tasks import Diffusion
 

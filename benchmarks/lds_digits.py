@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 import datatrace as dt
-from datatrace.datamodels import Datamodels
 from datatrace.demo.lds import ground_truth
 from datatrace.demo.subsets import DigitsSubsets, _split
-from datatrace.evaluate import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, lds
+from datatrace.methods.datamodels import Datamodels
 from datatrace.subsets import SubsetResults
 from vs_traker import INSTALL_HINT, run_traker, traker_feature_scale
 

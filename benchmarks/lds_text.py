@@ -32,7 +32,7 @@ from datatrace.demo.text import (
     tokenize,
     train_head,
 )
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
 from datatrace.subsets import SubsetExperiment
 from datatrace.tasks import TextClassification, classification_margin
 

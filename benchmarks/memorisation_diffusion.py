@@ -22,12 +22,17 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, SingularKernelWarning
-from datatrace.diffusion import (
+from datatrace.applications.diffusion import (
     DiffusionTrainingExamples,
     attribute_trajectory,
     sample_with_trajectory,
 )
-from datatrace.diffusion.training import digits_images, require_diffusers, tiny_unet, train_denoiser
+from datatrace.applications.diffusion.training import (
+    digits_images,
+    require_diffusers,
+    tiny_unet,
+    train_denoiser,
+)
 from datatrace.tasks import Diffusion
 
 # A sample within this mean squared error of a training digit reproduces it.

@@ -4,7 +4,8 @@
     python benchmarks/metagradients_digits.py --optimizers sgd --subsets 200 --store mg.zarr
 
 Model: the digits MLP (64 → 32 tanh → 10, float64) trained by datatrace's deterministic loop
-(:mod:`datatrace.training`) on the 1,500 training digits, batch 64, ``--epochs`` (default 10)
+(:mod:`datatrace.methods.training`) on the 1,500 training digits, batch 64, ``--epochs`` (default
+10)
 epochs: 240 steps. Targets: margins of the 297 test digits. Attributions: ``∂ margin / ∂ w_i``
 by :class:`datatrace.Metagradients` (checkpointed replay, segment ``⌈√T⌉``, all targets in one
 replay).
@@ -37,11 +38,11 @@ from torch import nn
 
 from datatrace import Metagradients
 from datatrace.demo.data import digits_split
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
+from datatrace.methods.training import TrainingRecipe, train_subset
 from datatrace.subsets import SubsetExperiment
 from datatrace.tasks import Classification
 from datatrace.tasks.classification import classification_margin
-from datatrace.training import TrainingRecipe, train_subset
 
 HIDDEN = 32
 BATCH_SIZE = 64

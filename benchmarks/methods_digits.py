@@ -3,7 +3,7 @@
     python benchmarks/methods_digits.py --store methods-digits.zarr     # resumable; --help
 
 Model: the digits MLP of metagradients_digits.py (64 → 32 tanh → 10, float64), trained by
-datatrace's deterministic loop (:mod:`datatrace.training`: SGD with momentum, batch 64,
+datatrace's deterministic loop (:mod:`datatrace.methods.training`: SGD with momentum, batch 64,
 ``--epochs`` epochs) on the first ``--n-train`` of the 1,500 training digits. Targets: margins
 of the first ``--targets`` of the 297 test digits. Every method attributes the same run: the
 one trained with the seed of the small-drop table (its models' shared seed), so each method's
@@ -15,7 +15,7 @@ Ground truth, as subset experiments in ``--store`` (a rerun trains only what is 
   order) by the same recipe on its half alone;
 * small-drop: subsets that each leave out ``--drop-fraction`` (default 1%) of the training
   set, every model trained with the attributed run's seed and data order
-  (:func:`datatrace.training.train_subset`, seed policy ``fixed``).
+  (:func:`datatrace.methods.training.train_subset`, seed policy ``fixed``).
 
 The first ``--subsets`` rows of each table are the ground truth; the next ``--datamodel-models``
 rows are the fitting data of that protocol's datamodels (disjoint rows of one table, so that the
@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 import datatrace as dt
-from datatrace.datamodels import Datamodels
-from datatrace.evaluate import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, lds
+from datatrace.methods.datamodels import Datamodels
+from datatrace.methods.training import train_subset
 from datatrace.subsets import SubsetResults
-from datatrace.training import train_subset
 from influence_digits import timed
 from metagradients_digits import BATCH_SIZE, SETTINGS, WEIGHT_DECAY, DigitsRuns, ground_truth
 from metagradients_digits import make_model as make_mlp

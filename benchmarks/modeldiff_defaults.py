@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, Classification
+from datatrace.applications.modeldiff import A_VS_B, ModelDiff
 from datatrace.demo import make_model
 from datatrace.demo.planted import PlantedPatch
-from datatrace.modeldiff import A_VS_B, ModelDiff
 
 PROJ_DIMS = (256, 1024, 2048)
 DAMPINGS = (0.1, 1.0, 10.0)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, Classification
+from datatrace.applications.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
 from datatrace.demo import make_model
 from datatrace.demo.planted import PlantedPatch
-from datatrace.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
 
 K = 10
 

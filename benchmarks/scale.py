@@ -7,7 +7,8 @@ gradients group by class), ``W`` ``(rank, k)`` and ``E`` Gaussian, written
 chunk by chunk into a datatrace store as featurization would; ``Q`` uniform in
 ``[0.05, 1]``. Targets are drawn the same way. The kernel is built from the stored features as
 ``TRAK.fit`` builds it (the Gram ``ΦᵀΦ`` from the stored chunks, the default damping rule), and
-the queries are the library's (:mod:`datatrace.retrieval`, :mod:`datatrace.faiss_index`): what
+the queries are the library's (:mod:`datatrace.methods.retrieval`,
+:mod:`datatrace.methods.faiss_index`): what
 ``TRAK.top_k``, ``TRAK.faiss_index`` and ``TRAK.score(out=...)`` run once the targets are
 featurized.
 
@@ -94,7 +95,7 @@ def in_child(function, *args) -> dict[str, Any]:
 
 def _measured(function, *args) -> dict[str, Any]:
     torch.set_num_threads(args[0].threads)
-    import datatrace.retrieval  # noqa: F401  (imports counted in the baseline, not the phase)
+    import datatrace.methods.retrieval  # noqa: F401  (imports counted in the baseline, not the phase)
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     baseline = before.ru_maxrss * 1024
@@ -169,8 +170,8 @@ def build_store(args: argparse.Namespace) -> dict[str, Any]:
 
 def open_scores(args: argparse.Namespace):
     """The ensemble (one checkpoint) over the stored features, as TRAK builds it."""
-    from datatrace.kernel import Kernel, damping_from_features, uses_dual
-    from datatrace.retrieval import EnsembleScores
+    from datatrace.methods.kernel import Kernel, damping_from_features, uses_dual
+    from datatrace.methods.retrieval import EnsembleScores
     from datatrace.store import Store
 
     store = Store(args.store)
@@ -190,13 +191,13 @@ def featurizer(args: argparse.Namespace):
 
 
 def budget(args: argparse.Namespace) -> int:
-    from datatrace.retrieval import DEFAULT_MEMORY_BUDGET
+    from datatrace.methods.retrieval import DEFAULT_MEMORY_BUDGET
 
     return DEFAULT_MEMORY_BUDGET if args.memory_budget is None else args.memory_budget
 
 
 def exact_top_k(args: argparse.Namespace, out: str) -> dict[str, Any]:
-    from datatrace.retrieval import stream_top_k
+    from datatrace.methods.retrieval import stream_top_k
     from datatrace.store.scores import score_chunks
 
     scores = open_scores(args)
@@ -215,7 +216,7 @@ def exact_top_k(args: argparse.Namespace, out: str) -> dict[str, Any]:
 
 
 def faiss_top_k(args: argparse.Namespace, exact: str) -> dict[str, Any]:
-    from datatrace.faiss_index import FaissIndex, faiss_top_k
+    from datatrace.methods.faiss_index import FaissIndex, faiss_top_k
 
     scores = open_scores(args)
     factory = "auto" if args.nlist is None else f"IVF{args.nlist},Flat"
@@ -252,7 +253,7 @@ def cpu_seconds() -> float:
 
 
 def write_scores(args: argparse.Namespace) -> dict[str, Any]:
-    from datatrace.retrieval import write_scores
+    from datatrace.methods.retrieval import write_scores
     from datatrace.store import Store
     from datatrace.store.scores import ScoreMatrix, score_chunks
 

@@ -43,14 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datatrace.datamodels import Datamodels
-from datatrace.demo.data import digits_split
-from datatrace.demo.models import make_model
-from datatrace.demo.subsets import DigitsSubsets
-from datatrace.store import Store
-from datatrace.subsets import SubsetExperiment
-from datatrace.tasks import classification_margin
-from datatrace.unlearning import (
+from datatrace.applications.unlearning import (
     KLOM_CLIP,
     GradientAscentSettings,
     MatchingSettings,
@@ -63,6 +56,13 @@ from datatrace.unlearning import (
     oracle_matching,
     retain_finetune,
 )
+from datatrace.demo.data import digits_split
+from datatrace.demo.models import make_model
+from datatrace.demo.subsets import DigitsSubsets
+from datatrace.methods.datamodels import Datamodels
+from datatrace.store import Store
+from datatrace.subsets import SubsetExperiment
+from datatrace.tasks import classification_margin
 
 RECIPE = DigitsSubsets(epochs=20, batch_size=128)
 # What trains every model, for the stores' provenance: the recipe's settings, listed here so that

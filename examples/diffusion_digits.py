@@ -25,13 +25,18 @@ import numpy as np
 import torch
 
 from datatrace import TRAK
-from datatrace.diffusion import (
+from datatrace.applications.diffusion import (
     DiffusionTrainingExamples,
     attribute_trajectory,
     sample_with_trajectory,
 )
-from datatrace.diffusion.report import write_trajectory_report
-from datatrace.diffusion.training import digits_images, require_diffusers, tiny_unet, train_denoiser
+from datatrace.applications.diffusion.report import write_trajectory_report
+from datatrace.applications.diffusion.training import (
+    digits_images,
+    require_diffusers,
+    tiny_unet,
+    train_denoiser,
+)
 from datatrace.report import Section
 from datatrace.tasks import Diffusion
 

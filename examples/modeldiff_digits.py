@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from datatrace import TRAK, Classification
+from datatrace.applications.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
 from datatrace.demo import make_model
 from datatrace.demo.planted import PlantedPatch
-from datatrace.modeldiff import A_VS_B, B_VS_A, ModelDiff, verify_direction
 from datatrace.report import Section
 from datatrace.report.modeldiff import write_modeldiff_report
 from datatrace.store import Store

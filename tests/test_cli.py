@@ -71,7 +71,7 @@ def test_quick_demo_scores_every_method_by_lds(quick_demo):
     """The LDS table lists TRAK and the three baselines, in the terminal and in the report, with
     values computed against the ground truth of QUICK_PRESET["lds_models"] subset models."""
     out, result = quick_demo
-    from datatrace.evaluate import lds
+    from datatrace.evaluation.lds import lds
     from datatrace.subsets import SubsetExperiment
 
     truth = SubsetExperiment.open(out / "store", "lds").results()

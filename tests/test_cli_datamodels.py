@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from datatrace import Attributions
 from datatrace.cli import app
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
 from datatrace.subsets import SubsetExperiment
 
 N_TRAIN, N_TARGETS = 40, 5

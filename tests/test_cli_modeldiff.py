@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from datatrace import Attributions
+from datatrace.applications.modeldiff import A_VS_B, ModelDiff
 from datatrace.cli import app
-from datatrace.modeldiff import A_VS_B, ModelDiff
 
 runner = CliRunner()
 

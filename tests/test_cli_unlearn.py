@@ -8,17 +8,17 @@ import torch
 from typer.testing import CliRunner
 
 from datatrace import Attributions, Store
-from datatrace.cli import app
-from datatrace.demo import Split, digits_split, make_model, train_classifier
-from datatrace.demo.subsets import torch_threads
-from datatrace.tasks import classification_margin
-from datatrace.unlearning import (
+from datatrace.applications.unlearning import (
     GradientAscentSettings,
     MatchingSettings,
     datamodel_matching,
     gradient_ascent,
     klom,
 )
+from datatrace.cli import app
+from datatrace.demo import Split, digits_split, make_model, train_classifier
+from datatrace.demo.subsets import torch_threads
+from datatrace.tasks import classification_margin
 
 runner = CliRunner()
 

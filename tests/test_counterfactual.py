@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datatrace import Attributions
-from datatrace.counterfactual import (
+from datatrace.evaluation.counterfactual import (
     brittleness,
     counterfactual_removal,
     geometric_sizes,

@@ -13,8 +13,8 @@ from sklearn.linear_model import Lasso, lasso_path
 
 from datatrace import Attributions
 from datatrace._estimator import NotFittedError
-from datatrace.datamodels import MIN_PATH_STEPS, Datamodels
-from datatrace.evaluate import lds, predict_outputs
+from datatrace.evaluation.lds import lds, predict_outputs
+from datatrace.methods.datamodels import MIN_PATH_STEPS, Datamodels
 
 TIGHT = {"dtype": torch.float64, "tol": 1e-12, "max_iter": 20_000, "progress": False}
 

@@ -10,8 +10,7 @@ pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, DDPMScheduler
 
 from datatrace import TRAK
-from datatrace.data import Examples
-from datatrace.diffusion import (
+from datatrace.applications.diffusion import (
     DiffusionTargets,
     DiffusionTrainingExamples,
     Trajectory,
@@ -20,8 +19,14 @@ from datatrace.diffusion import (
     sample_with_trajectory,
     trajectory_outputs,
 )
-from datatrace.diffusion.report import write_trajectory_report
-from datatrace.diffusion.training import digits_images, tiny_text_unet, tiny_unet, train_denoiser
+from datatrace.applications.diffusion.report import write_trajectory_report
+from datatrace.applications.diffusion.training import (
+    digits_images,
+    tiny_text_unet,
+    tiny_unet,
+    train_denoiser,
+)
+from datatrace.data import Examples
 from datatrace.tasks import Classification
 from datatrace.tasks.diffusion import Diffusion
 

@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import rankdata, spearmanr
 
 from datatrace import Attributions
-from datatrace.evaluate import LDSResult, average_ranks, lds, predict_outputs
+from datatrace.evaluation.lds import LDSResult, average_ranks, lds, predict_outputs
 
 
 def spearman_loop(predictions, outputs):

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from datatrace import Attributions
 from datatrace.cli import app
-from datatrace.evaluate import MAX_SMALL_DROP_FRACTION, lds
+from datatrace.evaluation.lds import MAX_SMALL_DROP_FRACTION, lds
+from datatrace.methods.training import DeterministicRun, TrainingRecipe, train_subset
 from datatrace.store import StoreMismatchError
 from datatrace.subsets import SubsetExperiment
 from datatrace.subsets.config import SubsetRunConfig, run_config
@@ -24,7 +25,6 @@ from datatrace.subsets.masks import (
     random_masks,
     train_seeds,
 )
-from datatrace.training import DeterministicRun, TrainingRecipe, train_subset
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))

@@ -1,5 +1,5 @@
-"""Incremental stores (datatrace.incremental): adding and removing training examples equals a
-fit from scratch on the changed training set."""
+"""Incremental stores (datatrace.methods.incremental): adding and removing training examples
+equals a fit from scratch on the changed training set."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_removing_checks_its_indices(tmp_path):
 def test_an_interrupted_addition_resumes(tmp_path, monkeypatch):
     data = toy.train_data()
     trak = toy.make_trak(tmp_path / "store").fit(subset(data, slice(0, 64)), toy.checkpoints())
-    from datatrace import incremental
+    from datatrace.methods import incremental
 
     monkeypatch.setattr(incremental, "featurize_chunks", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match="still has"):

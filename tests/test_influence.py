@@ -10,10 +10,10 @@ from torch.nn import functional as F
 import datatrace as dt
 from conftest import make_mlp
 from datatrace._estimator import NotFittedError
-from datatrace.influence import InfluenceFunctions, curvature, stages
-from datatrace.influence.factors import kronecker_factors
-from datatrace.influence.gradients import LayoutGradients
-from datatrace.influence.layers import kronecker_layout
+from datatrace.methods.influence import InfluenceFunctions, curvature, stages
+from datatrace.methods.influence.factors import kronecker_factors
+from datatrace.methods.influence.gradients import LayoutGradients
+from datatrace.methods.influence.layers import kronecker_layout
 from datatrace.store import Store, StoreMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

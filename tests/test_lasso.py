@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import Lasso, lasso_path
 
-from datatrace.lasso import (
+from datatrace.methods.lasso import (
     LIPSCHITZ_SAFETY,
     CentredDesign,
     LassoConvergenceWarning,

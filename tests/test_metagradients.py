@@ -11,10 +11,10 @@ from torch import nn
 
 from datatrace import Attributions
 from datatrace._estimator import NotFittedError
-from datatrace.metagradients import Metagradients
+from datatrace.methods.metagradients import Metagradients
+from datatrace.methods.training import DeterministicRun, TrainingRecipe, train_subset
 from datatrace.tasks import Classification
 from datatrace.tasks.classification import classification_margin
-from datatrace.training import DeterministicRun, TrainingRecipe, train_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

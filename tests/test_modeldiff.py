@@ -8,9 +8,7 @@ from sklearn.decomposition import PCA
 
 from datatrace import TRAK, Attributions, Classification
 from datatrace._estimator import NotFittedError
-from datatrace.demo import make_model
-from datatrace.demo.planted import PlantedPatch
-from datatrace.modeldiff import (
+from datatrace.applications.modeldiff import (
     A_VS_B,
     B_VS_A,
     OUT_TO_LOSS_SPREAD_LIMIT,
@@ -18,6 +16,8 @@ from datatrace.modeldiff import (
     out_to_loss_spread,
     verify_direction,
 )
+from datatrace.demo import make_model
+from datatrace.demo.planted import PlantedPatch
 
 
 def direct_residual_pca(scores_a, scores_b, n_components):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from datatrace.modeldiff import ModelDiff
+from datatrace.applications.modeldiff import ModelDiff
 from datatrace.report import Section
 from datatrace.report.modeldiff import write_modeldiff_report
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import datatrace as dt
-from datatrace.faiss_index import FaissIndex, import_faiss
-from datatrace.retrieval import RunningTopK
+from datatrace.methods.faiss_index import FaissIndex, import_faiss
+from datatrace.methods.retrieval import RunningTopK
 from datatrace.store import scores as score_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")

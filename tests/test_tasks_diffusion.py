@@ -8,8 +8,8 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDPMScheduler
 
-from datatrace.diffusion import DiffusionTargets, DiffusionTrainingExamples
-from datatrace.diffusion.training import digits_images, tiny_text_unet, tiny_unet
+from datatrace.applications.diffusion import DiffusionTargets, DiffusionTrainingExamples
+from datatrace.applications.diffusion.training import digits_images, tiny_text_unet, tiny_unet
 from datatrace.grads import PerExampleGradients, select_parameters
 from datatrace.tasks.diffusion import (
     OUTPUT_FUNCTIONS,

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import spearmanr
 
 import datatrace as dt
-from datatrace.kernel import (
+from datatrace.methods.kernel import (
     REDUNDANCY_ANCHORS,
     Kernel,
     KernelStatistics,

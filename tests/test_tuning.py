@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import datatrace as dt
-from datatrace.evaluate import lds
+from datatrace.evaluation.lds import lds
+from datatrace.evaluation.tuning import select_damping
 from datatrace.store import CheckpointFeatures
-from datatrace.tuning import select_damping
 
 GRID = (0.01, 0.1, 1.0, 10.0)
 TRUE_DAMPING = 0.1

@@ -5,7 +5,7 @@ from scipy.stats import entropy, norm
 from torch import nn
 
 from datatrace import Attributions
-from datatrace.unlearning import (
+from datatrace.applications.unlearning import (
     KLOM_FLOOR,
     GradientAscentSettings,
     MatchingSettings,

@@ -121,7 +121,7 @@ class FitRunConfig(JsonSettings):
 
     def make_trak(self):
         """The (unfitted) :class:`~datatrace.TRAK` these settings describe."""
-        from datatrace.trak import TRAK
+        from datatrace.methods.trak import TRAK
 
         model = load_object(self.model)(**self.model_kwargs)
         task = load_object(self.task)(**self.task_kwargs)

@@ -12,8 +12,8 @@ import typer
 from rich.markup import escape
 
 from datatrace.cli.app import app, console, error_console, open_store, user_errors
-from datatrace.datamodels import Datamodels
-from datatrace.evaluate import lds as linear_datamodeling_score
+from datatrace.evaluation.lds import lds as linear_datamodeling_score
+from datatrace.methods.datamodels import Datamodels
 
 if TYPE_CHECKING:
     from datatrace.store import Store

@@ -12,8 +12,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace.applications.modeldiff import (
+    A_VS_B,
+    B_VS_A,
+    OUT_TO_LOSS_SPREAD_LIMIT,
+    RANK_BY,
+    ModelDiff,
+)
 from datatrace.cli.app import app, console, open_store, user_errors
-from datatrace.modeldiff import A_VS_B, B_VS_A, OUT_TO_LOSS_SPREAD_LIMIT, RANK_BY, ModelDiff
 
 STORE_HELP = "A datatrace store holding both attributions: a directory or an fsspec URL."
 DEFAULTS = ModelDiff()

@@ -14,11 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace.cli.app import app, console, open_store, user_errors
-from datatrace.cli.modeldiff import read_array
-from datatrace.tasks import Classification
-from datatrace.tasks._checks import examples_from
-from datatrace.unlearning import (
+from datatrace.applications.unlearning import (
     KLOM_BINS,
     KLOM_CLIP,
     KLOM_FLOOR,
@@ -32,6 +28,10 @@ from datatrace.unlearning import (
     oracle_matching,
     retain_finetune,
 )
+from datatrace.cli.app import app, console, open_store, user_errors
+from datatrace.cli.modeldiff import read_array
+from datatrace.tasks import Classification
+from datatrace.tasks._checks import examples_from
 
 # Method name on the command line → (function, settings class).
 METHODS = {
@@ -216,8 +216,8 @@ def unlearn_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(unlearned.state_dict(), out)
         if margins is not None:
+            from datatrace.applications.unlearning import model_logits
             from datatrace.tasks import classification_margin
-            from datatrace.unlearning import model_logits
 
             values = classification_margin(
                 model_logits(unlearned, train_data[0]), train_data[1].long()

@@ -10,10 +10,10 @@ from rich.table import Table
 from torch import nn
 
 from datatrace.attributions import Attributions
-from datatrace.baselines import GradientCosine, GradientDot, RepresentationSimilarity
 from datatrace.demo.data import Split
 from datatrace.demo.subsets import DigitsSubsets
-from datatrace.evaluate import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, lds
+from datatrace.methods.baselines import GradientCosine, GradientDot, RepresentationSimilarity
 from datatrace.store import Store
 from datatrace.subsets import SubsetExperiment, SubsetResults
 from datatrace.tasks import Classification

@@ -38,10 +38,10 @@ from datatrace.demo.lds import (
 )
 from datatrace.demo.models import MODELS, make_model
 from datatrace.demo.training import accuracy, train_checkpoints
+from datatrace.methods.trak import TRAK
 from datatrace.progress import progress_bar
 from datatrace.store import Store
 from datatrace.tasks import Classification
-from datatrace.trak import TRAK
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"

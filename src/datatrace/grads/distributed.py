@@ -42,7 +42,7 @@ import zarr.errors
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.featurize import ChunkResult, GradientFeatures, featurize_chunk
-from datatrace.kernel import uses_dual
+from datatrace.methods.kernel import uses_dual
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures, Store
 from datatrace.store.verify import create_array
@@ -321,7 +321,7 @@ def featurize_chunks(
         features: the gradient features.
         train: the examples; stored row ``r`` is example ``r - data_offset``.
         data_offset: the stored row of ``train``'s first example (0 for a fit; the first new row
-            when examples are added, :func:`datatrace.incremental.add_examples`).
+            when examples are added, :func:`datatrace.methods.incremental.add_examples`).
         checkpoints: every checkpoint, by index.
         stored: the stored features of each checkpoint.
         jobs: what to compute, in this order (chunks done meanwhile are skipped).

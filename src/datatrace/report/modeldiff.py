@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from datatrace.modeldiff import A_VS_B, B_VS_A, Direction, ModelDiff
+from datatrace.applications.modeldiff import A_VS_B, B_VS_A, Direction, ModelDiff
 from datatrace.report.html import Section, format_value, render_page
 from datatrace.report.images import as_image_batch, data_uri, image_png
 
@@ -100,7 +100,8 @@ def write_modeldiff_report(
     cmap: str = "gray",
     image_range: tuple[float, float] | None = None,
 ) -> Path:
-    """Write a self-contained HTML page of a fitted :class:`~datatrace.modeldiff.ModelDiff`.
+    """Write a self-contained HTML page of a fitted
+    :class:`~datatrace.applications.modeldiff.ModelDiff`.
 
     Args:
         path: the HTML file to write (parent directories are created).

@@ -54,7 +54,7 @@ import zarr.errors
 import zarr.storage
 from zarr.core.sync import sync
 
-from datatrace.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
+from datatrace.methods.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
 from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
     METADATA_ADVICE,
@@ -722,7 +722,8 @@ class CheckpointFeatures:
         self.group.attrs.update(update)
 
     def statistics(self) -> KernelStatistics:
-        """The :class:`~datatrace.kernel.KernelStatistics` (traces) the damping rules read, of
+        """The :class:`~datatrace.methods.kernel.KernelStatistics` (traces) the damping rules read,
+        of
         the kept rows."""
         recorded = self.group.attrs.get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
@@ -756,7 +757,8 @@ class CheckpointFeatures:
 
         The new rows start at the next chunk boundary, so no finished chunk is rewritten: the
         rows between the last example and that boundary become padding, marked removed. The
-        new chunks are pending (featurize them, e.g. :func:`datatrace.incremental.add_examples`);
+        new chunks are pending (featurize them, e.g.
+        :func:`datatrace.methods.incremental.add_examples`);
         the stored gram keeps covering the old chunks (``gram_chunks``) and :meth:`gram` adds
         the new chunks' partial Grams to it.
         """

@@ -130,7 +130,7 @@ def centred_class_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Te
 
     Returns:
         ``(batch_size,)`` centred logits (the softmax ignores a shift common to all classes;
-        centring removes it, as :func:`datatrace.unlearning.centre_logits` does).
+        centring removes it, as :func:`datatrace.applications.unlearning.centre_logits` does).
     """
     chosen = logits.gather(-1, classes.unsqueeze(-1).long()).squeeze(-1)
     return chosen - logits.mean(-1)
@@ -144,7 +144,8 @@ class ClassLogit(Classification):
     :class:`Classification` (``TRAK.score(targets, task=ClassLogit())``): the training side keeps
     the margin and its ``Q``, and each target row gets the attribution of one logit. With
     :func:`per_class_targets` the rows are point-major (row ``p · n_classes + c`` is logit ``c``
-    of point ``p``), the per-class form that :func:`datatrace.unlearning.datamodel_matching`
+    of point ``p``), the per-class form that
+    :func:`datatrace.applications.unlearning.datamodel_matching`
     takes.
 
     ``out_to_loss`` is 1: a logit is not a loss-linked output, and targets' weights are not used

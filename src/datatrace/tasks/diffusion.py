@@ -3,7 +3,8 @@
 A denoising model ``ε_θ(x_t, t[, condition])`` is trained on ``x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε``
 to predict ``ε`` (or ``x_0``, or the velocity, as the scheduler's ``prediction_type`` says). Its
 attributed output on one example is a (weighted) sum over ``K`` draws ``(t_k, ε_k)`` that the
-*data* carries (see :mod:`datatrace.diffusion.data`): the task itself holds no randomness, so
+*data* carries (see :mod:`datatrace.applications.diffusion.data`): the task itself holds no
+randomness, so
 per-example gradients run under ``torch.vmap`` and every example gets the same draws in every
 batch, chunk and run.
 
@@ -157,8 +158,10 @@ def _draw_shapes(batch: Mapping[str, torch.Tensor]) -> tuple[int, int, torch.Siz
 class Diffusion(Task):
     """Attribute a denoising model through its denoising loss or a D-TRAK output function.
 
-    Batches are dicts (built by :class:`~datatrace.diffusion.DiffusionTrainingExamples` and
-    :class:`~datatrace.diffusion.DiffusionTargets`) with ``"x0"`` ``(B, *sample_shape)`` clean
+    Batches are dicts (built by
+    :class:`~datatrace.applications.diffusion.DiffusionTrainingExamples` and
+    :class:`~datatrace.applications.diffusion.DiffusionTargets`) with ``"x0"`` ``(B,
+    *sample_shape)`` clean
     images (or latents), ``"timesteps"`` ``(B, K)`` integers, ``"noise"`` ``(B, K,
     *sample_shape)``, optionally ``"draw_weights"`` ``(B, K)``, and any further entries
     (``"class_labels"`` ``(B,)``, ``"encoder_hidden_states"`` ``(B, L, D)``, ...) passed to the

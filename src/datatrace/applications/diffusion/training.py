@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datatrace.diffusion.data import check_condition
+from datatrace.applications.diffusion.data import check_condition
 from datatrace.progress import progress_bar
 from datatrace.tasks.diffusion import add_noise, denoiser_output, denoising_target, schedule_of
 

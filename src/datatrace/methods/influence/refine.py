@@ -26,9 +26,9 @@ from collections.abc import Mapping
 import torch
 
 from datatrace.data import Examples
-from datatrace.influence.curvature import Curvature
-from datatrace.influence.factors import FACTOR_DTYPE
-from datatrace.influence.gradients import LayoutGradients
+from datatrace.methods.influence.curvature import Curvature
+from datatrace.methods.influence.factors import FACTOR_DTYPE
+from datatrace.methods.influence.gradients import LayoutGradients
 from datatrace.progress import progress_bar
 
 

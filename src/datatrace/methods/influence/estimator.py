@@ -18,17 +18,17 @@ from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, default_device
 from datatrace.grads.per_example import task_for_checkpoint
 from datatrace.grads.selection import ParamSelection, select_parameters
-from datatrace.influence.curvature import (
+from datatrace.methods.influence.curvature import (
     DEFAULT_DAMPING,
     HESSIANS,
     Curvature,
     fit_stages,
 )
-from datatrace.influence.fisher import FISHERS, SampledLabels
-from datatrace.influence.gradients import MEASUREMENTS, LayoutGradients
-from datatrace.influence.layers import Layout, kronecker_layout
-from datatrace.influence.refine import refined_inverse_products
-from datatrace.influence.stages import SECTION, CurvatureStages
+from datatrace.methods.influence.fisher import FISHERS, SampledLabels
+from datatrace.methods.influence.gradients import MEASUREMENTS, LayoutGradients
+from datatrace.methods.influence.layers import Layout, kronecker_layout
+from datatrace.methods.influence.refine import refined_inverse_products
+from datatrace.methods.influence.stages import SECTION, CurvatureStages
 from datatrace.progress import progress_bar
 from datatrace.store import Store
 from datatrace.store.provenance import (
@@ -46,7 +46,8 @@ class InfluenceFunctions:
     For each checkpoint, the curvature ``H`` is the Fisher of the training loss
     ``(1/n) Σ_i ∇loss_i ∇loss_iᵀ`` (empirical: training labels; or with sampled labels),
     approximated block by block
-    (:mod:`datatrace.influence.curvature`): per ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layer by
+    (:mod:`datatrace.methods.influence.curvature`): per ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
+    layer by
     Kronecker factors (``"kfac"``) and their eigenvalue correction (``"ekfac"``), every other
     selected parameter by its diagonal. The score of training example ``i`` for target ``j`` is::
 
@@ -74,12 +75,13 @@ class InfluenceFunctions:
         fisher: ``"empirical"`` (default: the curvature's gradients use the training labels;
             every task) or ``"sampled"`` (labels drawn from the model's softmax, the "true"
             Fisher of kronfluence's default; :class:`~datatrace.tasks.Classification` only,
-            :mod:`datatrace.influence.fisher`). The scored training gradients always use the
+            :mod:`datatrace.methods.influence.fisher`). The scored training gradients always use the
             training labels.
         seed: seed of the sampled labels (``fisher="sampled"``).
         refine_steps: preconditioned conjugate-gradient steps refining each target's
             ``(H + λI)⁻¹ m`` towards the exact damped inverse of the empirical Fisher, with the
-            chosen Hessian as preconditioner (ASTRA's idea, :mod:`datatrace.influence.refine`);
+            chosen Hessian as preconditioner (ASTRA's idea,
+            :mod:`datatrace.methods.influence.refine`);
             each costs one more pass over the training set per :meth:`score`. Default 0.
         params: parameters to differentiate: name patterns or submodules (default: all).
         store: where the fitted curvature is kept: a directory (resumable stage by stage), an
@@ -91,10 +93,10 @@ class InfluenceFunctions:
     Attributes (after ``fit``):
         store_: the :class:`~datatrace.store.Store` holding the curvature.
         n_train_: number of training examples.
-        layout_: the curvature blocks (:class:`~datatrace.influence.layers.Layout`).
+        layout_: the curvature blocks (:class:`~datatrace.methods.influence.layers.Layout`).
         layers_: names of the modules with a Kronecker block.
         fallback_params_: names of the parameters with a diagonal block.
-        curvatures_: per checkpoint, the :class:`~datatrace.influence.curvature.Curvature`.
+        curvatures_: per checkpoint, the :class:`~datatrace.methods.influence.curvature.Curvature`.
         damping_: ``(n_checkpoints, n_blocks)`` the absolute ``λ`` of each block.
     """
 

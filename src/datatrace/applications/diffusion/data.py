@@ -198,7 +198,8 @@ class DiffusionTargets(Dataset):
         cls, trajectory: Any, step: int, *, n_draws: int = DEFAULT_TARGET_DRAWS, seed: int = 0
     ) -> DiffusionTargets:
         """Targets at sampling timestep ``step`` of a
-        :class:`~datatrace.diffusion.Trajectory`: its ``x̂_0(step)`` and conditioning."""
+        :class:`~datatrace.applications.diffusion.Trajectory`: its ``x̂_0(step)`` and
+        conditioning."""
         return cls(
             trajectory.pred_original_at(step),
             step,

@@ -10,9 +10,9 @@
 - :mod:`.estimator`: :class:`InfluenceFunctions`, the estimator.
 """
 
-from datatrace.influence.curvature import DEFAULT_DAMPING, HESSIANS, Curvature
-from datatrace.influence.estimator import InfluenceFunctions
-from datatrace.influence.layers import KroneckerLayer, Layout, kronecker_layout
+from datatrace.methods.influence.curvature import DEFAULT_DAMPING, HESSIANS, Curvature
+from datatrace.methods.influence.estimator import InfluenceFunctions
+from datatrace.methods.influence.layers import KroneckerLayer, Layout, kronecker_layout
 
 __all__ = [
     "DEFAULT_DAMPING",

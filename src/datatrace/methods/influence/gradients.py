@@ -17,11 +17,11 @@ from torch import nn
 
 from datatrace.data import Examples, batch_to
 from datatrace.grads.per_example import PerExampleGradients
-from datatrace.influence.layers import Layout
+from datatrace.methods.influence.layers import Layout
 from datatrace.tasks.base import Task
 
 if TYPE_CHECKING:
-    from datatrace.influence.fisher import SampledLabels
+    from datatrace.methods.influence.fisher import SampledLabels
 
 # What a target's gradient is taken of.
 MEASUREMENTS = ("loss", "output")
@@ -37,7 +37,7 @@ class LayoutGradients:
         param_names: the selected parameters (every name the layout holds).
         device: where batches are moved and gradients computed.
         sampled_labels: for the sampled-label Fisher, what draws the labels of the curvature's
-            passes (:class:`~datatrace.influence.fisher.SampledLabels`); ``None``: the
+            passes (:class:`~datatrace.methods.influence.fisher.SampledLabels`); ``None``: the
             training labels (empirical Fisher).
         checkpoint: the checkpoint's index (it seeds the sampled labels).
     """

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from datatrace.attributions import Ranking
-from datatrace.progress import progress_bar
-from datatrace.retrieval import (
+from datatrace.methods.retrieval import (
     DEFAULT_MEMORY_BUDGET,
     SOLVE_COPIES,
     EnsembleScores,
@@ -24,6 +23,7 @@ from datatrace.retrieval import (
     TopK,
     concatenate_rankings,
 )
+from datatrace.progress import progress_bar
 
 if TYPE_CHECKING:
     import faiss

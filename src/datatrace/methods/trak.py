@@ -19,19 +19,19 @@ from datatrace._estimator import (
 )
 from datatrace.attributions import Attributions
 from datatrace.data import Examples
-from datatrace.faiss_index import FaissIndex, faiss_top_k
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
 from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
-from datatrace.kernel import (
+from datatrace.methods.faiss_index import FaissIndex, faiss_top_k
+from datatrace.methods.kernel import (
     DEFAULT_DAMPING,
     Kernel,
     absolute_damping,
     damping_from_features,
     uses_dual,
 )
-from datatrace.retrieval import (
+from datatrace.methods.retrieval import (
     DEFAULT_MEMORY_BUDGET,
     EnsembleScores,
     TopK,
@@ -68,7 +68,7 @@ class TRAK:
             (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
             projection), or a ``Projector``.
         damping: ``"auto"`` (default): ``λ_c`` from each checkpoint's features and the number of
-            checkpoints (:func:`~datatrace.kernel.damping_from_features`, docs/trak.md); a
+            checkpoints (:func:`~datatrace.methods.kernel.damping_from_features`, docs/trak.md); a
             number: ``λ_c`` relative to the mean diagonal entry of ``Φ_cᵀΦ_c``
             (``λ_c = damping · tr/k``).
         damping_absolute: if given, the absolute ``λ`` for every checkpoint (overrides ``damping``).
@@ -98,7 +98,7 @@ class TRAK:
         relative_damping_: ``(n_checkpoints,)`` the same, divided by the mean diagonal of
             ``Φ_cᵀΦ_c``.
         dual_: whether the kernels are solved in the ``n × n`` dual (``k > n``).
-        kernels_: per checkpoint, the :class:`~datatrace.kernel.Kernel` (Cholesky factor).
+        kernels_: per checkpoint, the :class:`~datatrace.methods.kernel.Kernel` (Cholesky factor).
     """
 
     def __init__(
@@ -227,7 +227,7 @@ class TRAK:
 
     def add_examples(self, train_data: Any, *, backend: str | Backend | None = None) -> TRAK:
         """Add training examples to the fitted store: only they are featurized, and each kernel
-        becomes the stored ``ΦᵀΦ`` plus their partial Grams (:mod:`datatrace.incremental`).
+        becomes the stored ``ΦᵀΦ`` plus their partial Grams (:mod:`datatrace.methods.incremental`).
 
         They become the last columns of the scores. The damping is chosen again (``"auto"``
         reads the features once for its statistics).
@@ -239,7 +239,7 @@ class TRAK:
         Returns:
             ``self``, refitted.
         """
-        from datatrace.incremental import add_examples
+        from datatrace.methods.incremental import add_examples
 
         check_fitted(self, "store_")
         new = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
@@ -251,7 +251,7 @@ class TRAK:
     def remove_examples(self, indices: Any) -> TRAK:
         """Remove training examples: their rows are marked removed in the store and each
         kernel is downdated by their contributions, nothing is featurized
-        (:mod:`datatrace.incremental`). The scores then have ``n_train_ - len(indices)``
+        (:mod:`datatrace.methods.incremental`). The scores then have ``n_train_ - len(indices)``
         columns, those of the remaining examples in order, as a fit without them would give;
         ``train_rows_`` maps each column to its stored row.
 
@@ -261,7 +261,7 @@ class TRAK:
         Returns:
             ``self``, refitted.
         """
-        from datatrace.incremental import remove_examples
+        from datatrace.methods.incremental import remove_examples
 
         check_fitted(self, "store_")
         remove_examples(self._stored, indices)
@@ -333,7 +333,7 @@ class TRAK:
                 calling again with the same targets after an interruption computes only the
                 missing chunks.
             memory_budget: with ``out``, the working memory in bytes (default
-                :data:`~datatrace.retrieval.DEFAULT_MEMORY_BUDGET`, 1 GiB); it sets how many
+                :data:`~datatrace.methods.retrieval.DEFAULT_MEMORY_BUDGET`, 1 GiB); it sets how many
                 targets are scored per pass over the training features.
 
         Returns:
@@ -415,12 +415,12 @@ class TRAK:
             targets: target examples, in any form accepted for training data.
             k: examples per target and side (at most ``n_train``).
             task: another output for the targets only, as in :meth:`score`.
-            index: a :class:`~datatrace.faiss_index.FaissIndex` built from this estimator.
+            index: a :class:`~datatrace.methods.faiss_index.FaissIndex` built from this estimator.
             memory_budget: working memory in bytes (default
-                :data:`~datatrace.retrieval.DEFAULT_MEMORY_BUDGET`).
+                :data:`~datatrace.methods.retrieval.DEFAULT_MEMORY_BUDGET`).
 
         Returns:
-            :class:`~datatrace.retrieval.TopK`: ``proponents`` and ``opponents``, each a
+            :class:`~datatrace.methods.retrieval.TopK`: ``proponents`` and ``opponents``, each a
             :class:`~datatrace.Ranking` with ``indices`` and ``scores`` ``(n_targets, k)``,
             strongest first.
 
@@ -463,7 +463,8 @@ class TRAK:
             seed: seed of the sample the inverted lists are fitted on.
 
         Returns:
-            :class:`~datatrace.faiss_index.FaissIndex` (pass it as ``top_k(..., index=...)``).
+            :class:`~datatrace.methods.faiss_index.FaissIndex` (pass it as ``top_k(...,
+            index=...)``).
 
         Raises:
             ImportError: faiss is not installed.

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from datatrace.diffusion.journey import TrajectoryAttributions
-from datatrace.diffusion.sampling import Trajectory
+from datatrace.applications.diffusion.journey import TrajectoryAttributions
+from datatrace.applications.diffusion.sampling import Trajectory
 from datatrace.report.html import Section, format_value, render_page
 from datatrace.report.images import as_image_batch, data_uri, image_png
 

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from datatrace.data import Examples
-from datatrace.influence.factors import (
+from datatrace.methods.influence.factors import (
     FACTOR_DTYPE,
     corrected_eigenvalues_and_diagonal,
     eigendecomposition,
     kronecker_factors,
 )
-from datatrace.influence.gradients import LayoutGradients
-from datatrace.influence.layers import Layout
-from datatrace.influence.stages import CurvatureStages
+from datatrace.methods.influence.gradients import LayoutGradients
+from datatrace.methods.influence.layers import Layout
+from datatrace.methods.influence.stages import CurvatureStages
 
 HESSIANS = ("ekfac", "kfac", "diagonal", "identity")
 # Relative damping by default: λ = DEFAULT_DAMPING · mean eigenvalue of each block.

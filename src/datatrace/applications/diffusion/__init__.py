@@ -4,7 +4,7 @@ The few lines a user writes::
 
     from datatrace import TRAK
     from datatrace.tasks import Diffusion
-    from datatrace.diffusion import (
+    from datatrace.applications.diffusion import (
         DiffusionTrainingExamples, sample_with_trajectory, attribute_trajectory,
     )
 
@@ -16,18 +16,23 @@ The few lines a user writes::
     journey.scores                   # (n_steps, n_generated, n_train)
     journey.at_step(500).proponents(0)
 
-``diffusers`` is needed only for the bundled tiny models (:mod:`datatrace.diffusion.training`);
+``diffusers`` is needed only for the bundled tiny models
+(:mod:`datatrace.applications.diffusion.training`);
 the task, data and sampling work with any scheduler exposing ``alphas_cumprod`` (and ``step``
 returning ``pred_original_sample`` for sampling) and any denoiser ``model(x_t, t, **condition)``.
 """
 
-from datatrace.diffusion.data import DiffusionTargets, DiffusionTrainingExamples, encode_images
-from datatrace.diffusion.journey import (
+from datatrace.applications.diffusion.data import (
+    DiffusionTargets,
+    DiffusionTrainingExamples,
+    encode_images,
+)
+from datatrace.applications.diffusion.journey import (
     TrajectoryAttributions,
     attribute_trajectory,
     trajectory_outputs,
 )
-from datatrace.diffusion.sampling import Trajectory, sample_with_trajectory
+from datatrace.applications.diffusion.sampling import Trajectory, sample_with_trajectory
 
 __all__ = [
     "DiffusionTargets",

@@ -11,8 +11,8 @@ import torch
 from datatrace._estimator import NotFittedError
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
-from datatrace.evaluate import column_spearman
-from datatrace.lasso import (
+from datatrace.evaluation.lds import column_spearman
+from datatrace.methods.lasso import (
     CentredDesign,
     lambda_max,
     lambda_path,
@@ -40,7 +40,7 @@ class Datamodels:
     over all subsets), so the penalty treats examples alike. For each target, the lasso
     ``(1/(2 n_rows))‖y − X w − b‖² + λ‖w‖₁`` (bias unpenalised) is solved along a geometric
     path of ``λ``, each solution warm-starting the next, and all targets are solved together by
-    a batched FISTA (see :mod:`datatrace.lasso`).
+    a batched FISTA (see :mod:`datatrace.methods.lasso`).
 
     Choosing ``λ`` (``selection``, docs/datamodels.md):
 
@@ -599,7 +599,7 @@ class Datamodels:
         """The weights as :class:`~datatrace.Attributions` ``(n_targets, n_train)``.
 
         ``info["bias"]`` and ``info["lambda"]`` hold each target's intercept and chosen λ, so that
-        :func:`datatrace.evaluate.predict_outputs` predicts outputs including the bias.
+        :func:`datatrace.evaluation.lds.predict_outputs` predicts outputs including the bias.
         """
         if not hasattr(self, "attributions_"):
             raise NotFittedError("these Datamodels are not fitted yet: call fit(masks, outputs)")
@@ -607,6 +607,6 @@ class Datamodels:
 
     def predict(self, masks: Any) -> np.ndarray:
         """Predicted outputs ``masks @ weights_.T + bias_`` ``(n_subsets, n_targets)``."""
-        from datatrace.evaluate import predict_outputs
+        from datatrace.evaluation.lds import predict_outputs
 
         return predict_outputs(self.attributions(), masks)

@@ -33,8 +33,8 @@ from torch import nn
 
 from datatrace.data import Examples, batch_size_of
 from datatrace.grads.per_example import _Bound, _eval_mode, module_state
-from datatrace.influence.gradients import LayoutGradients
-from datatrace.influence.layers import layer_inputs, layer_output_gradients
+from datatrace.methods.influence.gradients import LayoutGradients
+from datatrace.methods.influence.layers import layer_inputs, layer_output_gradients
 from datatrace.progress import progress_bar
 from datatrace.tasks.base import Task
 

@@ -1,6 +1,7 @@
 """Metagradients (MAGIC, Ilyas & Engstrom 2025): exact ``∂ output / ∂ w_i`` through training.
 
-For a deterministic run ``state_{t+1} = step_t(state_t, w)`` (:mod:`datatrace.training`: model,
+For a deterministic run ``state_{t+1} = step_t(state_t, w)`` (:mod:`datatrace.methods.training`:
+model,
 optimiser with its state, fixed data order, learning-rate schedule), where the training loss of
 step ``t`` is ``Σ_{i ∈ batch_t} w_i ℓ_i / |batch_t|``, the attribution of target output
 ``f_j(θ_T)`` to training example ``i`` is ``∂f_j(θ_T)/∂w_i`` at ``w = 1``: positive when
@@ -37,8 +38,8 @@ from torch.func import jacrev, vjp, vmap
 
 from datatrace.attributions import Attributions
 from datatrace.data import Examples
+from datatrace.methods.training import DeterministicRun, LossFn, TrainingRecipe, TrainState
 from datatrace.tasks.base import Task
-from datatrace.training import DeterministicRun, LossFn, TrainingRecipe, TrainState
 
 
 class Metagradients:
@@ -56,13 +57,13 @@ class Metagradients:
         loss: ``loss(model, batch) -> (batch_size,)`` per-example training loss (default:
             cross-entropy of ``(inputs, labels)`` batches).
         optimizer, lr, momentum, weight_decay, betas, eps, schedule, epochs, batch_size, seed:
-            the training run (see :class:`~datatrace.training.TrainingRecipe`).
+            the training run (see :class:`~datatrace.methods.training.TrainingRecipe`).
         segment: steps per replay segment (default ``⌈√T⌉``; 1 keeps every state).
         target_batch: targets that share one replay.
 
     Attributes (after ``fit``):
         model_: the trained model (eval mode).
-        run_: the :class:`~datatrace.training.DeterministicRun`.
+        run_: the :class:`~datatrace.methods.training.DeterministicRun`.
         checkpoints_: ``{t: state before step t}`` for ``t`` multiple of ``segment_``.
         final_state_: the state after the last step.
         segment_: the segment length in force.

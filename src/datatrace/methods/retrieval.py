@@ -1,6 +1,6 @@
 """Queries of TRAK's ensemble scores that never hold the whole score matrix: score blocks
 streamed over the stored training features, exact running top-k and self-influence (the
-approximate top-k of a FAISS index is in :mod:`datatrace.faiss_index`).
+approximate top-k of a FAISS index is in :mod:`datatrace.methods.faiss_index`).
 
 The scores are those of :meth:`TRAK.score <datatrace.TRAK.score>` (DESIGN.md):
 ``τ = (1/C Σ_c T_c) ⊙ q̄`` with ``T_c = Φ'_c K_c⁻¹ Φ_cᵀ`` and ``q̄ = mean_c Q_c``.
@@ -10,7 +10,7 @@ targets, ``A_c = Φ'_c K_c⁻¹`` (``(rows, k)``), so that a block of training c
 ``Σ_c A_c Φ_c[cols]ᵀ``: the columns are visited in order and every stored feature chunk of every
 checkpoint is read once per target block. In the dual (``k > n``) the ``n × n`` system is solved
 for a block of targets over all ``n`` columns at once (:meth:`Kernel.scores
-<datatrace.kernel.Kernel.scores>`); as ``n < k`` that is no larger than ``A_c``. Memory is
+<datatrace.methods.kernel.Kernel.scores>`); as ``n < k`` that is no larger than ``A_c``. Memory is
 bounded by a budget that sets how many targets a block holds (:meth:`EnsembleScores.block_rows`),
 never by ``n_targets × n_train``.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from datatrace.attributions import Ranking
-from datatrace.kernel import Kernel
+from datatrace.methods.kernel import Kernel
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures
 from datatrace.store.scores import ScoreMatrix
@@ -164,7 +164,8 @@ class EnsembleScores:
     training features (never all of them in memory).
 
     Args:
-        kernels: per checkpoint, its :class:`~datatrace.kernel.Kernel` (all primal or all dual).
+        kernels: per checkpoint, its :class:`~datatrace.methods.kernel.Kernel` (all primal or all
+        dual).
         stored: per checkpoint, its complete :class:`~datatrace.store.CheckpointFeatures`.
         out_to_loss: ``(n_checkpoints, n_train)`` weights ``Q_c`` of the training examples.
     """
@@ -255,7 +256,7 @@ class EnsembleScores:
 
     def fold(self, target_features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``(K_c⁻¹ Φ'_cᵀ)`` per checkpoint, ``(k, rows)`` float32 (primal only), as
-        :meth:`Kernel.scores <datatrace.kernel.Kernel.scores>` solves it."""
+        :meth:`Kernel.scores <datatrace.methods.kernel.Kernel.scores>` solves it."""
         if self.dual:
             raise ValueError("folding K⁻¹ into the targets needs the primal kernel (k ≤ n)")
         return [

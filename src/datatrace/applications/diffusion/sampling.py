@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datatrace.diffusion.data import check_condition
+from datatrace.applications.diffusion.data import check_condition
 from datatrace.grads.featurize import default_device
 from datatrace.grads.projectors import derive_seed
 from datatrace.progress import progress_bar

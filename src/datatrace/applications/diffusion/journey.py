@@ -2,7 +2,7 @@
 
 The training features are computed once (``TRAK(model, Diffusion(...)).fit(train)``); each chosen
 step ``t`` adds only the targets' features: the predicted clean images ``x̂_0(t)`` re-noised to
-``t`` with seeded draws (:class:`~datatrace.diffusion.DiffusionTargets`).
+``t`` with seeded draws (:class:`~datatrace.applications.diffusion.DiffusionTargets`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace.applications.diffusion.data import DEFAULT_TARGET_DRAWS, DiffusionTargets
+from datatrace.applications.diffusion.sampling import Trajectory
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
-from datatrace.diffusion.data import DEFAULT_TARGET_DRAWS, DiffusionTargets
-from datatrace.diffusion.sampling import Trajectory
 from datatrace.grads.featurize import default_device
 from datatrace.grads.per_example import _eval_mode
 from datatrace.progress import progress_bar
@@ -122,7 +122,7 @@ def attribute_trajectory(
     Args:
         estimator: a fitted :class:`~datatrace.TRAK` (or baseline) with a
             :class:`~datatrace.tasks.Diffusion` task.
-        trajectory: from :func:`~datatrace.diffusion.sample_with_trajectory`.
+        trajectory: from :func:`~datatrace.applications.diffusion.sample_with_trajectory`.
         steps: sampling timesteps to attribute (values of ``trajectory.timesteps``); default
             :data:`DEFAULT_JOURNEY_STEPS` evenly spaced ones.
         n_draws: noise draws per target (the target's output averages over them).

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from datatrace._subset_data import subset_data
-from datatrace.evaluate import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, lds
 from datatrace.grads.checkpoints import Checkpoint
-from datatrace.kernel import SingularKernelWarning
+from datatrace.methods.kernel import SingularKernelWarning
+from datatrace.methods.trak import TRAK
 from datatrace.progress import progress_bar
-from datatrace.trak import TRAK
 
 # Relative dampings (multiples of the mean diagonal of ΦᵀΦ) tried by default: half-decades over
 # the range where the best damping of every family of docs/trak.md's study lies, but the lightest.
@@ -30,7 +30,7 @@ class DampingSelection:
         grid: ``(n_grid,)`` relative dampings tried (``damping`` of :class:`~datatrace.TRAK`).
         lds: ``(n_grid,)`` mean LDS at each damping.
         ci: ``(n_grid, 2)`` bootstrap interval of each mean (over targets).
-        results: the full :class:`~datatrace.evaluate.LDSResult` of each damping.
+        results: the full :class:`~datatrace.evaluation.lds.LDSResult` of each damping.
         best: the damping with the highest mean LDS.
     """
 

@@ -14,7 +14,8 @@ loss of step ``t`` is ``Σ_{i ∈ batch_t} w_i ℓ_i / |batch_t|``, with ``|batc
 in the full run. ``w = 1`` is ordinary training; ``w_i = 0`` removes example ``i`` from every batch
 it appears in while keeping the data order of the full run, which is how the small-drop LDS
 protocol retrains (:func:`train_subset`). Because each step is pure, ``torch.func.vjp`` can
-differentiate through it, which is what :class:`~datatrace.metagradients.Metagradients` does.
+differentiate through it, which is what :class:`~datatrace.methods.metagradients.Metagradients`
+does.
 
 The optimisers follow ``torch.optim.SGD`` (momentum, dampening 0, L2 weight decay added to the
 gradient) and ``torch.optim.Adam`` (L2 weight decay, bias-corrected moments) step for step.
