@@ -201,17 +201,32 @@ class _Session:
 
 
 class _InProcessSession(_Session):
+    """Chunks computed one after another on one thread of this process, while the driver writes
+    the previous chunk's results to the store (torch's kernels and zarr's codecs and writes run
+    without the GIL): two chunks in flight, one computing and one queued or being written."""
+
+    capacity = 2
+
     def __init__(self, worker: ChunkWorker, max_retries: int):
         self.worker = worker
         self.driver_retries = max_retries
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="datatrace-featurize"
+        )
+        # Grad mode and autocast are per thread: the computing thread starts from the caller's.
+        self.grad_enabled = torch.is_grad_enabled()
+
+    def _compute(self, job: ChunkJob) -> ChunkResult:
+        with torch.set_grad_enabled(self.grad_enabled):
+            return self.worker.compute(job)
 
     def submit(self, job):
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            future.set_result(self.worker.compute(job))
-        except Exception as error:  # reported by result(), like the other sessions
-            future.set_exception(error)
-        return future
+        return self.executor.submit(self._compute, job)
+
+    def close(self, unfinished=()):
+        super().close(unfinished)  # the queued chunk is dropped
+        # The chunk being computed finishes (the model is not left in use by a thread).
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _PoolSession(_Session):
