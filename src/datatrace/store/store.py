@@ -732,14 +732,16 @@ class CheckpointFeatures:
         rows = neighbour_sample(self.n_train)
         sample = self.features[self.train_rows()[rows], :]
         trace = 0.0
-        for _, _, block in self.iter_chunks():
-            trace += float(np.square(block, dtype=np.float64).sum())
-        statistics = KernelStatistics(
-            self.n_train,
-            self.features.shape[1],
-            trace,
-            neighbour_cosine(sample, rows, self.iter_chunks()),
-        )
+
+        def chunks_adding_to_the_trace():
+            nonlocal trace
+            for start, stop, block in self.iter_chunks():
+                trace += float(np.square(block, dtype=np.float64).sum())
+                yield start, stop, block
+
+        # One read of Φ for both statistics.
+        cosine = neighbour_cosine(sample, rows, chunks_adding_to_the_trace())
+        statistics = KernelStatistics(self.n_train, self.features.shape[1], trace, cosine)
         self.group.attrs["statistics"] = asdict(statistics)
         return statistics
 
