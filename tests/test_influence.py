@@ -526,6 +526,7 @@ def test_a_store_of_another_run_is_refused(trained_mlps, tmp_path):
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"refine_steps": -1}, "refine_steps must be a non-negative integer"),
         ({"fisher": "true"}, "fisher must be one of"),
+        ({"gradients": "ghost"}, "gradients must be one of"),
         ({"hessian": "identity", "refine_steps": 2}, "refine_steps needs a preconditioner"),
     ],
 )

@@ -4,7 +4,8 @@ fitting of the stages it needs.
 Per Kronecker layer, with ``G`` its ``(out, in)`` gradient matrix:
 
 - ``"ekfac"``: ``H = (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ`` with EK-FAC's corrected eigenvalues
-  ``Λ``, applied as ``Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ``;
+  ``Λ``, applied as ``Q_S [(Q_Sᵀ G Q_A) / (Λ + λ)] Q_Aᵀ`` (or, to a gradient given in the
+  eigenbasis, as the division alone);
 - ``"kfac"``: the same with ``Λ = λ_S λ_Aᵀ``, i.e. ``H = A ⊗ S``;
 - ``"diagonal"``: ``G / (D + λ)`` with ``D`` the diagonal of the empirical Fisher;
 - ``"identity"``: ``G`` unchanged (``H = I`` and no damping: gradient dot products).
@@ -20,7 +21,7 @@ value for every block (``damping_absolute``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -117,9 +118,13 @@ class Curvature:
         fitted: the stages :func:`fit_stages` returned.
         damping: relative damping (``λ = damping · mean eigenvalue`` of each block).
         damping_absolute: if given, ``λ`` of every block (overrides ``damping``).
+        rotated: indices of the layers whose gradients are given to :meth:`precondition` in
+            their eigenbasis, ``Q_Sᵀ G Q_A`` (the hooks form it from rotated factors, and the
+            inverse is then a division); ignored under ``"diagonal"`` and ``"identity"``.
 
     Attributes:
         damping: ``(n_blocks,)`` the absolute ``λ`` of each block (0 under ``"identity"``).
+        rotated: the layers of ``rotated`` that have an eigenbasis (K-FAC, EK-FAC).
         eigenvalues: per block, the eigenvalues (or diagonal) it is preconditioned with,
             ``(out, in)`` for a layer and ``(size,)`` for a fallback parameter; empty for
             ``"identity"``.
@@ -132,10 +137,12 @@ class Curvature:
         fitted: dict[str, dict[str, torch.Tensor]],
         damping: float,
         damping_absolute: float | None,
+        rotated: Sequence[int] = (),
     ):
         self.layout, self.hessian = layout, hessian
         self.bases: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.eigenvalues: list[torch.Tensor] = []
+        self.rotated: frozenset[int] = frozenset()
         if hessian == "identity":
             self.damping = np.zeros(len(layout.block_sizes))
             return
@@ -158,6 +165,7 @@ class Curvature:
             self.eigenvalues.append(values)
         for index in range(len(layout.layers), len(layout.block_sizes)):
             self.eigenvalues.append(fitted["diagonal"][f"diagonal_{index}"])
+        self.rotated = frozenset(i for i in rotated if self.bases[i] is not None)
         self.damping = np.array(
             [
                 float(damping_absolute)
@@ -167,8 +175,19 @@ class Curvature:
             ]
         )
 
+    @property
+    def gradient_bases(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per layer, the basis ``(Q_A, Q_S)`` its gradients are given in, or ``None`` (the
+        layout's): what :class:`~.gradients.LayoutGradients` takes as ``bases``."""
+        return [
+            self.bases[index] if index in self.rotated else None
+            for index in range(len(self.layout.layers))
+        ]
+
     def precondition(self, gradients: torch.Tensor) -> torch.Tensor:
-        """``(H + λI)⁻¹ g`` of each row of ``(n, p)`` gradients in the layout, in float64."""
+        """``(H + λI)⁻¹ g`` of each row of ``(n, p)`` gradients, in float64, in the layout's
+        coordinates except the layers in ``rotated`` (given and returned in their eigenbasis:
+        the same inner products with gradients in those coordinates)."""
         gradients = gradients.to(FACTOR_DTYPE)
         if self.hessian == "identity":
             return gradients
@@ -177,7 +196,7 @@ class Curvature:
         for index, block in enumerate(blocks):
             inverse = _inverse(self.eigenvalues[index].to(block.device) + self.damping[index])
             basis = self.bases[index] if index < len(self.bases) else None
-            if basis is None:
+            if basis is None or index in self.rotated:
                 out.append((block * inverse).flatten(1))
                 continue
             q_a, q_s = (factor.to(block.device) for factor in basis)

@@ -13,7 +13,7 @@ from torch import nn
 
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
-from datatrace.data import Examples
+from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, default_device
 from datatrace.grads.per_example import task_for_checkpoint
@@ -25,7 +25,14 @@ from datatrace.methods.influence.curvature import (
     fit_stages,
 )
 from datatrace.methods.influence.fisher import FISHERS, SampledLabels
-from datatrace.methods.influence.gradients import MEASUREMENTS, LayoutGradients
+from datatrace.methods.influence.gradients import (
+    CHECK_EXAMPLES,
+    GRADIENTS,
+    MEASUREMENTS,
+    LayoutGradients,
+    hooked_layers,
+    rotation_by_factors_is_cheaper,
+)
 from datatrace.methods.influence.layers import Layout, kronecker_layout
 from datatrace.methods.influence.refine import refined_inverse_products
 from datatrace.methods.influence.stages import SECTION, CurvatureStages
@@ -38,6 +45,10 @@ from datatrace.store.provenance import (
 )
 from datatrace.tasks.base import Task
 
+# What the stored Kronecker factors count (recorded in the provenance): 2, every call of every
+# module holding a weight (before, a weight held by several modules counted its first holder's).
+FACTORS_VERSION = 2
+
 
 class InfluenceFunctions:
     """Influence functions (Koh & Liang 2017) with an EK-FAC, K-FAC, diagonal or identity
@@ -45,11 +56,10 @@ class InfluenceFunctions:
 
     For each checkpoint, the curvature ``H`` is the Fisher of the training loss
     ``(1/n) Σ_i ∇loss_i ∇loss_iᵀ`` (empirical: training labels; or with sampled labels),
-    approximated block by block
-    (:mod:`datatrace.methods.influence.curvature`): per ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``
-    layer by
-    Kronecker factors (``"kfac"``) and their eigenvalue correction (``"ekfac"``), every other
-    selected parameter by its diagonal. The score of training example ``i`` for target ``j`` is::
+    approximated block by block (:mod:`datatrace.methods.influence.curvature`): per
+    ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layer by Kronecker factors (``"kfac"``) and their
+    eigenvalue correction (``"ekfac"``), every other selected parameter by its diagonal. The
+    score of training example ``i`` for target ``j`` is::
 
         τ_ji = mean_c  m_jᵀ (H_c + λ I)⁻¹ ∇loss_i
 
@@ -61,7 +71,10 @@ class InfluenceFunctions:
 
     The training gradients are recomputed at every :meth:`score` (one pass over the training
     set per call, whatever the number of targets, streamed batch by batch: only the
-    ``(n_targets, p)`` preconditioned target gradients are held).
+    ``(n_targets, p)`` preconditioned target gradients are held). The Kronecker layers'
+    per-example gradients ``Σ_t g_t a_tᵀ`` come from forward and backward hooks on one batched
+    pass (:mod:`datatrace.methods.influence.hooks`), in K-FAC's or EK-FAC's eigenbasis straight
+    from the rotated factors; every other parameter's from ``torch.func`` ``vmap``.
 
     Args:
         model: the module; it is never modified (checkpoints are swapped in functionally).
@@ -87,6 +100,11 @@ class InfluenceFunctions:
         store: where the fitted curvature is kept: a directory (resumable stage by stage), an
             fsspec URL, a :class:`~datatrace.store.Store`, or ``None`` for memory.
         batch_size: examples per gradient batch.
+        gradients: ``"hooks"`` (default): the Kronecker layers' per-example gradients from
+            layer hooks, each layer first checked against vmap on a few examples (one that
+            differs, e.g. a weight also used through a functional call, keeps vmap, with a
+            :class:`~datatrace.methods.influence.gradients.HookWarning`); ``"vmap"``: every
+            parameter's with ``torch.func`` ``vmap(grad)`` (slower; same scores to rounding).
         device: where gradients are computed (default: the model's device).
         progress: show progress bars.
 
@@ -96,6 +114,9 @@ class InfluenceFunctions:
         layout_: the curvature blocks (:class:`~datatrace.methods.influence.layers.Layout`).
         layers_: names of the modules with a Kronecker block.
         fallback_params_: names of the parameters with a diagonal block.
+        hooked_layers_: names of the Kronecker layers whose gradients come from hooks.
+        vmap_params_: names of the parameters whose gradients come from vmap (the fallback
+            parameters, and those of the layers not in ``hooked_layers_``).
         curvatures_: per checkpoint, the :class:`~datatrace.methods.influence.curvature.Curvature`.
         damping_: ``(n_checkpoints, n_blocks)`` the absolute ``λ`` of each block.
     """
@@ -115,6 +136,7 @@ class InfluenceFunctions:
         params: ParamSelection = None,
         store: str | Path | Store | None = None,
         batch_size: int = 32,
+        gradients: str = "hooks",
         device: torch.device | str | None = None,
         progress: bool = True,
     ):
@@ -130,6 +152,7 @@ class InfluenceFunctions:
         self.params = params
         self.store = store
         self.batch_size = batch_size
+        self.gradients = gradients
         self.device = device
         self.progress = progress
 
@@ -173,12 +196,14 @@ class InfluenceFunctions:
         device = torch.device(self.device) if self.device else default_device(self.model)
         store = self.store if isinstance(self.store, Store) else Store(self.store)
         store.check_provenance(SECTION, self._provenance(train, param_names, layout))
-        curvatures = []
+        curvatures, hooked, rotated = [], [], []
         for index, checkpoint in enumerate(checkpoints):
             state = load_checkpoint(checkpoint, self.model, device)
             task = task_for_checkpoint(self.model, self.task, state, index)
+            if index == 0:
+                hooked, rotated = self._hooked(task, layout, param_names, device, state, train)
             gradients = LayoutGradients(
-                self.model, task, layout, param_names, device, sampled, index
+                self.model, task, layout, param_names, device, sampled, index, hooked
             )
             stages = CurvatureStages(store, index, {"checkpoint": tensors_fingerprint(state)})
             fitted = fit_stages(
@@ -192,7 +217,9 @@ class InfluenceFunctions:
                 self.progress,
             )
             curvatures.append(
-                Curvature(layout, self.hessian, fitted, self.damping, self.damping_absolute)
+                Curvature(
+                    layout, self.hessian, fitted, self.damping, self.damping_absolute, rotated
+                )
             )
         self.store_ = store
         self.sampled_labels_ = sampled
@@ -204,6 +231,15 @@ class InfluenceFunctions:
         self.layout_ = layout
         self.layers_ = [layer.name for layer in layout.layers]
         self.fallback_params_ = list(layout.fallback)
+        self.hooked_ = hooked
+        self.hooked_layers_ = [layout.layers[i].name for i in hooked]
+        self.vmap_params_ = [
+            name
+            for i, layer in enumerate(layout.layers)
+            if i not in hooked
+            for name in (layer.weight, layer.bias)
+            if name is not None
+        ] + list(layout.fallback)
         self.curvatures_ = curvatures
         self.damping_ = np.stack([curvature.damping for curvature in curvatures])
         return self
@@ -241,12 +277,47 @@ class InfluenceFunctions:
             )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.gradients not in GRADIENTS:
+            raise ValueError(
+                f"gradients must be one of {GRADIENTS} (layer hooks where they apply, or vmap "
+                f"for every parameter), got {self.gradients!r}"
+            )
+
+    def _hooked(
+        self,
+        task: Task,
+        layout: Layout,
+        param_names: list[str],
+        device: torch.device,
+        state: dict,
+        examples: Examples,
+        among: list[int] | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """The layers (of ``among``, default all) whose hooked gradients pass the check on the
+        first examples (none for ``gradients="vmap"``), and those of them whose gradients are
+        best formed in the eigenbasis (:func:`rotation_by_factors_is_cheaper`)."""
+        if self.gradients == "vmap" or not layout.layers:
+            return [], []
+        batch = examples.read(0, min(examples.n, CHECK_EXAMPLES))
+        batch = batch_to(task.check_batch(self.model, batch), device)
+        passed, _, positions = hooked_layers(self.model, task, layout, param_names, state, batch)
+        if among is not None:
+            passed = [index for index in passed if index in among]
+        rotated = [
+            index
+            for index in passed
+            if rotation_by_factors_is_cheaper(
+                layout.layers[index].out_dim, layout.layers[index].in_dim, positions[index]
+            )
+        ]
+        return passed, rotated
 
     def _provenance(self, train: Examples, param_names: list[str], layout: Layout) -> dict:
         return {
             "model": architecture_fingerprint(self.model),
             "params": batch_fingerprint(param_names),
             "layout": layout.config(),
+            "factors": FACTORS_VERSION,  # an older store's factors are refused, not mixed in
             "task": self.task.config(),
             "fisher": self.fisher if self.fisher == "empirical" else [self.fisher, self.seed],
             "n_train": train.n,
@@ -308,11 +379,17 @@ class InfluenceFunctions:
         """``(n_targets, n_train)`` float64 scores under checkpoint ``index``, and the training
         examples' ``Q`` ``(n_train,)`` (a factor of their loss gradients)."""
         curvature = self.curvatures_[index]
+        bases = curvature.gradient_bases
         train_task = task_for_checkpoint(self.model, self.task, state, index)
+        target_hooked = self.hooked_
         if target_task is self.task:
             target_task = train_task
         else:
             target_task = task_for_checkpoint(self.model, target_task, state, index)
+            target_hooked, _ = self._hooked(
+                target_task, self.layout_, self.param_names_, self.device_, state, targets,
+                self.hooked_,
+            )  # fmt: skip
         train_gradients = LayoutGradients(
             self.model,
             train_task,
@@ -321,9 +398,17 @@ class InfluenceFunctions:
             self.device_,
             self.sampled_labels_,
             index,
+            self.hooked_,
+            bases,
         )
         target_gradients = LayoutGradients(
-            self.model, target_task, self.layout_, self.param_names_, self.device_
+            self.model,
+            target_task,
+            self.layout_,
+            self.param_names_,
+            self.device_,
+            hooked=target_hooked,
+            bases=bases,
         )
         # m_j: the gradient of what a proponent lowers (the loss, or minus the output)
         sign = 1.0 if self.measurement == "loss" else -1.0
@@ -369,6 +454,8 @@ class InfluenceFunctions:
             "damping_absolute": self.damping_.tolist(),
             "layers": self.layers_,
             "fallback_params": self.fallback_params_,
+            "gradients": self.gradients,
+            "hooked_layers": self.hooked_layers_,
             "n_checkpoints": len(self.checkpoints_),
             "n_params": self.layout_.dim,
         }

@@ -19,38 +19,23 @@ uncorrelated; with one position it is exact when ``a`` and ``g`` are independent
 
 **Corrected eigenvalues** (EK-FAC, George et al. 2018): keep the eigenbasis ``Q_A ⊗ Q_S`` and
 refit the diagonal there from per-example gradients, ``Λ = (1/n) Σ_i (Q_Sᵀ G_i Q_A)²``
-(elementwise), the Fisher's exact diagonal in that basis. The same pass gives the diagonal
-Fisher ``(1/n) Σ_i ∇loss_i²`` of every block.
+(elementwise), the Fisher's exact diagonal in that basis; for a hooked layer the rotated gradient
+is ``Σ_t (Q_Sᵀ g_it)(Q_Aᵀ a_it)ᵀ``, from the rotated factors where that costs less
+(:class:`~.gradients.LayerGradients`). The same pass gives the diagonal Fisher
+``(1/n) Σ_i ∇loss_i²`` of every block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from datatrace.data import Examples, batch_size_of
-from datatrace.grads.per_example import _Bound, _eval_mode, module_state
-from datatrace.methods.influence.gradients import LayoutGradients
-from datatrace.methods.influence.layers import layer_inputs, layer_output_gradients
+from datatrace.methods.influence.gradients import FACTOR_DTYPE, LayoutGradients
+from datatrace.methods.influence.hooks import LayerHooks, summed_loss
 from datatrace.progress import progress_bar
-from datatrace.tasks.base import Task
-
-# Factors and eigenvalues are accumulated and decomposed in this precision.
-FACTOR_DTYPE = torch.float64
-
-
-def _training_loss(task: Task):
-    """``fn(model, batch)``: the summed training loss seen through its gradient, ``−Σ Q_i f_i``
-    with ``Q`` held constant (its gradient is ``−Q_i ∇f_i`` per example)."""
-
-    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
-        output, out_to_loss = task.output_and_out_to_loss(model, batch)
-        return -(out_to_loss.detach().to(output.dtype) * output).sum()
-
-    return loss
 
 
 def kronecker_factors(
@@ -63,10 +48,10 @@ def kronecker_factors(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The factors ``(A, S)`` of every Kronecker layer of the layout, from one pass.
 
-    Each batch runs forward and backward once with hooks on the layers: a forward hook adds
-    the inputs' outer products to ``A``, a hook on the output's gradient adds the output
-    gradients' to ``S``. The model is in eval mode, so examples do not interact and the output
-    gradient of example ``i`` is that of its own loss.
+    Each batch runs forward and backward once with hooks on the layers (:mod:`.hooks`): the
+    inputs' outer products add to ``A``, the output gradients' to ``S``. The model is in eval
+    mode, so examples do not interact and the output gradient of example ``i`` is that of its
+    own loss.
 
     Args:
         model: the module (never modified; hooks are removed after each batch).
@@ -79,7 +64,6 @@ def kronecker_factors(
         Per layer, ``A`` ``(in, in)`` and ``S`` ``(out, out)`` in float64 on the CPU.
     """
     layout, device = gradients.layout, gradients.device
-    modules = dict(model.named_modules())
     sums = [
         [
             torch.zeros(layer.in_dim, layer.in_dim, dtype=FACTOR_DTYPE, device=device),
@@ -88,48 +72,20 @@ def kronecker_factors(
         for layer in layout.layers
     ]
     positions = [0] * len(layout.layers)
-    bound = _Bound(model, _training_loss(gradients.task))
-    state = module_state(model, state)
-    differentiated = {layer.weight for layer in layout.layers}
-
-    def hook_for(index: int):
-        layer = layout.layers[index]
-
-        def add_gradient(grad: torch.Tensor) -> None:
-            g = layer_output_gradients(layer, grad.detach()).to(FACTOR_DTYPE)
-            sums[index][1] += torch.einsum("npi,npj->ij", g, g)
-
-        def forward_hook(module, inputs, output):
-            a = layer_inputs(layer, module, inputs[0].detach()).to(FACTOR_DTYPE)
-            sums[index][0] += torch.einsum("npi,npj->ij", a, a)
-            positions[index] += a.shape[0] * a.shape[1]
-            output.register_hook(add_gradient)
-
-        return forward_hook
-
+    hooks = LayerHooks(model, layout)
+    loss = summed_loss(gradients.task, "loss")
+    every_layer = range(len(layout.layers))
     with progress_bar(examples.n, "Kronecker factors", progress) as advance:
         # prepared (checked, relabelled) before the hooks see any forward pass
         for batch in gradients.curvature_batches(state, examples, batch_size):
-            params = {
-                "model." + name: (
-                    tensor.detach().requires_grad_(True)
-                    if name in differentiated
-                    else tensor.detach()
-                )
-                for name, tensor in state.items()
-            }
-            leaves = [params["model." + name] for name in sorted(differentiated)]
-            handles = [
-                modules[layer.name].register_forward_hook(hook_for(index))
-                for index, layer in enumerate(layout.layers)
-            ]
-            try:
-                with _eval_mode(model), torch.enable_grad():
-                    loss = torch.func.functional_call(bound, params, (batch,))
-                    torch.autograd.grad(loss, leaves, allow_unused=True)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            calls, _, _ = hooks.run(state, batch, loss, every_layer)
+            for index, layer_calls in enumerate(calls):
+                for call in layer_calls:
+                    a = call.inputs.to(FACTOR_DTYPE)
+                    g = call.output_gradients.to(FACTOR_DTYPE)
+                    sums[index][0] += torch.einsum("npi,npj->ij", a, a)
+                    sums[index][1] += torch.einsum("npi,npj->ij", g, g)
+                    positions[index] += a.shape[0] * a.shape[1]
             advance(batch_size_of(batch))
     n = examples.n
     return [
@@ -185,15 +141,15 @@ def corrected_eigenvalues_and_diagonal(
     diagonal = [torch.zeros(size, dtype=FACTOR_DTYPE, device=device) for size in layout.block_sizes]
     with progress_bar(examples.n, "corrected eigenvalues", progress) as advance:
         for batch in gradients.curvature_batches(state, examples, batch_size):
-            flat = gradients.gradients(state, batch, "loss").to(FACTOR_DTYPE)
-            blocks = layout.split(flat)
-            for index, block in enumerate(blocks):
-                diagonal[index] += block.square().sum(0).reshape(-1)
-            if bases is not None:
-                for index, (q_a, q_s) in enumerate(bases):
-                    rotated = q_s.T @ blocks[index] @ q_a
-                    corrected[index] += rotated.square().sum(0)
-            advance(flat.shape[0])
+            layers, fallback, _ = gradients.blocks(state, batch, "loss")
+            for index, layer in enumerate(layers):
+                matrices = layer.matrices().to(FACTOR_DTYPE)
+                diagonal[index] += matrices.square().sum(0).reshape(-1)
+                if bases is not None:
+                    corrected[index] += layer.rotated(*bases[index]).square().sum(0)
+            for index, block in enumerate(fallback, start=len(layers)):
+                diagonal[index] += block.to(FACTOR_DTYPE).square().sum(0)
+            advance(batch_size_of(batch))
     n = examples.n
     diagonal = [values.cpu() / n for values in diagonal]
     for index, layer in enumerate(layout.layers):
