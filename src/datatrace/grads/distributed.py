@@ -203,7 +203,10 @@ class _Session:
 class _InProcessSession(_Session):
     """Chunks computed one after another on one thread of this process, while the driver writes
     the previous chunk's results to the store (torch's kernels and zarr's codecs and writes run
-    without the GIL): two chunks in flight, one computing and one queued or being written."""
+    without the GIL): two chunks in flight, one computing and one queued or being written.
+
+    Without retries, a failed chunk stops the next one from starting (it reports the same
+    error), so that the error surfaces at once and nothing after it is computed."""
 
     capacity = 2
 
@@ -213,15 +216,28 @@ class _InProcessSession(_Session):
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="datatrace-featurize"
         )
-        # Grad mode and autocast are per thread: the computing thread starts from the caller's.
+        # Grad mode is per thread: the computing thread takes the caller's.
         self.grad_enabled = torch.is_grad_enabled()
+        self.failed: BaseException | None = None
+        self.order: dict[Any, int] = {}
 
     def _compute(self, job: ChunkJob) -> ChunkResult:
-        with torch.set_grad_enabled(self.grad_enabled):
-            return self.worker.compute(job)
+        if self.failed is not None and not self.driver_retries:
+            raise self.failed
+        try:
+            with torch.set_grad_enabled(self.grad_enabled):
+                return self.worker.compute(job)
+        except BaseException as error:
+            self.failed = error
+            raise
 
     def submit(self, job):
-        return self.executor.submit(self._compute, job)
+        future = self.executor.submit(self._compute, job)
+        self.order[future] = len(self.order)
+        return future
+
+    def wait(self, handles, timeout):
+        return sorted(super().wait(handles, timeout), key=self.order.__getitem__)
 
     def close(self, unfinished=()):
         super().close(unfinished)  # the queued chunk is dropped
