@@ -882,6 +882,58 @@ def test_hybrid_sketches_one_position_blocks_and_masks_the_others():
                             layer_maps=config["layer_maps"])  # fmt: skip
 
 
+class WideOneAndMany(nn.Module):
+    """``body`` (40 × 31 with its bias) at four positions, ``head`` (30 × 41) at one."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(30, 40)
+        self.head = nn.Linear(40, 30)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.body(x.repeat(1, 1, 10)[..., :30])).mean(1)
+        return torch.sin(self.head(hidden)).sum(-1)
+
+
+def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
+    model, batch = make(WideOneAndMany)
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(48, variant="sparse", nnz=2)
+    projector.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
+    assert projector.layer_maps_ == {"body.weight": "masks", "head.weight": "one_position_masks"}
+    plan = projector.plan(model, names)
+    blocks = {block.name: block for block in plan.blocks}
+    body, head = blocks["body.weight"], blocks["head.weight"]
+    assert (body.size, head.size) == (40 * 31, 30 * 41)
+    # body, at four positions: SPARSE_BLOWUP·k_l (far more than it has) capped at
+    # MAX_KEPT_FRACTION of its coordinates, raised to MIN_BLOWUP·k_l; head, at one position:
+    # ONE_POSITION_BLOWUP·k_l (below its size). Products as factor_dims rounds them.
+    body_kept = max(int(body.size * factorized.MAX_KEPT_FRACTION), factorized.MIN_BLOWUP * body.dim)
+    assert factorized.SPARSE_BLOWUP * body.dim > body_kept
+    head_kept = factorized.ONE_POSITION_BLOWUP * head.dim
+    assert head_kept < head.size
+    assert (body.k_rows, body.k_cols) == factor_dims(body_kept, 40, 31)
+    assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 41)
+    got = featurize(projector, model, batch)
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    config = projector.config()
+    rebuilt = projector_from_config(json_round_trip(config))
+    torch.testing.assert_close(featurize(rebuilt, model, batch), got)
+    fresh = FactorizedProjector(48, variant="sparse", nnz=2)
+    assert fresh.adopt_split(config) and fresh.layer_maps_ == projector.layer_maps_
+    # a store written before these masks (no layer_maps, other constants) is not reopened as
+    # if its map were this one
+    old = {key: value for key, value in config.items() if key not in ("layer_maps", "min_blowup")}
+    old["sparse_blowup"] = 4
+    assert not FactorizedProjector(48, variant="sparse", nnz=2).adopt_split(old)
+    with pytest.raises(ValueError, match="sparse_blowup"):
+        projector_from_config(old)
+    with pytest.raises(ValueError, match="layer_maps"):
+        FactorizedProjector(48, variant="sparse", layer_dims=config["layer_dims"],
+                            layer_maps={"head.weight": "sketch"})  # fmt: skip
+
+
 def json_round_trip(config):
     import json
 

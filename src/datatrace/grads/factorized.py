@@ -16,7 +16,10 @@ embedding and LM head add their terms into one block). Variants:
 - ``"dense"`` (LoGra): ``F`` i.i.d. Gaussian, variance ``1/k`` per side.
 - ``"sparse"`` (FactGraSS): ``F`` keeps a uniformly random subset of ``k'`` coordinates scaled by
   ``√(dim/k')``, then a sparse JL (:class:`~datatrace.grads.projectors.SparseJLProjector`'s tables)
-  maps the ``k'_out·k'_in`` products to the layer's ``k``; ``k'_out·k'_in ≈ SPARSE_BLOWUP·k``.
+  maps the ``k'_out·k'_in`` products to the layer's ``k``; ``k'_out·k'_in ≈ SPARSE_BLOWUP·k``
+  (at most ``MAX_KEPT_FRACTION`` of the block), or ``ONE_POSITION_BLOWUP·k`` for a block whose
+  every call the pilot pass saw at one position (its map ``"one_position_masks"`` in
+  ``layer_maps``), never below ``MIN_BLOWUP·k``: the cost rule at ``SPARSE_BLOWUP``.
 - ``"sketch"`` (TensorSketch, Pham & Pagh 2013): ``nnz`` independent sketches of width
   ``w = k/nnz``, each scaled by ``1/√nnz`` (slice ``j`` of the features is sketch ``j``). Sketch
   ``j`` has CountSketch hashes ``h_out: [rows] → [w]``, ``h_in: [cols] → [w]`` and signs
@@ -153,16 +156,31 @@ from datatrace.grads.projectors import (
 from datatrace.tasks.base import Task, fuses_out_to_loss
 
 VARIANTS = ("dense", "sparse", "sketch", "hybrid")
-# The map of each block under the "hybrid" variant (recorded in config()["layer_maps"]).
-LAYER_MAPS = ("masks", "sketch")
+# The maps a block can get, per variant that chooses them in the pilot pass (recorded in
+# config()["layer_maps"]): "hybrid" sketches the one-position blocks; FactGraSS ("sparse") sizes
+# their masks by ONE_POSITION_BLOWUP ("one_position_masks") instead of SPARSE_BLOWUP.
+LAYER_MAPS = {"hybrid": ("masks", "sketch"), "sparse": ("masks", "one_position_masks")}
 SPLITS = ("gradient", "params")
 # Training examples of the pilot pass that measures each block's gradient energy (the
 # "gradient" split): enough for a few-percent estimate of each block's mean, a small cost next
 # to featurizing the training set.
 PILOT_EXAMPLES = 64
-# FactGraSS keeps this many times k_l masked products before its sparse JL: more kept coordinates
-# lower the masks' variance, at a cost linear in their number.
-SPARSE_BLOWUP = 4
+# How many masked products FactGraSS keeps before its sparse JL, in multiples of the block's k_l:
+# more kept coordinates lower the masks' variance. A block used at S positions per example pays
+# S × kept multiply-adds for the products (summed over positions) and nnz × kept scatter-adds
+# for the JL, against S × size for the layer's own forward pass. So a multi-position block keeps
+# SPARSE_BLOWUP·k_l, but at most MAX_KEPT_FRACTION of its coordinates (its products then cost at
+# most that share of the layer's forward pass), and a block seen at one position per call keeps
+# ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than MIN_BLOWUP·k_l.
+# Measured (docs/trak.md, "Where FactGraSS loses"): GPT-2 fact tracing at k = 512, MRR 0.918
+# with 4, 0.933 with 16, 0.946 with 64 (whole-vector sparse JL 0.954), and 0.917 / 0.940 with 64
+# capped at 1/16 / 1/4 of each block (the small model's blocks reach the cap); the MiniLM text
+# classifier's one-position pooler and head at k = 2048, LDS 0.547 with 4, 0.585 with 8, 0.609
+# with 16 (0.628); the digits MLP at k = 512, 0.485 with 4, 0.500 with 16 (0.502).
+SPARSE_BLOWUP = 64
+MAX_KEPT_FRACTION = 1 / 4
+ONE_POSITION_BLOWUP = 16
+MIN_BLOWUP = 4
 # Largest batch of materialised per-example gradients ``(batch, out, in)`` the cost rule allows.
 MATERIALISE_BYTES = 256 << 20
 # Multiply-adds per point and per log2 of the length of the two real FFTs and the product of one
@@ -286,20 +304,24 @@ class FactorizedProjector(Projector):
                 "variant='hybrid' chooses each block's map in the pilot pass of "
                 "split='gradient'; use variant='sparse' or 'sketch' with split='params'"
             )
-        if (layer_maps is not None) != (variant == "hybrid" and layer_dims is not None) or (
-            layer_maps is not None and not set(layer_maps.values()) <= set(LAYER_MAPS)
+        chooses_maps = variant in LAYER_MAPS and split == "gradient"
+        if (layer_maps is not None) != (chooses_maps and layer_dims is not None) or (
+            layer_maps is not None and not set(layer_maps.values()) <= set(LAYER_MAPS[variant])
         ):
+            allowed = " | ".join(f"'{m}'" for m in LAYER_MAPS.get(variant, ("...",)))
             raise ValueError(
-                "layer_maps ({block name: 'masks' | 'sketch'}) goes with variant='hybrid' and "
-                f"its fitted layer_dims, got {layer_maps!r}"
+                f"layer_maps ({{block name: {allowed}}}) goes with variant='hybrid' or 'sparse' "
+                f"and their fitted layer_dims (split='gradient'), got {layer_maps!r} with "
+                f"variant={variant!r}"
             )
         self.proj_dim = proj_dim
         self.variant = variant
         self.layer_maps_ = (
             None if layer_maps is None else {str(n): str(m) for n, m in layer_maps.items()}
         )
-        # positions per call of each block seen in the pilot pass ("hybrid" only)
+        # positions per call of each block seen in the pilot pass (variants choosing maps)
         self._positions: dict[str, int] | None = None
+        self._pilot_one_position = False  # the pilot's plan: one-position masks for every block
         self.nnz = nnz
         self.check_examples = check_examples
         self.split = split
@@ -321,9 +343,15 @@ class FactorizedProjector(Projector):
             "sparse_blowup": SPARSE_BLOWUP,
             "split": self.split,
         }
+        if self.variant == "sparse":
+            config.update(
+                one_position_blowup=ONE_POSITION_BLOWUP,
+                min_blowup=MIN_BLOWUP,
+                max_kept_fraction=MAX_KEPT_FRACTION,
+            )
         if self.split == "gradient":
             config["layer_dims"] = None if self.layer_dims_ is None else dict(self.layer_dims_)
-        if self.variant == "hybrid":
+        if self.variant in LAYER_MAPS and self.split == "gradient":
             config["layer_maps"] = None if self.layer_maps_ is None else dict(self.layer_maps_)
         return config
 
@@ -340,10 +368,10 @@ class FactorizedProjector(Projector):
         fitted = {"layer_dims": None} | ({"layer_maps": None} if "layer_maps" in config else {})
         if config.get("layer_dims") is None or {**config, **fitted} != self.config():
             return False
-        if self.variant == "hybrid" and config.get("layer_maps") is None:
+        if self.variant in LAYER_MAPS and config.get("layer_maps") is None:
             return False
         self.layer_dims_ = {str(name): int(k) for name, k in config["layer_dims"].items()}
-        if self.variant == "hybrid":
+        if self.variant in LAYER_MAPS:
             self.layer_maps_ = {str(name): str(m) for name, m in config["layer_maps"].items()}
         self._plans = []
         return True
@@ -388,12 +416,18 @@ class FactorizedProjector(Projector):
                 "new one for split='gradient' only, once"
             )
         names = list(param_names)
-        pilot = self._build_plan(model, names, "params")
+        # The pilot measures every block through one-position masks (which blocks are at one
+        # position is not known yet): the smallest masks' noisier energies starve them of k.
+        self._pilot_one_position = self.variant in LAYER_MAPS
+        try:
+            pilot = self._build_plan(model, names, "params")
+        finally:
+            self._pilot_one_position = False
         parts = pilot.parts()
         edges = [0, *itertools.accumulate(dim for _, _, dim in parts)]
         totals = torch.zeros(len(parts), dtype=torch.float64)
         count = 0
-        self._positions = {} if self.variant == "hybrid" else None
+        self._positions = {} if self.variant in LAYER_MAPS else None
         for batch in batches:
             features = self._features(pilot, model, task, state, batch, seed)[0].double()
             count += len(features)
@@ -409,12 +443,14 @@ class FactorizedProjector(Projector):
             )
         split = split_dim(self.proj_dim, [size for _, size, _ in parts], weights=energies)
         self.layer_dims_ = {name: k for (name, _, _), k in zip(parts, split)}
-        if self.variant == "hybrid":
+        if self.variant in LAYER_MAPS:
             # One position per call: a rank-one gradient, which masks estimate badly
-            # (docs/trak.md, "Where FactGraSS loses"); the sketch reads every coordinate. A
-            # block the hooks never reached in the pilot (moved to vmap) keeps the masks.
+            # (docs/trak.md, "Where FactGraSS loses"): the sketch reads every coordinate, and
+            # FactGraSS sizes their masks by what their products cost. A block the hooks never
+            # reached in the pilot (moved to vmap) keeps the multi-position masks.
+            one_position = LAYER_MAPS[self.variant][1]
             self.layer_maps_ = {
-                block.name: "sketch" if self._positions.get(block.name) == 1 else "masks"
+                block.name: one_position if self._positions.get(block.name) == 1 else "masks"
                 for block in pilot.blocks
             }
         self._positions = None
@@ -555,7 +591,12 @@ class FactorizedProjector(Projector):
             block.k_rows = block.k_cols = dim // self.nnz
             block.dim, block.sketch = dim, True
             return
-        kept = min(block.size, SPARSE_BLOWUP * dim)
+        block_map = (self.layer_maps_ or {}).get(block.name)
+        if self._pilot_one_position or block_map == "one_position_masks":
+            kept = ONE_POSITION_BLOWUP * dim
+        else:
+            kept = min(SPARSE_BLOWUP * dim, int(block.size * MAX_KEPT_FRACTION))
+        kept = min(block.size, max(kept, MIN_BLOWUP * dim))
         block.k_rows, block.k_cols = factor_dims(kept, block.rows, block.cols)
         block.dim, block.sparse_jl = dim, True
 

@@ -179,8 +179,9 @@ def damping_from_features(statistics: KernelStatistics, n_checkpoints: int = 1) 
     Damping trades the variance of one checkpoint's scores (projection noise, and directions
     that only this model's weights give) against bias; the ensemble averages ``C`` checkpoints,
     dividing that variance by ``C``, so each kernel is damped ``√C`` times less (measured: the
-    best damping of 5-checkpoint ensembles is 2–3 times below one checkpoint's on the LDS
-    families of the study).
+    best damping of 5-checkpoint ensembles is 1.5–3.2 times below one checkpoint's on the LDS
+    families of the study; a held-out family is best at 1.2 times below, and a factor from the
+    checkpoints' agreement did not separate it from the others: docs/trak.md, "Damping").
 
     Args:
         statistics: the checkpoint's :class:`KernelStatistics`.
