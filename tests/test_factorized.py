@@ -847,10 +847,10 @@ def test_trak_on_cuda_scores_like_the_cpu(trained_mlps, precision):
 class OneAndMany(nn.Module):
     """``head`` sees one position per example, ``body`` four."""
 
-    def __init__(self):
+    def __init__(self, hidden=12, outputs=7):
         super().__init__()
-        self.body = nn.Linear(9, 12)
-        self.head = nn.Linear(12, 7)
+        self.body = nn.Linear(9, hidden)
+        self.head = nn.Linear(hidden, outputs)
 
     def forward(self, x):
         hidden = torch.tanh(self.body(x)).mean(1)  # (n, 12): one position
@@ -882,17 +882,11 @@ def test_hybrid_sketches_one_position_blocks_and_masks_the_others():
                             layer_maps=config["layer_maps"])  # fmt: skip
 
 
-class WideOneAndMany(nn.Module):
-    """``body`` (40 × 31 with its bias) at four positions, ``head`` (30 × 41) at one."""
+class WideOneAndMany(OneAndMany):
+    """``body`` (40 × 10 with its bias) at four positions, ``head`` (30 × 41) at one."""
 
     def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(30, 40)
-        self.head = nn.Linear(40, 30)
-
-    def forward(self, x):
-        hidden = torch.tanh(self.body(x.repeat(1, 1, 10)[..., :30])).mean(1)
-        return torch.sin(self.head(hidden)).sum(-1)
+        super().__init__(hidden=40, outputs=30)
 
 
 def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
@@ -904,7 +898,7 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     plan = projector.plan(model, names)
     blocks = {block.name: block for block in plan.blocks}
     body, head = blocks["body.weight"], blocks["head.weight"]
-    assert (body.size, head.size) == (40 * 31, 30 * 41)
+    assert (body.size, head.size) == (40 * 10, 30 * 41)
     # body, at four positions: SPARSE_BLOWUP·k_l (far more than it has) capped at
     # MAX_KEPT_FRACTION of its coordinates, raised to MIN_BLOWUP·k_l; head, at one position:
     # ONE_POSITION_BLOWUP·k_l (below its size). Products as factor_dims rounds them.
@@ -912,7 +906,7 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     assert factorized.SPARSE_BLOWUP * body.dim > body_kept
     head_kept = factorized.ONE_POSITION_BLOWUP * head.dim
     assert head_kept < head.size
-    assert (body.k_rows, body.k_cols) == factor_dims(body_kept, 40, 31)
+    assert (body.k_rows, body.k_cols) == factor_dims(body_kept, 40, 10)
     assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 41)
     got = featurize(projector, model, batch)
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
