@@ -255,3 +255,28 @@ def test_in_process_writes_overlap_the_next_chunks_computation(tmp_path, monkeyp
     assert overlapping, "every store write waited for the next chunk's computation"
     # The same bits as a run without the delays (the reference).
     assert_identical(contents(reference[0]), contents(tmp_path / "store"))
+
+
+def test_the_computing_thread_runs_in_the_callers_torch_state_and_keeps_no_results(
+    tmp_path, monkeypatch
+):
+    from datatrace.grads import distributed
+
+    seen, sessions = [], []
+    compute, open_session = distributed.ChunkWorker.compute, distributed.open_session
+
+    def recording_compute(self, job):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return compute(self, job)
+
+    def recording_session(*args, **kwargs):
+        sessions.append(open_session(*args, **kwargs))
+        return sessions[-1]
+
+    monkeypatch.setattr(distributed.ChunkWorker, "compute", recording_compute)
+    monkeypatch.setattr(distributed, "open_session", recording_session)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        toy.make_trak(tmp_path / "store").fit(toy.train_data(), toy.checkpoints())
+    assert seen and all(autocast for _, autocast in seen), seen
+    # every chunk's result was handed to the driver and dropped by the session
+    assert [len(session.order) for session in sessions] == [0] * len(sessions)

@@ -32,7 +32,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +200,32 @@ class _Session:
             handle.cancel()
 
 
+def _caller_state() -> Callable[[], contextlib.AbstractContextManager]:
+    """What torch keeps per thread, as the calling thread has it — grad and inference mode,
+    autocast, the current CUDA device — as a context that sets it in another thread."""
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    autocasts = [
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def state():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(grad))
+            if inference:
+                stack.enter_context(torch.inference_mode())
+            for device, dtype in autocasts:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            if cuda_device is not None:
+                stack.enter_context(torch.cuda.device(cuda_device))
+            yield
+
+    return state
+
+
 class _InProcessSession(_Session):
     """Chunks computed one after another on one thread of this process, while the driver writes
     the previous chunk's results to the store (torch's kernels and zarr's codecs and writes run
@@ -216,16 +242,16 @@ class _InProcessSession(_Session):
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="datatrace-featurize"
         )
-        # Grad mode is per thread: the computing thread takes the caller's.
-        self.grad_enabled = torch.is_grad_enabled()
+        self.caller_state = _caller_state()
         self.failed: BaseException | None = None
-        self.order: dict[Any, int] = {}
+        self.order: dict[Any, int] = {}  # the futures in flight, by submission
+        self.submitted = 0
 
     def _compute(self, job: ChunkJob) -> ChunkResult:
         if self.failed is not None and not self.driver_retries:
             raise self.failed
         try:
-            with torch.set_grad_enabled(self.grad_enabled):
+            with self.caller_state():
                 return self.worker.compute(job)
         except BaseException as error:
             self.failed = error
@@ -233,11 +259,15 @@ class _InProcessSession(_Session):
 
     def submit(self, job):
         future = self.executor.submit(self._compute, job)
-        self.order[future] = len(self.order)
+        self.order[future] = self.submitted
+        self.submitted += 1
         return future
 
     def wait(self, handles, timeout):
-        return sorted(super().wait(handles, timeout), key=self.order.__getitem__)
+        finished = sorted(super().wait(handles, timeout), key=self.order.__getitem__)
+        for future in finished:  # the driver reads each once; its result is not kept here
+            del self.order[future]
+        return finished
 
     def close(self, unfinished=()):
         super().close(unfinished)  # the queued chunk is dropped
@@ -478,9 +508,10 @@ def featurize_chunks(
                             pending.append(key)
                     waiting = []
         finally:
-            session.close(unfinished=list(in_flight))
+            # Claims first: an interrupt while the session waits for its thread leaves none held.
             for key in list(held):
                 release(key)
+            session.close(unfinished=list(in_flight))
     features._prepared = None  # let the checkpoint's tensors go
     stats.seconds = time.perf_counter() - started
     if failure is not None:
