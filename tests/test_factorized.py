@@ -660,6 +660,15 @@ def test_from_store_refuses_a_factorized_store_of_other_constants(monkeypatch):
     assert projector_from_config(config).config() == config
     params = FactorizedProjector(256, variant="sketch", split="params").config()
     assert projector_from_config(params).config() == params
+    # The maps of the sketch and of LoGra did not change with FactGraSS's mask rule: their
+    # configs are what earlier versions wrote, so their stores still open.
+    for variant in ("sketch", "dense"):
+        written = FactorizedProjector(256, variant=variant, split="params").config()
+        assert written["sparse_blowup"] == 4
+        assert not set(factorized.mask_constants()) & set(written)
+    for variant in factorized.MASK_VARIANTS:
+        written = FactorizedProjector(256, variant=variant).config()
+        assert factorized.mask_constants().items() <= written.items()
     monkeypatch.setattr(factorized, "SPARSE_BLOWUP", factorized.SPARSE_BLOWUP + 1)
     with pytest.raises(ValueError, match="sparse_blowup"):
         projector_from_config(config)
@@ -899,11 +908,13 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     blocks = {block.name: block for block in plan.blocks}
     body, head = blocks["body.weight"], blocks["head.weight"]
     assert (body.size, head.size) == (40 * 10, 30 * 41)
-    # body, at four positions: SPARSE_BLOWUP·k_l (far more than it has) capped at
-    # MAX_KEPT_FRACTION of its coordinates, raised to MIN_BLOWUP·k_l; head, at one position:
+    # body, at four positions: MULTI_POSITION_BLOWUP·k_l (far more than it has) capped at
+    # MAX_KEPT_FRACTION of its coordinates, raised to SPARSE_BLOWUP·k_l; head, at one position:
     # ONE_POSITION_BLOWUP·k_l (below its size). Products as factor_dims rounds them.
-    body_kept = max(int(body.size * factorized.MAX_KEPT_FRACTION), factorized.MIN_BLOWUP * body.dim)
-    assert factorized.SPARSE_BLOWUP * body.dim > body_kept
+    body_kept = max(
+        int(body.size * factorized.MAX_KEPT_FRACTION), factorized.SPARSE_BLOWUP * body.dim
+    )
+    assert factorized.MULTI_POSITION_BLOWUP * body.dim > body_kept
     head_kept = factorized.ONE_POSITION_BLOWUP * head.dim
     assert head_kept < head.size
     assert (body.k_rows, body.k_cols) == factor_dims(body_kept, 40, 10)
@@ -918,10 +929,10 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     assert fresh.adopt_split(config) and fresh.layer_maps_ == projector.layer_maps_
     # a store written before these masks (no layer_maps, other constants) is not reopened as
     # if its map were this one
-    old = {key: value for key, value in config.items() if key not in ("layer_maps", "min_blowup")}
-    old["sparse_blowup"] = 4
+    old = {key: value for key, value in config.items() if key not in factorized.mask_constants()}
+    del old["layer_maps"]
     assert not FactorizedProjector(48, variant="sparse", nnz=2).adopt_split(old)
-    with pytest.raises(ValueError, match="sparse_blowup"):
+    with pytest.raises(ValueError, match="multi_position_blowup"):
         projector_from_config(old)
     with pytest.raises(ValueError, match="layer_maps"):
         FactorizedProjector(48, variant="sparse", layer_dims=config["layer_dims"],

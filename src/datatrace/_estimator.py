@@ -171,10 +171,8 @@ def projector_from_config(config: dict[str, Any]) -> Projector:
             "min_layer_dim": factorized.MIN_LAYER_DIM,
             "sparse_blowup": factorized.SPARSE_BLOWUP,
         }
-        if config.get("variant") == "sparse":
-            constants["one_position_blowup"] = factorized.ONE_POSITION_BLOWUP
-            constants["min_blowup"] = factorized.MIN_BLOWUP
-            constants["max_kept_fraction"] = factorized.MAX_KEPT_FRACTION
+        if config.get("variant") in factorized.MASK_VARIANTS:
+            constants.update(factorized.mask_constants())
         differing = {
             key: config.get(key) for key, value in constants.items() if config.get(key) != value
         }

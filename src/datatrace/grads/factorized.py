@@ -16,10 +16,11 @@ embedding and LM head add their terms into one block). Variants:
 - ``"dense"`` (LoGra): ``F`` i.i.d. Gaussian, variance ``1/k`` per side.
 - ``"sparse"`` (FactGraSS): ``F`` keeps a uniformly random subset of ``k'`` coordinates scaled by
   ``√(dim/k')``, then a sparse JL (:class:`~datatrace.grads.projectors.SparseJLProjector`'s tables)
-  maps the ``k'_out·k'_in`` products to the layer's ``k``; ``k'_out·k'_in ≈ SPARSE_BLOWUP·k``
-  (at most ``MAX_KEPT_FRACTION`` of the block), or ``ONE_POSITION_BLOWUP·k`` for a block whose
-  every call the pilot pass saw at one position (its map ``"one_position_masks"`` in
-  ``layer_maps``), never below ``MIN_BLOWUP·k``: the cost rule at ``SPARSE_BLOWUP``.
+  maps the ``k'_out·k'_in`` products to the layer's ``k``. How many products are kept is a cost
+  rule (at ``MULTI_POSITION_BLOWUP``): ``k'_out·k'_in ≈ MULTI_POSITION_BLOWUP·k``, at most
+  ``MAX_KEPT_FRACTION`` of the block, or ``ONE_POSITION_BLOWUP·k`` for a block whose every call
+  the pilot pass saw at one position (its map ``"one_position_masks"`` in ``layer_maps``), and
+  never fewer than ``SPARSE_BLOWUP·k``.
 - ``"sketch"`` (TensorSketch, Pham & Pagh 2013): ``nnz`` independent sketches of width
   ``w = k/nnz``, each scaled by ``1/√nnz`` (slice ``j`` of the features is sketch ``j``). Sketch
   ``j`` has CountSketch hashes ``h_out: [rows] → [w]``, ``h_in: [cols] → [w]`` and signs
@@ -72,7 +73,9 @@ one more) gets ``k_l = clip(c·w_l, min(p_l, MIN_LAYER_DIM), p_l)``, with ``c`` 
   resulting ``k_l`` (before the variant's rounding) are part of :meth:`~FactorizedProjector.config`,
   so a store's provenance records them; a process that resumes or shares that store with the same
   settings adopts them instead of measuring again (one map for every shard), and
-  ``FactorizedProjector(..., layer_dims=config["layer_dims"])`` rebuilds the map.
+  ``FactorizedProjector(..., layer_dims=config["layer_dims"], layer_maps=config["layer_maps"])``
+  rebuilds the map (``layer_maps`` for the variants that choose a map per block: ``"sparse"``
+  and ``"hybrid"``).
 - ``"params"``: ``w_l = p_l``, the same rule when gradients have comparable magnitudes per
   coordinate across layers; known before any gradient is seen, but when they do not (a head
   with much larger gradients than the body) it loses the factor above.
@@ -158,7 +161,7 @@ from datatrace.tasks.base import Task, fuses_out_to_loss
 VARIANTS = ("dense", "sparse", "sketch", "hybrid")
 # The maps a block can get, per variant that chooses them in the pilot pass (recorded in
 # config()["layer_maps"]): "hybrid" sketches the one-position blocks; FactGraSS ("sparse") sizes
-# their masks by ONE_POSITION_BLOWUP ("one_position_masks") instead of SPARSE_BLOWUP.
+# their masks by ONE_POSITION_BLOWUP ("one_position_masks") instead of MULTI_POSITION_BLOWUP.
 LAYER_MAPS = {"hybrid": ("masks", "sketch"), "sparse": ("masks", "one_position_masks")}
 SPLITS = ("gradient", "params")
 # Training examples of the pilot pass that measures each block's gradient energy (the
@@ -169,18 +172,36 @@ PILOT_EXAMPLES = 64
 # more kept coordinates lower the masks' variance. A block used at S positions per example pays
 # S × kept multiply-adds for the products (summed over positions) and nnz × kept scatter-adds
 # for the JL, against S × size for the layer's own forward pass. So a multi-position block keeps
-# SPARSE_BLOWUP·k_l, but at most MAX_KEPT_FRACTION of its coordinates (its products then cost at
-# most that share of the layer's forward pass), and a block seen at one position per call keeps
-# ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than MIN_BLOWUP·k_l.
-# Measured (docs/trak.md, "Where FactGraSS loses"): GPT-2 fact tracing at k = 512, MRR 0.918
-# with 4, 0.933 with 16, 0.946 with 64 (whole-vector sparse JL 0.954), and 0.917 / 0.940 with 64
-# capped at 1/16 / 1/4 of each block (the small model's blocks reach the cap); the MiniLM text
-# classifier's one-position pooler and head at k = 2048, LDS 0.547 with 4, 0.585 with 8, 0.609
-# with 16 (0.628); the digits MLP at k = 512, 0.485 with 4, 0.500 with 16 (0.502).
-SPARSE_BLOWUP = 64
+# MULTI_POSITION_BLOWUP·k_l, but at most MAX_KEPT_FRACTION of its coordinates (its products then
+# cost at most that share of the layer's forward pass), and a block seen at one position per call
+# keeps ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than
+# SPARSE_BLOWUP·k_l (what earlier versions kept for every block; every variant records it as
+# "sparse_blowup"). Measured (docs/trak.md, "Where FactGraSS loses"; one run per setting, and
+# runs of the same setting differ by about 0.005: 0.913 and 0.918, 0.484 and 0.485): GPT-2 fact
+# tracing at k = 512, MRR 0.918 with 4, 0.933 with 16, 0.946 with 64 (whole-vector sparse JL
+# 0.954), and 0.917 / 0.940 with 64 capped at 1/16 / 1/4 of each block (the small model's blocks
+# reach the cap); the MiniLM text classifier's one-position pooler and head at k = 2048, LDS
+# 0.547 with 4, 0.585 with 8, 0.609 with 16 (0.628); the digits MLP at k = 512, 0.485 with 4,
+# 0.500 with 16 (0.502).
+MULTI_POSITION_BLOWUP = 64
 MAX_KEPT_FRACTION = 1 / 4
 ONE_POSITION_BLOWUP = 16
-MIN_BLOWUP = 4
+SPARSE_BLOWUP = 4
+# The variants whose maps use these masks (FactGraSS, and the hybrid's masked blocks and pilot)
+# record the constants of the cost rule in their config(): a store made under other values is
+# refused, not mixed.
+MASK_VARIANTS = ("sparse", "hybrid")
+
+
+def mask_constants() -> dict[str, float]:
+    """The cost rule's constants, as the variants in ``MASK_VARIANTS`` record them."""
+    return {
+        "multi_position_blowup": MULTI_POSITION_BLOWUP,
+        "one_position_blowup": ONE_POSITION_BLOWUP,
+        "max_kept_fraction": MAX_KEPT_FRACTION,
+    }
+
+
 # Largest batch of materialised per-example gradients ``(batch, out, in)`` the cost rule allows.
 MATERIALISE_BYTES = 256 << 20
 # Multiply-adds per point and per log2 of the length of the two real FFTs and the product of one
@@ -343,12 +364,8 @@ class FactorizedProjector(Projector):
             "sparse_blowup": SPARSE_BLOWUP,
             "split": self.split,
         }
-        if self.variant == "sparse":
-            config.update(
-                one_position_blowup=ONE_POSITION_BLOWUP,
-                min_blowup=MIN_BLOWUP,
-                max_kept_fraction=MAX_KEPT_FRACTION,
-            )
+        if self.variant in MASK_VARIANTS:
+            config.update(mask_constants())
         if self.split == "gradient":
             config["layer_dims"] = None if self.layer_dims_ is None else dict(self.layer_dims_)
         if self.variant in LAYER_MAPS and self.split == "gradient":
@@ -595,8 +612,8 @@ class FactorizedProjector(Projector):
         if self._pilot_one_position or block_map == "one_position_masks":
             kept = ONE_POSITION_BLOWUP * dim
         else:
-            kept = min(SPARSE_BLOWUP * dim, int(block.size * MAX_KEPT_FRACTION))
-        kept = min(block.size, max(kept, MIN_BLOWUP * dim))
+            kept = min(MULTI_POSITION_BLOWUP * dim, int(block.size * MAX_KEPT_FRACTION))
+        kept = min(block.size, max(kept, SPARSE_BLOWUP * dim))
         block.k_rows, block.k_cols = factor_dims(kept, block.rows, block.cols)
         block.dim, block.sparse_jl = dim, True
 
