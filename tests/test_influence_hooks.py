@@ -287,3 +287,35 @@ def test_a_store_whose_factors_counted_only_the_first_holder_is_refused(tmp_path
     group.attrs["provenance"] = older
     with pytest.raises(dt.StoreMismatchError, match="factors"):
         InfluenceFunctions(model, dt.Classification(), **settings).fit(train)
+
+
+class TiedEmbedding(nn.Module):
+    """A linear head whose weight is also an embedding table (a tied language-model head),
+    registered before the embedding: ids (n, 5) in [0, 3) → embedding → mean → head."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3, bias=False)
+        self.embed = nn.Embedding(3, 6)
+        self.embed.weight = self.head.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids).mean(1)))
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "ekfac"])
+def test_a_linear_weight_tied_to_an_embedding_factors_the_linear_calls_only(hessian):
+    torch.manual_seed(0)
+    model = TiedEmbedding().double()
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 3, (20, 5), generator=generator)
+    labels = torch.randint(0, 3, (20,), generator=generator)
+    train, targets = (ids[:14], labels[:14]), (ids[14:], labels[14:])
+    scores = {
+        mode: fit_and_score(model, train, targets, hessian=hessian, gradients=mode)[1]
+        for mode in ("hooks", "vmap")
+    }
+    np.testing.assert_allclose(scores["hooks"], scores["vmap"], rtol=1e-10, atol=1e-12)
+    # the head's input covariance, from its own calls: the embedding's ids are not its inputs
+    layout = kronecker_layout(model, ["head.weight"])
+    assert [layer.name for layer in layout.layers] == ["head"]

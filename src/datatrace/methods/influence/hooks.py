@@ -102,9 +102,15 @@ class LayerHooks:
             others = [m for m in holders if layer_kind(m) != layer.kind]
             if others:
                 self.unhookable[index] = f"its weight is also used by a {type(others[0]).__name__}"
-            # a holder applies the layer's bias column if it applies the layer's own bias
+            # A holder applies the layer's bias column if it applies the layer's own bias. Only
+            # holders of the layer's kind are hooked: another kind's calls (an embedding tied to
+            # a linear head) are no inputs of this layer's map, and its gradients go to vmap.
             self.holders.append(
-                [(m, layer.bias is not None and m.bias is owner.bias) for m in holders]
+                [
+                    (m, layer.bias is not None and m.bias is owner.bias)
+                    for m in holders
+                    if layer_kind(m) == layer.kind
+                ]
             )
         # modules whose output a later in-place operation changed: their outputs are copied
         self._copied: set[int] = set()
