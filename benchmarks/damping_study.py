@@ -9,10 +9,9 @@ ensemble, the family's metric (LDS or MRR) is computed for λ on a grid of multi
 diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
 :func:`datatrace.methods.kernel.damping_from_features` picks from the features (the default). Scores
 for every λ come from one eigendecomposition per checkpoint (``T(λ) = Φ'V (S + λ)⁻¹ VᵀΦᵀ``),
-checked on every family against :class:`datatrace.methods.kernel.Kernel`, the solver TRAK uses (to
-1e-4
-of the largest score: the eigendecomposition loses digits on ill-conditioned kernels). Prints
-one table per family and writes ``--out/study.json``.
+checked on every family against :class:`datatrace.methods.kernel.Kernel`, the solver TRAK uses
+(to 1e-4 of the largest score: the eigendecomposition loses digits on ill-conditioned kernels).
+Prints one table per family and writes ``--out/study.json``.
 """
 
 from __future__ import annotations

@@ -4,11 +4,10 @@
     python benchmarks/metagradients_digits.py --optimizers sgd --subsets 200 --store mg.zarr
 
 Model: the digits MLP (64 → 32 tanh → 10, float64) trained by datatrace's deterministic loop
-(:mod:`datatrace.methods.training`) on the 1,500 training digits, batch 64, ``--epochs`` (default
-10)
-epochs: 240 steps. Targets: margins of the 297 test digits. Attributions: ``∂ margin / ∂ w_i``
-by :class:`datatrace.Metagradients` (checkpointed replay, segment ``⌈√T⌉``, all targets in one
-replay).
+(:mod:`datatrace.methods.training`) on the 1,500 training digits, batch 64, ``--epochs``
+(default 10) epochs: 240 steps. Targets: margins of the 297 test digits. Attributions:
+``∂ margin / ∂ w_i`` by :class:`datatrace.Metagradients` (checkpointed replay, segment ``⌈√T⌉``,
+all targets in one replay).
 
 Ground truth, as subset experiments (in ``--store``, or in memory by default):
 

@@ -79,9 +79,8 @@ class LDSResult:
 
 def score_matrix(attributions: Any) -> np.ndarray:
     """The ``(n_targets, n_train)`` scores of an :class:`~datatrace.Attributions`, of a fitted
-    estimator with ``attributions()`` (e.g. :class:`~datatrace.methods.datamodels.Datamodels`), or
-    of an
-    array."""
+    estimator with ``attributions()`` (e.g. :class:`~datatrace.methods.datamodels.Datamodels`),
+    or of an array."""
     if hasattr(attributions, "attributions") and callable(attributions.attributions):
         attributions = attributions.attributions()
     if isinstance(attributions, Attributions):

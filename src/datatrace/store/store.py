@@ -722,9 +722,8 @@ class CheckpointFeatures:
         self.group.attrs.update(update)
 
     def statistics(self) -> KernelStatistics:
-        """The :class:`~datatrace.methods.kernel.KernelStatistics` (traces) the damping rules read,
-        of
-        the kept rows."""
+        """The :class:`~datatrace.methods.kernel.KernelStatistics` (traces) the damping rules
+        read, of the kept rows."""
         recorded = self.group.attrs.get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
             return KernelStatistics(**recorded)
