@@ -94,6 +94,13 @@ def test_a_worker_killed_mid_chunk_is_retried_and_the_store_is_identical(tmp_pat
     assert_identical(contents(reference[0]), contents(tmp_path / "store"))
 
 
+def distributed_checkpoints() -> int:
+    """How many checkpoints share one claim row range (claim row = chunk · this + checkpoint)."""
+    from datatrace.grads.distributed import CLAIM_CHECKPOINTS
+
+    return CLAIM_CHECKPOINTS
+
+
 def test_a_driver_killed_with_sigkill_is_taken_over(tmp_path, reference):
     store = tmp_path / "store"
     process = subprocess.Popen(
@@ -114,9 +121,13 @@ def test_a_driver_killed_with_sigkill_is_taken_over(tmp_path, reference):
     process.wait()
     assert 2 <= done < 96 // toy.CHUNK, "the driver must be killed midway"
     held = list((store / "features" / "claims" / "held").glob("*/*"))
-    # In this process one chunk computes while the previous one is written: the killed driver
-    # held the claims of the chunk it computed and of at most one queued behind it.
+    # One chunk computes while the previous one is written: the killed driver held the claims of
+    # the chunk it computed and of at most one being written (whose mark may be down already).
     assert 1 <= len(held) <= 2, "the killed driver held the claims of the chunks in flight"
+    marks = zarr.open_group(str(store), mode="r")["features/0/done"][:]
+    unfinished = [
+        path for path in held if not marks[int(path.parent.name) // distributed_checkpoints()]
+    ]
 
     from datatrace.grads import distributed
 
@@ -134,7 +145,7 @@ def test_a_driver_killed_with_sigkill_is_taken_over(tmp_path, reference):
         )
     finally:
         distributed.featurize_chunks = original
-    assert stats["run"].taken_over == len(held)
+    assert stats["run"].taken_over == len(unfinished) >= 1
     assert_identical(contents(reference[0]), contents(store))
 
 
@@ -257,26 +268,35 @@ def test_in_process_writes_overlap_the_next_chunks_computation(tmp_path, monkeyp
     assert_identical(contents(reference[0]), contents(tmp_path / "store"))
 
 
-def test_the_computing_thread_runs_in_the_callers_torch_state_and_keeps_no_results(
-    tmp_path, monkeypatch
-):
+def test_chunks_are_computed_in_the_callers_torch_state(tmp_path, monkeypatch):
     from datatrace.grads import distributed
 
-    seen, sessions = [], []
-    compute, open_session = distributed.ChunkWorker.compute, distributed.open_session
+    seen = []
+    compute = distributed.ChunkWorker.compute
 
     def recording_compute(self, job):
-        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        seen.append(torch.is_autocast_enabled("cpu"))
         return compute(self, job)
 
-    def recording_session(*args, **kwargs):
-        sessions.append(open_session(*args, **kwargs))
-        return sessions[-1]
-
     monkeypatch.setattr(distributed.ChunkWorker, "compute", recording_compute)
-    monkeypatch.setattr(distributed, "open_session", recording_session)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         toy.make_trak(tmp_path / "store").fit(toy.train_data(), toy.checkpoints())
-    assert seen and all(autocast for _, autocast in seen), seen
-    # every chunk's result was handed to the driver and dropped by the session
-    assert [len(session.order) for session in sessions] == [0] * len(sessions)
+    assert seen and all(seen), seen
+
+
+def test_a_failed_store_write_is_raised_and_the_chunk_stays_pending(tmp_path, monkeypatch):
+    from datatrace.store.store import CheckpointFeatures
+
+    write, calls = CheckpointFeatures.write, []
+
+    def failing_write(self, chunk, *args, **kwargs):
+        calls.append(chunk)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write(self, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointFeatures, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        toy.make_trak(tmp_path / "store").fit(toy.train_data(), toy.checkpoints())
+    done = zarr.open_group(str(tmp_path / "store"), mode="r")["features/0/done"][:]
+    assert done[0] == 1 and done[1] == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import os
 import pickle
 import tempfile
@@ -200,79 +201,55 @@ class _Session:
             handle.cancel()
 
 
-def _caller_state() -> Callable[[], contextlib.AbstractContextManager]:
-    """What torch keeps per thread, as the calling thread has it — grad and inference mode,
-    autocast, the current CUDA device — as a context that sets it in another thread."""
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-    autocasts = [
-        (device, torch.get_autocast_dtype(device))
-        for device in ("cpu", "cuda")
-        if torch.is_autocast_enabled(device)
-    ]
-    cuda_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
-
-    @contextlib.contextmanager
-    def state():
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.set_grad_enabled(grad))
-            if inference:
-                stack.enter_context(torch.inference_mode())
-            for device, dtype in autocasts:
-                stack.enter_context(torch.autocast(device, dtype=dtype))
-            if cuda_device is not None:
-                stack.enter_context(torch.cuda.device(cuda_device))
-            yield
-
-    return state
-
-
 class _InProcessSession(_Session):
-    """Chunks computed one after another on one thread of this process, while the driver writes
-    the previous chunk's results to the store (torch's kernels and zarr's codecs and writes run
-    without the GIL): two chunks in flight, one computing and one queued or being written.
-
-    Without retries, a failed chunk stops the next one from starting (it reports the same
-    error), so that the error surfaces at once and nothing after it is computed."""
-
-    capacity = 2
+    """Chunks computed in the caller's thread, one at a time (the store writes of the previous
+    one run meanwhile on :class:`_StoreWrites`' thread)."""
 
     def __init__(self, worker: ChunkWorker, max_retries: int):
         self.worker = worker
         self.driver_retries = max_retries
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="datatrace-featurize"
-        )
-        self.caller_state = _caller_state()
-        self.failed: BaseException | None = None
-        self.order: dict[Any, int] = {}  # the futures in flight, by submission
-        self.submitted = 0
-
-    def _compute(self, job: ChunkJob) -> ChunkResult:
-        if self.failed is not None and not self.driver_retries:
-            raise self.failed
-        try:
-            with self.caller_state():
-                return self.worker.compute(job)
-        except BaseException as error:
-            self.failed = error
-            raise
 
     def submit(self, job):
-        future = self.executor.submit(self._compute, job)
-        self.order[future] = self.submitted
-        self.submitted += 1
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(self.worker.compute(job))
+        except Exception as error:  # reported by result(), like the other sessions
+            future.set_exception(error)
         return future
 
-    def wait(self, handles, timeout):
-        finished = sorted(super().wait(handles, timeout), key=self.order.__getitem__)
-        for future in finished:  # the driver reads each once; its result is not kept here
-            del self.order[future]
-        return finished
 
-    def close(self, unfinished=()):
-        super().close(unfinished)  # the queued chunk is dropped
-        # The chunk being computed finishes (the model is not left in use by a thread).
-        self.executor.shutdown(wait=True, cancel_futures=True)
+class _StoreWrites:
+    """The driver's store writes, on one thread, one at a time: the next chunk is computed (in
+    this process, or collected from workers) while the last one is written — torch's kernels
+    and zarr's codecs and writes run without the GIL. Computing stays in the caller's thread,
+    with its torch state and its memory; the writes only encode arrays already computed.
+
+    ``submit(write, then)`` waits for the previous write, runs its ``then`` (mark the chunk done,
+    release its claim, advance the progress bar) in the caller's thread, and starts ``write``;
+    ``close()`` does the same for the last one. A write's error is raised there."""
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="datatrace-store-writes"
+        )
+        self.pending: tuple[concurrent.futures.Future, Callable[[], None]] | None = None
+
+    def submit(self, write: Callable[[], None], then: Callable[[], None]) -> None:
+        self.finish()
+        self.pending = (self.executor.submit(write), then)
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            future, then = self.pending
+            self.pending = None
+            future.result()
+            then()
+
+    def close(self) -> None:
+        try:
+            self.finish()
+        finally:
+            self.executor.shutdown(wait=True)
 
 
 class _PoolSession(_Session):
@@ -444,6 +421,22 @@ def featurize_chunks(
                 renewer.remove(claim)
                 claims.release(claim)
 
+        def write(key: tuple[int, int], result: ChunkResult) -> None:
+            stored[key[0]].write(
+                key[1],
+                result.features,
+                result.out_to_loss,
+                example_hashes=result.example_hashes,
+                partial_gram=result.partial_gram,
+            )
+
+        def written(key: tuple[int, int]) -> None:
+            stats.computed.append(key)
+            release(key)
+            advance(rows(*key))
+
+        writes = _StoreWrites()
+
         try:
             while pending or in_flight or (waiting and failure is None):
                 while pending and failure is None and len(in_flight) < session.capacity:
@@ -485,16 +478,13 @@ def featurize_chunks(
                                 failure = failure or (chunk_job, error)
                             continue
                         if claims is None or _still_ours(claims, held[key], key):
-                            stored[key[0]].write(
-                                key[1],
-                                result.features,
-                                result.out_to_loss,
-                                example_hashes=result.example_hashes,
-                                partial_gram=result.partial_gram,
+                            writes.submit(
+                                functools.partial(write, key, result),
+                                functools.partial(written, key),
                             )
-                            stats.computed.append(key)
-                        release(key)
-                        advance(rows(*key))
+                        else:
+                            release(key)
+                            advance(rows(*key))
                     continue
                 if failure is not None:
                     break
@@ -508,10 +498,12 @@ def featurize_chunks(
                             pending.append(key)
                     waiting = []
         finally:
-            # Claims first: an interrupt while the session waits for its thread leaves none held.
-            for key in list(held):
-                release(key)
-            session.close(unfinished=list(in_flight))
+            try:
+                writes.close()  # the last chunk's write completes (or raises) first
+            finally:
+                session.close(unfinished=list(in_flight))
+                for key in list(held):
+                    release(key)
     features._prepared = None  # let the checkpoint's tensors go
     stats.seconds = time.perf_counter() - started
     if failure is not None:
