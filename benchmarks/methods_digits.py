@@ -1,11 +1,16 @@
-"""Every attribution method on one digits MLP, under both LDS protocols, with its compute.
+"""Every attribution method on one model, under both LDS protocols, with its compute.
 
     python benchmarks/methods_digits.py --store methods-digits.zarr     # resumable; --help
+    python benchmarks/methods_digits.py --family text --store methods-text.zarr
 
-Model: the digits MLP of metagradients_digits.py (64 → 32 tanh → 10, float64), trained by
-datatrace's deterministic loop (:mod:`datatrace.methods.training`: SGD with momentum, batch 64,
-``--epochs`` epochs) on the first ``--n-train`` of the 1,500 training digits. Targets: margins
-of the first ``--targets`` of the 297 test digits. Every method attributes the same run: the
+Model (``--family``, built by methods_runs.py): ``digits``, the digits MLP of
+metagradients_digits.py (64 → 32 tanh → 10, float64) on the first ``--n-train`` of the 1,500
+training digits, targets the first ``--targets`` of the 297 test digits; ``text``, the head of
+families.py's MiniLM text classifier (pretrained pooler 384 → 384 tanh and a new classifier,
+float64) on the frozen encoder's states of 400 training docstrings (cached in ``--store``),
+targets the first ``--targets`` of 100 test docstrings. Both are trained by datatrace's
+deterministic loop (:mod:`datatrace.methods.training`: SGD with momentum, batch 64, ``--epochs``
+epochs); outputs are the targets' margins. Every method attributes the same run: the
 one trained with the seed of the small-drop table (its models' shared seed), so each method's
 scores are computed once and scored against both ground truths.
 
@@ -43,18 +48,15 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 import datatrace as dt
 from datatrace.evaluation.lds import LDSResult, lds
 from datatrace.methods.datamodels import Datamodels
-from datatrace.methods.training import train_subset
 from datatrace.subsets import SubsetResults
 from influence_digits import timed
-from metagradients_digits import BATCH_SIZE, SETTINGS, WEIGHT_DECAY, DigitsRuns, ground_truth
-from metagradients_digits import make_model as make_mlp
+from metagradients_digits import ground_truth
+from methods_runs import FAMILIES, family_runs
 
-OPTIMIZER = "sgd"
 # Mask seeds of the two tables (each holds the ground truth and the datamodels' fitting rows).
 MASK_SEEDS = {"classic": 11, "small-drop": 12}
 # TRAK's ensemble: the attributed run plus the next seeds (seed + 1, ..., seed + 9).
@@ -65,38 +67,6 @@ GRADIENT_BATCH = 32
 INFLUENCE_DAMPING = 0.1
 # Fitting models retrained here to measure one's CPU time (datamodels' compute).
 TIMING_SAMPLE = 5
-
-
-class SmallDropRuns(DigitsRuns):
-    """metagradients_digits' runs on the first ``n_train`` training digits: ``train`` keeps the
-    full run's data order (weight 0 for the dropped digits), as the small-drop protocol needs."""
-
-    def __init__(self, epochs: int, n_train: int):
-        super().__init__(OPTIMIZER, epochs)
-        inputs, labels = self.train_data
-        if not 1 <= n_train <= len(labels):
-            raise SystemExit(f"--n-train must be between 1 and {len(labels)}, got {n_train}")
-        self.train_data = (inputs[:n_train], labels[:n_train])
-        self.n_train = n_train
-
-    def description(self) -> dict:
-        return {
-            **super().description(),
-            "benchmark": "methods_digits",
-            "n_train": self.n_train,
-            "subset_training": type(self).__name__,
-        }
-
-
-class ClassicRuns(SmallDropRuns):
-    """The same recipe, but each subset trained as a data set of its own: its own data order
-    and full batches, as the classic protocol's fresh-seed retraining does."""
-
-    def train(self, train_indices: np.ndarray, seed: int) -> nn.Module:
-        inputs, labels = self.train_data
-        index = torch.as_tensor(np.asarray(train_indices))
-        subset = (inputs[index], labels[index])
-        return train_subset(make_mlp(seed), subset, self.recipe(seed), np.arange(len(index)))
 
 
 def split_rows(
@@ -115,7 +85,7 @@ def split_rows(
     return parts[0], parts[1]
 
 
-def training_cpu(runs: SmallDropRuns, fitting: SubsetResults) -> float:
+def training_cpu(runs, fitting: SubsetResults) -> float:
     """CPU seconds of training one fitting model, the mean over ``TIMING_SAMPLE`` of them."""
     started = time.process_time()
     sample = min(TIMING_SAMPLE, len(fitting.masks))
@@ -131,10 +101,15 @@ def damping_setting(value: str) -> str | float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", default="methods-digits.zarr")
-    parser.add_argument("--json", default="methods-digits.json", help="where the table goes")
-    parser.add_argument("--n-train", type=int, default=1500, help="training digits (≤ 1500)")
-    parser.add_argument("--targets", type=int, default=297, help="test digits attributed")
+    parser.add_argument("--family", choices=FAMILIES, default="digits", help="the model")
+    parser.add_argument("--store", default=None, help="default methods-FAMILY.zarr")
+    parser.add_argument("--json", default=None, help="where the table goes (methods-FAMILY.json)")
+    parser.add_argument(
+        "--n-train", type=int, default=None, help="training examples (default all: 1500, 400)"
+    )
+    parser.add_argument(
+        "--targets", type=int, default=None, help="test examples attributed (all: 297, 100)"
+    )
     parser.add_argument("--subsets", type=int, default=200, help="ground-truth models each")
     parser.add_argument(
         "--datamodel-models", type=int, default=2000, help="datamodels' fitting models each"
@@ -149,14 +124,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.store = args.store or f"methods-{args.family}.zarr"
+    args.json = args.json or f"methods-{args.family}.json"
 
-    small_drop_runs = SmallDropRuns(args.epochs, args.n_train)
-    classic_runs = ClassicRuns(args.epochs, args.n_train)
+    small_drop_runs, classic_runs = family_runs(args.family, args.store, args.epochs, args.n_train)
+    args.n_train = small_drop_runs.n_train
     test_inputs, test_labels = small_drop_runs.test_data
+    args.targets = len(test_labels) if args.targets is None else args.targets
     if not 1 <= args.targets <= len(test_labels):
         raise SystemExit(f"--targets must be between 1 and {len(test_labels)}, got {args.targets}")
     rows_total = args.subsets + args.datamodel_models
-    prefix = f"methods/n{args.n_train}-e{args.epochs}"
+    prefix = small_drop_runs.prefix()
     tables = {
         "classic": ground_truth(
             args.store, f"{prefix}/classic", classic_runs, rows_total,
@@ -246,8 +224,8 @@ def main(argv=None) -> None:
         add(f"influence ({hessian})", setting, both(scores), cpu)
 
     metagradients = dt.Metagradients(
-        make_mlp, task, epochs=args.epochs, batch_size=BATCH_SIZE, seed=seed,
-        weight_decay=WEIGHT_DECAY, target_batch=args.targets, **SETTINGS[OPTIMIZER],
+        small_drop_runs.make_model, task, target_batch=args.targets,
+        **small_drop_runs.recipe(seed).config(),
     )  # fmt: skip
     scores, _, cpu = timed(fit_and_score, metagradients)
     difference = max(
@@ -278,8 +256,9 @@ def main(argv=None) -> None:
     add("gradient dot product", "1 ckpt, exact gradients", both(scores), cpu)
 
     print(
-        f"\nBoth LDS protocols on the digits MLP ({args.n_train} training digits, "
-        f"{args.targets} test targets, {args.epochs} epochs of SGD): {args.subsets} ground-truth "
+        f"\nBoth LDS protocols on {small_drop_runs.title} ({args.n_train} training "
+        f"{small_drop_runs.examples}, {args.targets} test targets, {args.epochs} epochs of SGD): "
+        f"{args.subsets} ground-truth "
         f"models per protocol; classic: random halves, fresh seeds; small-drop: "
         f"{args.drop_fraction:.0%} left out, the attributed run's seed and data order. One "
         f"training of the attributed model: {one_training:.2f} CPU s; "
