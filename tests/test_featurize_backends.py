@@ -16,6 +16,7 @@ import torch
 import zarr
 
 import _distributed_featurize as toy
+from datatrace.grads.distributed import CLAIM_CHECKPOINTS  # claim row = chunk · this + checkpoint
 from datatrace.store import Store
 from datatrace.subsets import LocalBackend
 
@@ -94,13 +95,6 @@ def test_a_worker_killed_mid_chunk_is_retried_and_the_store_is_identical(tmp_pat
     assert_identical(contents(reference[0]), contents(tmp_path / "store"))
 
 
-def distributed_checkpoints() -> int:
-    """How many checkpoints share one claim row range (claim row = chunk · this + checkpoint)."""
-    from datatrace.grads.distributed import CLAIM_CHECKPOINTS
-
-    return CLAIM_CHECKPOINTS
-
-
 def test_a_driver_killed_with_sigkill_is_taken_over(tmp_path, reference):
     store = tmp_path / "store"
     process = subprocess.Popen(
@@ -125,9 +119,7 @@ def test_a_driver_killed_with_sigkill_is_taken_over(tmp_path, reference):
     # the chunk it computed and of at most one being written (whose mark may be down already).
     assert 1 <= len(held) <= 2, "the killed driver held the claims of the chunks in flight"
     marks = zarr.open_group(str(store), mode="r")["features/0/done"][:]
-    unfinished = [
-        path for path in held if not marks[int(path.parent.name) // distributed_checkpoints()]
-    ]
+    unfinished = [path for path in held if not marks[int(path.parent.name) // CLAIM_CHECKPOINTS]]
 
     from datatrace.grads import distributed
 

@@ -342,7 +342,6 @@ class FactorizedProjector(Projector):
         )
         # positions per call of each block seen in the pilot pass (variants choosing maps)
         self._positions: dict[str, int] | None = None
-        self._pilot_one_position = False  # the pilot's plan: one-position masks for every block
         self.nnz = nnz
         self.check_examples = check_examples
         self.split = split
@@ -435,11 +434,7 @@ class FactorizedProjector(Projector):
         names = list(param_names)
         # The pilot measures every block through one-position masks (which blocks are at one
         # position is not known yet): the smallest masks' noisier energies starve them of k.
-        self._pilot_one_position = self.variant in LAYER_MAPS
-        try:
-            pilot = self._build_plan(model, names, "params")
-        finally:
-            self._pilot_one_position = False
+        pilot = self._build_plan(model, names, "params", pilot=True)
         parts = pilot.parts()
         edges = [0, *itertools.accumulate(dim for _, _, dim in parts)]
         totals = torch.zeros(len(parts), dtype=torch.float64)
@@ -521,7 +516,9 @@ class FactorizedProjector(Projector):
             raise RuntimeError("this projector has not been used yet: featurize with it first")
         return self._plans[-1][2].layout()
 
-    def _build_plan(self, model: nn.Module, param_names: list[str], split: str) -> FactorizedPlan:
+    def _build_plan(
+        self, model: nn.Module, param_names: list[str], split: str, pilot: bool = False
+    ) -> FactorizedPlan:
         """The plan with the ``"params"`` split, or with the fitted ``layer_dims_``."""
         named = dict(model.named_parameters())
         selected = set(param_names)
@@ -577,7 +574,7 @@ class FactorizedProjector(Projector):
                 "selection serves only those (make a new projector for another)"
             )
         for block in blocks:
-            self._size_block(block, shares[block.name])
+            self._size_block(block, shares[block.name], pilot)
         projector, fallback_dim = None, 0
         if fallback:
             share = -(-shares[FALLBACK] // self.nnz) * self.nnz
@@ -590,7 +587,7 @@ class FactorizedProjector(Projector):
             blocks, modules, fallback, projector, fallback_dim, sizes.get(FALLBACK, 0), norms
         )
 
-    def _size_block(self, block: Block, share: int) -> None:
+    def _size_block(self, block: Block, share: int, pilot: bool = False) -> None:
         if share >= block.size:
             block.k_rows, block.k_cols, block.dim = block.rows, block.cols, block.size
             return
@@ -609,7 +606,7 @@ class FactorizedProjector(Projector):
             block.dim, block.sketch = dim, True
             return
         block_map = (self.layer_maps_ or {}).get(block.name)
-        if self._pilot_one_position or block_map == "one_position_masks":
+        if (pilot and self.variant in LAYER_MAPS) or block_map == "one_position_masks":
             kept = ONE_POSITION_BLOWUP * dim
         else:
             kept = min(MULTI_POSITION_BLOWUP * dim, int(block.size * MAX_KEPT_FRACTION))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from datatrace.data import batch_size_of
+from datatrace.grads.factorized import BATCHED_DIMS
 from datatrace.grads.layer_plan import layer_kind
 from datatrace.grads.per_example import _Bound, _eval_mode, module_state
 from datatrace.methods.influence.layers import (
@@ -37,9 +38,6 @@ from datatrace.methods.influence.layers import (
     layer_output_gradients,
 )
 from datatrace.tasks.base import Task, fuses_out_to_loss
-
-# Dimensions of a batched input of each kind (``(n, ..., in)``, ``(n, C, L)``, ``(n, C, H, W)``).
-BATCHED_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}
 
 # ``loss(model, batch) -> (summed loss, anything)``: what the backward pass differentiates.
 LossFunction = Callable[[nn.Module, Any], tuple[torch.Tensor, Any]]
