@@ -16,8 +16,11 @@ matplotlib) are imported only by the pieces that need them.
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from datatrace import _moved
 
 try:
     __version__ = version("datatrace")
@@ -81,11 +84,17 @@ _EXPORTS = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
+# The module paths of earlier versions (datatrace.trak, datatrace.evaluate, ...) stay importable,
+# pickles made under them included, with a DeprecationWarning (datatrace/_moved.py).
+_moved.install()
+
 
 def __getattr__(name: str) -> Any:
     """Import a public name from its module on first use (and keep it here)."""
     module = _EXPORTS.get(name)
     if module is None:
+        if f"datatrace.{name}" in _moved.MOVED:  # ``import datatrace.trak; datatrace.trak``
+            return sys.modules[f"datatrace.{name}"]
         raise AttributeError(f"module 'datatrace' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
