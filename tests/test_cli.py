@@ -89,7 +89,7 @@ def test_info_describes_the_store(quick_demo):
     out, _ = quick_demo
     result = invoke("info", out / "store")
     assert result.exit_code == 0, result.output
-    assert "Provenance" in result.output and "sparse_jl" in result.output
+    assert "Provenance" in result.output and "factorized" in result.output
     assert "Features: 2 checkpoints" in result.output
     assert "1/1" in result.output  # 300 rows fit in one chunk
     assert "test" in result.output and "297 × 300" in result.output

@@ -199,19 +199,20 @@ def hashed_map(projector, block, seed):
 def reference_features(projector, plan, grads, seed):
     """Each block's explicit (P_out ⊗ P_in) (then JL), or hashed map, applied to vec([G | b]);
     the fallback block's projector on the fallback gradients."""
-    parts = []
+    parts, pool = [], [grads[name] for name in plan.fallback_names]
     for block in plan.blocks:
         weight = grads[block.params[0]]
         matrix = weight.reshape(len(weight), weight.shape[1], -1)
         if block.bias_axis is not None:
             bias = grads[block.params[1]]
             matrix = torch.cat([matrix, bias.unsqueeze(1 + block.bias_axis)], 1 + block.bias_axis)
+        if block.pooled:  # its whole gradient, into the fallback's sparse JL after the others
+            pool.append(matrix.reshape(len(matrix), -1))
+            continue
         explicit = hashed_map if block.sketch else type(projector).block_matrix
         parts.append(matrix.reshape(len(matrix), -1) @ explicit(projector, block, seed))
-    if plan.fallback_names:
-        fallback = plan.fallback_projector.project(
-            [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
-        )
+    if pool:
+        fallback = plan.fallback_projector.project(pool, derive_seed(seed, "fallback"))
         parts.append(fallback.double())
     return torch.cat(parts, 1)
 
@@ -665,10 +666,14 @@ def test_from_store_refuses_a_factorized_store_of_other_constants(monkeypatch):
     for variant in ("sketch", "dense"):
         written = FactorizedProjector(256, variant=variant, split="params").config()
         assert written["sparse_blowup"] == 4
-        assert not set(factorized.mask_constants()) & set(written)
+        assert not set(factorized.mask_constants("sparse")) & set(written)
     for variant in factorized.MASK_VARIANTS:
         written = FactorizedProjector(256, variant=variant).config()
-        assert factorized.mask_constants().items() <= written.items()
+        assert factorized.mask_constants(variant).items() <= written.items()
+    # FactGraSS's pool changed its map on small blocks: older FactGraSS stores are refused
+    sparse = FactorizedProjector(256, variant="sparse", split="params").config()
+    with pytest.raises(ValueError, match="pool"):
+        projector_from_config({key: value for key, value in sparse.items() if key != "pool"})
     monkeypatch.setattr(factorized, "SPARSE_BLOWUP", factorized.SPARSE_BLOWUP + 1)
     with pytest.raises(ValueError, match="sparse_blowup"):
         projector_from_config(config)
@@ -891,51 +896,72 @@ def test_hybrid_sketches_one_position_blocks_and_masks_the_others():
                             layer_maps=config["layer_maps"])  # fmt: skip
 
 
-class WideOneAndMany(OneAndMany):
-    """``body`` (40 × 10 with its bias) at four positions, ``head`` (30 × 41) at one."""
+class SmallWideAndOne(nn.Module):
+    """``body`` (40 × 10 with its bias) and ``wide`` (600 × 41) at four positions, ``head``
+    (30 × 601) at one."""
 
     def __init__(self):
-        super().__init__(hidden=40, outputs=30)
+        super().__init__()
+        self.body = nn.Linear(9, 40)
+        self.wide = nn.Linear(40, 600)
+        self.head = nn.Linear(600, 30)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.wide(torch.tanh(self.body(x)))).mean(1)  # one position
+        return torch.sin(self.head(hidden)).sum(-1)
 
 
 def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
-    model, batch = make(WideOneAndMany)
+    model, batch = make(SmallWideAndOne)
     names = [name for name, _ in model.named_parameters()]
-    projector = FactorizedProjector(48, variant="sparse", nnz=2)
+    projector = FactorizedProjector(64, variant="sparse", nnz=2)
     projector.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
-    assert projector.layer_maps_ == {"body.weight": "masks", "head.weight": "one_position_masks"}
+    assert projector.layer_maps_ == {
+        "body.weight": "masks", "wide.weight": "masks", "head.weight": "one_position_masks"
+    }  # fmt: skip
     plan = projector.plan(model, names)
     blocks = {block.name: block for block in plan.blocks}
-    body, head = blocks["body.weight"], blocks["head.weight"]
-    assert (body.size, head.size) == (40 * 10, 30 * 41)
-    # body, at four positions: MULTI_POSITION_BLOWUP·k_l (far more than it has) capped at
-    # MAX_KEPT_FRACTION of its coordinates, raised to SPARSE_BLOWUP·k_l; head, at one position:
-    # ONE_POSITION_BLOWUP·k_l (below its size). Products as factor_dims rounds them.
-    body_kept = max(
-        int(body.size * factorized.MAX_KEPT_FRACTION), factorized.SPARSE_BLOWUP * body.dim
-    )
-    assert factorized.MULTI_POSITION_BLOWUP * body.dim > body_kept
+    body, wide, head = blocks["body.weight"], blocks["wide.weight"], blocks["head.weight"]
+    assert (body.size, wide.size, head.size) == (40 * 10, 600 * 41, 30 * 601)
+    # body: MULTI_POSITION_BLOWUP·k_l products are at least WHOLE_BLOCK_FRACTION of it, so its
+    # whole gradient joins the pool (the fallback's sparse JL, with its share of k); wide, at
+    # four positions, keeps MULTI_POSITION_BLOWUP·k_l, and head, at one position,
+    # ONE_POSITION_BLOWUP·k_l (both below that fraction), each with its own sparse JL.
+    # Products as factor_dims rounds them.
+    whole = factorized.WHOLE_BLOCK_FRACTION
+    body_share = projector.layer_dims_["body.weight"]
+    assert factorized.MULTI_POSITION_BLOWUP * body_share >= whole * body.size
+    assert body.pooled and (body.k_rows, body.k_cols, body.dim) == (40, 10, 0)
+    assert not plan.fallback_names and plan.fallback_size == body.size
+    # the pool gets what the other blocks leave of k, rounded up to nnz = 2
+    left = 64 - projector.layer_dims_["wide.weight"] - projector.layer_dims_["head.weight"]
+    assert plan.fallback_dim == -(-left // 2) * 2
+    assert not wide.pooled and not head.pooled
+    wide_kept = factorized.MULTI_POSITION_BLOWUP * wide.dim
+    assert factorized.SPARSE_BLOWUP * wide.dim < wide_kept < whole * wide.size
+    assert (wide.k_rows, wide.k_cols) == factor_dims(wide_kept, 600, 41)
     head_kept = factorized.ONE_POSITION_BLOWUP * head.dim
-    assert head_kept < head.size
-    assert (body.k_rows, body.k_cols) == factor_dims(body_kept, 40, 10)
-    assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 41)
+    assert head_kept < whole * head.size
+    assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 601)
+    assert body.sparse_jl and wide.sparse_jl and head.sparse_jl
     got = featurize(projector, model, batch)
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     config = projector.config()
     rebuilt = projector_from_config(json_round_trip(config))
     torch.testing.assert_close(featurize(rebuilt, model, batch), got)
-    fresh = FactorizedProjector(48, variant="sparse", nnz=2)
+    fresh = FactorizedProjector(64, variant="sparse", nnz=2)
     assert fresh.adopt_split(config) and fresh.layer_maps_ == projector.layer_maps_
     # a store written before these masks (no layer_maps, other constants) is not reopened as
     # if its map were this one
-    old = {key: value for key, value in config.items() if key not in factorized.mask_constants()}
+    constants = factorized.mask_constants("sparse")
+    old = {key: value for key, value in config.items() if key not in constants}
     del old["layer_maps"]
-    assert not FactorizedProjector(48, variant="sparse", nnz=2).adopt_split(old)
+    assert not FactorizedProjector(64, variant="sparse", nnz=2).adopt_split(old)
     with pytest.raises(ValueError, match="multi_position_blowup"):
         projector_from_config(old)
     with pytest.raises(ValueError, match="layer_maps"):
-        FactorizedProjector(48, variant="sparse", layer_dims=config["layer_dims"],
+        FactorizedProjector(64, variant="sparse", layer_dims=config["layer_dims"],
                             layer_maps={"head.weight": "sketch"})  # fmt: skip
 
 
@@ -997,3 +1023,50 @@ def test_embedding_called_with_ids_shared_by_the_batch_is_expanded_to_it():
     assert plan.unexpanded == {id(model.positions)}
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+class FoldedDraws(nn.Module):
+    """Each example's ``m`` draws folded into the batch example-major (a diffusion task's
+    ``(n·K, ...)`` calls): a conv with GroupNorm and a linear map see ``n·m`` rows; with
+    ``draw_major`` the rows are laid out draw by draw instead, which the hooks cannot split."""
+
+    draw_major = False
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):  # x: (n, m, 2, 5, 5)
+        n, m = x.shape[:2]
+        rows = x.transpose(0, 1) if self.draw_major else x
+        hidden = torch.tanh(self.norm(self.conv(rows.reshape(n * m, 2, 5, 5))))
+        out = torch.sin(self.head(hidden.flatten(1))).sum(-1)
+        out = out.reshape(m, n).T if self.draw_major else out.reshape(n, m)
+        return out.sum(1)
+
+
+class DrawMajor(FoldedDraws):
+    draw_major = True
+
+
+@pytest.mark.parametrize("model_class", [FoldedDraws, DrawMajor])
+def test_rows_folded_into_the_batch_are_positions_of_their_example(model_class):
+    torch.manual_seed(0)
+    model = model_class().double()
+    batch = torch.randn(5, 3, 2, 5, 5, generator=torch.Generator().manual_seed(1)).double()
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(64, variant="sparse", split="params")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    plan = projector.plan(model, names)
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    moved = [w for w in caught if issubclass(w.category, FactorizationWarning)]
+    paths = {row["name"]: row["path"] for row in plan.layout()}
+    if model_class is FoldedDraws:  # example-major: every block and the norm from the hooks
+        assert not moved and set(paths.values()) <= {"factorized", "hooks"}, paths
+    else:  # the safety check sees the draw-major rows disagree and moves them to vmap
+        assert moved and paths["conv.weight"] == "vmap" and paths["head.weight"] == "vmap"

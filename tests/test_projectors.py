@@ -200,18 +200,23 @@ def test_a_dense_matrix_larger_than_its_cache_is_refused_before_any_work():
     np.testing.assert_allclose(scores[0].scores, scores[1].scores, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_projects_per_layer_from_a_million_selected_parameters():
+def test_auto_projects_per_layer_at_every_size():
     from torch import nn
 
     import datatrace as dt
     from datatrace._estimator import gradient_features
     from datatrace.grads.factorized import FactorizedProjector
-    from datatrace.grads.projectors import AUTO_FACTORIZED_MIN_PARAMS, SparseJLProjector
 
     big = nn.Sequential(nn.Linear(1000, 1000), nn.Tanh(), nn.Linear(1000, 10))  # 1,011,010
-    assert sum(p.numel() for p in big.parameters()) >= AUTO_FACTORIZED_MIN_PARAMS
-    chosen = gradient_features(dt.TRAK(big, dt.Classification(), proj_dim=64)).projector
-    assert isinstance(chosen, FactorizedProjector) and chosen.variant == "sparse"  # FactGraSS
-    # The same model with only its head selected is small: whole-vector sparse JL.
-    head = gradient_features(dt.TRAK(big, dt.Classification(), proj_dim=64, params="2.*"))
-    assert isinstance(head.projector, SparseJLProjector)
+    small = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10))  # 940
+    for model, pooled in ((big, False), (small, True)):
+        chosen = gradient_features(dt.TRAK(model, dt.Classification(), proj_dim=64)).projector
+        assert isinstance(chosen, FactorizedProjector) and chosen.variant == "sparse"  # FactGraSS
+        inputs = model[0].in_features
+        data = (torch.randn(16, inputs), torch.randint(0, 10, (16,)))
+        trak = dt.TRAK(model, dt.Classification(), proj_dim=64, progress=False).fit(data)
+        names = [name for name, _ in model.named_parameters()]
+        plan = trak.features_.projector.plan(model, names)
+        # the small model's blocks are small next to their share of k: their whole gradients
+        # go through one sparse JL; the large model's first layer is masked
+        assert plan.blocks[0].pooled is pooled

@@ -20,7 +20,6 @@ from datatrace.grads.projectors import (
     SparseJLProjector,
     make_projector,
 )
-from datatrace.grads.selection import select_parameters
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
 from datatrace.store.provenance import json_normalise, tensors_fingerprint
 from datatrace.store.store import ZARR_METADATA
@@ -76,12 +75,7 @@ def gradient_features(
     ``device``, ``progress``); ``task`` replaces its task (targets scored with another output),
     ``projector`` reuses a projector object (and the matrices it keeps)."""
     if projector is None:
-        n_params = None
-        if estimator.projector == "auto":  # decided by the size of the parameter selection
-            named = dict(estimator.model.named_parameters())
-            selected = select_parameters(estimator.model, estimator.params)
-            n_params = int(sum(named[name].numel() for name in selected))
-        projector = make_projector(estimator.projector, estimator.proj_dim, n_params)
+        projector = make_projector(estimator.projector, estimator.proj_dim)
     return GradientFeatures(
         estimator.model,
         estimator.task if task is None else task,
@@ -172,7 +166,7 @@ def projector_from_config(config: dict[str, Any]) -> Projector:
             "sparse_blowup": factorized.SPARSE_BLOWUP,
         }
         if config.get("variant") in factorized.MASK_VARIANTS:
-            constants.update(factorized.mask_constants())
+            constants.update(factorized.mask_constants(config["variant"]))
         differing = {
             key: config.get(key) for key, value in constants.items() if config.get(key) != value
         }

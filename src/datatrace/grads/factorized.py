@@ -17,10 +17,11 @@ embedding and LM head add their terms into one block). Variants:
 - ``"sparse"`` (FactGraSS): ``F`` keeps a uniformly random subset of ``k'`` coordinates scaled by
   ``√(dim/k')``, then a sparse JL (:class:`~datatrace.grads.projectors.SparseJLProjector`'s tables)
   maps the ``k'_out·k'_in`` products to the layer's ``k``. How many products are kept is a cost
-  rule (at ``MULTI_POSITION_BLOWUP``): ``k'_out·k'_in ≈ MULTI_POSITION_BLOWUP·k``, at most
-  ``MAX_KEPT_FRACTION`` of the block, or ``ONE_POSITION_BLOWUP·k`` for a block whose every call
-  the pilot pass saw at one position (its map ``"one_position_masks"`` in ``layer_maps``), and
-  never fewer than ``SPARSE_BLOWUP·k``.
+  rule (at ``MULTI_POSITION_BLOWUP``): ``k'_out·k'_in ≈ MULTI_POSITION_BLOWUP·k``, or
+  ``ONE_POSITION_BLOWUP·k`` for a block whose every call the pilot pass saw at one position (its
+  map ``"one_position_masks"`` in ``layer_maps``), never fewer than ``SPARSE_BLOWUP·k``; where
+  that is at least ``WHOLE_BLOCK_FRACTION`` of the block, the whole block (no masks: the sparse
+  JL of its exact gradient).
 - ``"sketch"`` (TensorSketch, Pham & Pagh 2013): ``nnz`` independent sketches of width
   ``w = k/nnz``, each scaled by ``1/√nnz`` (slice ``j`` of the features is sketch ``j``). Sketch
   ``j`` has CountSketch hashes ``h_out: [rows] → [w]``, ``h_in: [cols] → [w]`` and signs
@@ -111,6 +112,18 @@ weight also registered in an unsupported module) goes through :class:`PerExample
 restricted to those names, and is projected by one :class:`SparseJLProjector` (seed
 ``derive_seed(seed, "fallback")``) on its share of ``k`` (identity if the share covers it).
 
+**Pool** (FactGraSS): a block whose masks would keep its whole gradient (``WHOLE_BLOCK_FRACTION``)
+is not given a map of its own. Its whole gradient ``Σ_t g aᵀ``, formed from the hooks, joins the
+fallback's sparse JL after the fallback's parameters (in block order), and its share of ``k``
+joins the fallback's (``Block.pooled``, ``dim`` 0): the pool gets what the other blocks' shares
+leave of ``k`` (at least ``MIN_LAYER_DIM``). Each such block with its own JL would carry the
+``MIN_LAYER_DIM`` floor and a rounding to ``nnz``, and the split's pilot energies would decide
+its dimension alone; in the pool the floors go and the hashing spreads the pooled coordinates
+over the pool's ``k`` as one sparse JL of their concatenation does. On a small model
+(every block pooled) the features are whole-vector sparse JL of the exact gradient: a UNet of
+35 blocks lost 0.06 MRR of memorised-copy retrieval with a JL per block (docs/trak.md). Pooled
+blocks cost the same products as their own JL would; the pool is mapped by nnz scatter-adds.
+
 **Safety check.** Hooks see only uses of a weight through its module's ``forward``. On the first
 batch of each task, each block's features on ``check_examples`` examples are compared with the same
 map applied to vmap per-example gradients; a block that differs by more than ``√eps`` of the
@@ -172,34 +185,47 @@ PILOT_EXAMPLES = 64
 # more kept coordinates lower the masks' variance. A block used at S positions per example pays
 # S × kept multiply-adds for the products (summed over positions) and nnz × kept scatter-adds
 # for the JL, against S × size for the layer's own forward pass. So a multi-position block keeps
-# MULTI_POSITION_BLOWUP·k_l, but at most MAX_KEPT_FRACTION of its coordinates (its products then
-# cost at most that share of the layer's forward pass), and a block seen at one position per call
-# keeps ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than
-# SPARSE_BLOWUP·k_l (what earlier versions kept for every block; every variant records it as
-# "sparse_blowup"). Measured (docs/trak.md, "Where FactGraSS loses"; one run per setting, and
+# MULTI_POSITION_BLOWUP·k_l, and a block seen at one position per call keeps
+# ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than SPARSE_BLOWUP·k_l
+# (what earlier versions kept for every block; every variant records it as "sparse_blowup").
+# Where that is at least WHOLE_BLOCK_FRACTION of the block, the block keeps its whole gradient
+# (identity factors: Σ_t g aᵀ formed from the hooks, then the sparse JL). Such a block is small
+# next to its share of k: it costs at most 1/WHOLE_BLOCK_FRACTION times the masks it replaces,
+# and all such blocks together hold at most MULTI_POSITION_BLOWUP·k/WHOLE_BLOCK_FRACTION
+# coordinates, whatever the model's size. On small models, where most blocks are such, masks were
+# what FactGraSS lost to whole-vector sparse JL (GPT-2 fact tracing at k = 2048, one checkpoint:
+# MRR 0.887 with the earlier cap of a quarter of each block, 0.932 whole, sparse JL 0.930; the
+# MiniLM text classifier's pooler, LDS 0.609 → 0.627, sparse JL 0.628; docs/trak.md).
+# Measured for the blowups (docs/trak.md, "Where FactGraSS loses"; one run per setting, and
 # runs of the same setting differ by about 0.005: 0.913 and 0.918, 0.484 and 0.485): GPT-2 fact
 # tracing at k = 512, MRR 0.918 with 4, 0.933 with 16, 0.946 with 64 (whole-vector sparse JL
-# 0.954), and 0.917 / 0.940 with 64 capped at 1/16 / 1/4 of each block (the small model's blocks
-# reach the cap); the MiniLM text classifier's one-position pooler and head at k = 2048, LDS
-# 0.547 with 4, 0.585 with 8, 0.609 with 16 (0.628); the digits MLP at k = 512, 0.485 with 4,
-# 0.500 with 16 (0.502).
+# 0.954); the MiniLM text classifier's one-position pooler and head at k = 2048, LDS 0.547 with 4,
+# 0.585 with 8, 0.609 with 16 (0.628); the digits MLP at k = 512, 0.485 with 4, 0.500 with 16
+# (0.502).
 MULTI_POSITION_BLOWUP = 64
-MAX_KEPT_FRACTION = 1 / 4
 ONE_POSITION_BLOWUP = 16
 SPARSE_BLOWUP = 4
+WHOLE_BLOCK_FRACTION = 1 / 8
 # The variants whose maps use these masks (FactGraSS, and the hybrid's masked blocks and pilot)
 # record the constants of the cost rule in their config(): a store made under other values is
 # refused, not mixed.
 MASK_VARIANTS = ("sparse", "hybrid")
 
 
-def mask_constants() -> dict[str, float]:
-    """The cost rule's constants, as the variants in ``MASK_VARIANTS`` record them."""
-    return {
+# Recorded by FactGraSS: its whole blocks join the fallback's sparse JL (module docstring, "Pool").
+POOL_VERSION = 1
+
+
+def mask_constants(variant: str) -> dict[str, float]:
+    """The cost rule's constants, as ``variant`` (one of ``MASK_VARIANTS``) records them."""
+    constants = {
         "multi_position_blowup": MULTI_POSITION_BLOWUP,
         "one_position_blowup": ONE_POSITION_BLOWUP,
-        "max_kept_fraction": MAX_KEPT_FRACTION,
+        "whole_block_fraction": WHOLE_BLOCK_FRACTION,
     }
+    if variant == "sparse":
+        constants["pool"] = POOL_VERSION
+    return constants
 
 
 # Largest batch of materialised per-example gradients ``(batch, out, in)`` the cost rule allows.
@@ -364,7 +390,7 @@ class FactorizedProjector(Projector):
             "split": self.split,
         }
         if self.variant in MASK_VARIANTS:
-            config.update(mask_constants())
+            config.update(mask_constants(self.variant))
         if self.split == "gradient":
             config["layer_dims"] = None if self.layer_dims_ is None else dict(self.layer_dims_)
         if self.variant in LAYER_MAPS and self.split == "gradient":
@@ -575,17 +601,26 @@ class FactorizedProjector(Projector):
             )
         for block in blocks:
             self._size_block(block, shares[block.name], pilot)
+        pool_size, pool_share = sizes.get(FALLBACK, 0), shares.get(FALLBACK, 0)
+        if self.variant == "sparse" and not pilot:
+            # FactGraSS's whole blocks join the fallback's sparse JL (module docstring, "Pool"),
+            # which gets what the other blocks leave of k: the pooled blocks' floors go
+            for block in blocks:
+                if block.sparse_jl and block.k_rows * block.k_cols == block.size:
+                    block.pooled, block.dim = True, 0
+                    pool_size += block.size
+            if any(block.pooled for block in blocks):
+                own = sum(shares[block.name] for block in blocks if not block.pooled)
+                pool_share = max(self.proj_dim - own, MIN_LAYER_DIM)
         projector, fallback_dim = None, 0
-        if fallback:
-            share = -(-shares[FALLBACK] // self.nnz) * self.nnz
-            if share >= sizes[FALLBACK]:
-                projector, fallback_dim = IdentityProjector(), sizes[FALLBACK]
+        if pool_size:
+            share = -(-pool_share // self.nnz) * self.nnz
+            if share >= pool_size:
+                projector, fallback_dim = IdentityProjector(), pool_size
             else:
                 projector = SparseJLProjector(share, self.nnz, self.max_cache_bytes)
                 fallback_dim = share
-        return FactorizedPlan(
-            blocks, modules, fallback, projector, fallback_dim, sizes.get(FALLBACK, 0), norms
-        )
+        return FactorizedPlan(blocks, modules, fallback, projector, fallback_dim, pool_size, norms)
 
     def _size_block(self, block: Block, share: int, pilot: bool = False) -> None:
         if share >= block.size:
@@ -609,7 +644,9 @@ class FactorizedProjector(Projector):
         if (pilot and self.variant in LAYER_MAPS) or block_map == "one_position_masks":
             kept = ONE_POSITION_BLOWUP * dim
         else:
-            kept = min(MULTI_POSITION_BLOWUP * dim, int(block.size * MAX_KEPT_FRACTION))
+            kept = MULTI_POSITION_BLOWUP * dim
+        if kept >= block.size * WHOLE_BLOCK_FRACTION:
+            kept = block.size
         kept = min(block.size, max(kept, SPARSE_BLOWUP * dim))
         block.k_rows, block.k_cols = factor_dims(kept, block.rows, block.cols)
         block.dim, block.sparse_jl = dim, True
@@ -683,10 +720,38 @@ class FactorizedProjector(Projector):
 
         return self._cached(key, seed, make)
 
+    def _jl_matrix(self, block: Block, seed: int, like: torch.Tensor) -> torch.Tensor:
+        """The block's sparse JL as a ``(dim, k'_out·k'_in)`` CSR matrix (row: an output
+        coordinate, its entries the signed products hashed there): applied as one sparse-dense
+        product, a quarter to a third faster on the CPU than ``nnz`` scatter-adds of the
+        products, with the same sums."""
+        size = block.k_rows * block.k_cols
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (block.name, "jl-csr", size, block.dim, str(like.device), dtype)
+
+        def make():
+            buckets, signs = self._jl(block, seed, torch.zeros((), dtype=dtype))
+            flat = buckets.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            columns = torch.arange(size).repeat(self.nnz)[order]
+            rows = torch.zeros(block.dim + 1, dtype=torch.int64)
+            rows[1:] = torch.bincount(flat, minlength=block.dim).cumsum(0)
+            with warnings.catch_warnings():  # "CSR support is in beta": the product is tested
+                warnings.simplefilter("ignore", UserWarning)
+                matrix = torch.sparse_csr_tensor(
+                    rows, columns, signs.reshape(-1)[order], (block.dim, size),
+                    check_invariants=False,
+                ).to(like.device)  # fmt: skip
+            return matrix, (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1)
+
+        return self._cached(key, seed, make)
+
     def block_matrix(self, block: Block, seed: int) -> torch.Tensor:
         """The whole ``(rows·cols, dim)`` map of one block (float64 CPU), for tests and small
         layers: features are ``vec(G) @ block_matrix`` with ``G`` row-major, bias included."""
         like = torch.zeros((), dtype=torch.float64)
+        if block.pooled:
+            return torch.eye(block.size, dtype=like.dtype)
         if block.sketch:
             identity = torch.eye(block.size, dtype=like.dtype).unflatten(
                 1, (block.rows, block.cols)
@@ -705,7 +770,9 @@ class FactorizedProjector(Projector):
 
     def apply_map(self, block: Block, matrices: torch.Tensor, seed: int) -> torch.Tensor:
         """The block's map applied to materialised gradients ``(batch, rows, cols)`` (bias
-        included): ``(batch, dim)``."""
+        included): ``(batch, dim)``; a pooled block's whole gradients ``(batch, rows·cols)``."""
+        if block.pooled:
+            return matrices.reshape(len(matrices), -1)
         if block.sketch:
             out = matrices.new_zeros(len(matrices), block.dim)
             for buckets, signs in self._hashed_coordinates(block, seed, matrices):
@@ -736,13 +803,10 @@ class FactorizedProjector(Projector):
             spectra = products.unflatten(1, (self.nnz, -1))
             sketches = torch.fft.irfft(spectra, n=block.k_rows).flatten(1)
             return sketches.div_(math.sqrt(self.nnz))
-        if not block.sparse_jl:
+        if not block.sparse_jl or block.pooled:
             return products
-        buckets, signs = self._jl(block, seed, products)
-        out = products.new_zeros(len(products), block.dim)
-        for j in range(self.nnz):
-            out.index_add_(1, buckets[j], products * signs[j])
-        return out
+        matrix = self._jl_matrix(block, seed, products)
+        return (matrix @ products.to(matrix.dtype).T).T
 
     # -- the features -------------------------------------------------------------------------
 
@@ -805,12 +869,12 @@ class FactorizedProjector(Projector):
             grads = {name: full_precision(grad) for name, grad in grads.items()}
             for block in by_vmap:
                 features[block.name] = self.apply_map(block, _matrices(block, grads), seed)
-            if plan.fallback_names:
-                fallback = plan.fallback_projector.project(
-                    [grads[name] for name in plan.fallback_names], derive_seed(seed, "fallback")
-                )
+            pool = [grads[name] for name in plan.fallback_names]
+            pool += [features[block.name] for block in plan.pooled]
+            if pool:
+                fallback = plan.fallback_projector.project(pool, derive_seed(seed, "fallback"))
                 parts.append(fallback)
-            parts = [features[block.name] for block in plan.blocks] + parts
+            parts = [features[block.name] for block in plan.blocks if not block.pooled] + parts
             features = torch.cat([part.to(parts[0].dtype) for part in parts], dim=1)
         return features, None if weights is None else full_precision(weights)
 
@@ -894,7 +958,7 @@ class FactorizedProjector(Projector):
                     output = output.expand(n, *output.shape[1:]).clone()
                     calls.append(_Call(name, kind, module, ids, output, version=output._version))
                     return output
-                if not inputs or inputs[0].dim() < BATCHED_DIMS[kind] or inputs[0].shape[0] != n:
+                if not inputs or inputs[0].dim() < BATCHED_DIMS[kind] or not _rows_of(inputs[0], n):
                     bad[name] = "inputs not batched along the first dimension"
                     return None
                 calls.append(_Call(name, kind, module, inputs[0], output, version=output._version))
@@ -906,7 +970,7 @@ class FactorizedProjector(Projector):
             def hook(module, inputs, output):
                 call = _Call("", kind, module, None, output, norm_params)
                 x = inputs[0] if inputs else None
-                if x is None or x.shape[0] != n or not check_shapes(module, kind, x):
+                if x is None or not _rows_of(x, n) or not check_shapes(module, kind, x):
                     bad.update(dict.fromkeys(call.names(), "inputs not batched along dim 0"))
                     return None
                 call.block, call.inputs = call.names()[0], x
@@ -979,7 +1043,7 @@ class FactorizedProjector(Projector):
                     continue
                 grad, call.inputs = full_precision(grad.detach()), full_precision(call.inputs)
                 if call.norm_params is not None:
-                    _add_norm_gradients(call, grad, norm_grads)
+                    _add_norm_gradients(call, grad, norm_grads, n)
                     continue
                 block = by_block[call.block]
                 path, term = self._term(block, call, grad, n, seed)
@@ -990,7 +1054,7 @@ class FactorizedProjector(Projector):
                 if block.name in bad:
                     continue
                 parts = sums[block.name]
-                out = like.new_zeros(n, block.dim)
+                out = like.new_zeros(n, block.width)
                 if "factorized" in parts:
                     out += self._finish(block, parts["factorized"].reshape(n, -1), seed)
                 if "materialized" in parts:
@@ -1009,8 +1073,8 @@ class FactorizedProjector(Projector):
         """``("factorized", Σ_t (F_outᵀ u_t)(F_inᵀ v_t)ᵀ)`` or ``("materialized", Σ_t u_t v_tᵀ)``
         for one call, ``u``/``v`` the vectors along the block's rows/columns."""
         inputs, kind, module = call.inputs.detach(), call.kind, call.module
-        if kind in ("conv1d", "conv2d"):
-            output_side = grad.flatten(2).transpose(1, 2)
+        if kind in ("conv1d", "conv2d"):  # rows of one example are its positions (_rows_of)
+            output_side = grad.flatten(2).transpose(1, 2).reshape(n, -1, grad.shape[1])
         else:
             output_side = grad.reshape(n, -1, grad.shape[-1])
         positions = output_side.shape[1]
@@ -1024,6 +1088,7 @@ class FactorizedProjector(Projector):
             inputs = inputs.reshape(n, -1, inputs.shape[-1])
         if self._materialise(block, kind, positions, n, grad.element_size()):
             input_side = self._dense_input(inputs, module, kind, block, augmented, grad)
+            input_side = input_side.reshape(n, -1, input_side.shape[-1])
             u, v = (output_side, input_side) if input_axis == 1 else (input_side, output_side)
             return "materialized", torch.einsum("nsr,nsc->nrc", u, v)
         if block.sketch:
@@ -1031,6 +1096,15 @@ class FactorizedProjector(Projector):
         input_factor = self.factor(block, input_axis, seed, grad)
         output_factor = self.factor(block, 1 - input_axis, seed, grad)
         projected_output = output_factor.vectors(output_side, False)
+        if kind == "embedding" and input_factor.identity:
+            # every row kept: scatter each position's output gradient into its id's row
+            if module.padding_idx is not None:
+                keep = (inputs != module.padding_idx).unsqueeze(-1)
+                projected_output = projected_output * keep
+            out = projected_output.new_zeros(n * block.rows, projected_output.shape[-1])
+            rows = inputs + torch.arange(n, device=inputs.device).unsqueeze(1) * block.rows
+            out.index_add_(0, rows.reshape(-1), projected_output.reshape(-1, out.shape[1]))
+            return "factorized", out.reshape(n, block.rows, -1)
         if kind == "embedding":
             projected_input = input_factor.dense(grad)[inputs]
             if module.padding_idx is not None:
@@ -1043,6 +1117,7 @@ class FactorizedProjector(Projector):
             projected_input = input_factor.vectors(_unfold(inputs, module, kind), augmented)
         else:
             projected_input = input_factor.vectors(inputs, augmented)
+        projected_input = projected_input.reshape(n, -1, projected_input.shape[-1])
         u, v = (
             (projected_output, projected_input)
             if input_axis == 1
@@ -1058,9 +1133,10 @@ class FactorizedProjector(Projector):
         augmented = block.bias_axis is not None
         input_sketch = self.factor(block, input_axis, seed, like)
         output_sketch = self.factor(block, 1 - input_axis, seed, like)
+        n, positions = output_side.shape[:2]
         if kind in ("conv1d", "conv2d"):
             inputs = _unfold(inputs, module, kind)
-        n, positions = output_side.shape[:2]
+            inputs = inputs.reshape(n, -1, inputs.shape[-1])
         spectrum_bytes = 2 * like.element_size() * self.nnz * (block.k_rows // 2 + 1)
         step = max(1, SKETCH_WORK_BYTES // (n * spectrum_bytes))
         total = 0
@@ -1166,10 +1242,21 @@ def _masked_patches(factor: Factor, inputs, module, kind, augmented) -> torch.Te
     return out
 
 
-def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict) -> None:
-    """Add one normalisation call's per-example affine gradients into ``norm_grads``."""
+def _rows_of(x: torch.Tensor, n: int) -> bool:
+    """Whether ``x`` holds whole rows per example: ``n`` rows, or ``m·n`` rows taken as ``m``
+    consecutive rows per example (a model that folds draws, or positions, into the batch
+    example-major: ``(n, m, ...)`` reshaped to ``(n·m, ...)``); the first batch's safety check
+    catches a model whose rows are laid out otherwise."""
+    return x.dim() > 0 and x.shape[0] > 0 and x.shape[0] % n == 0
+
+
+def _add_norm_gradients(call: _Call, grad: torch.Tensor, norm_grads: dict, n: int) -> None:
+    """Add one normalisation call's per-example affine gradients into ``norm_grads`` (its rows
+    summed per example, :func:`_rows_of`)."""
     values = affine_gradients(call.module, call.kind, call.inputs.detach(), grad, call.norm_state)
     for name, value in zip(call.norm_params, values):
+        if value is not None and len(value) != n:
+            value = value.reshape(n, -1, *value.shape[1:]).sum(1)
         if name and value is not None:
             norm_grads[name] = norm_grads[name] + value if name in norm_grads else value
 

@@ -22,6 +22,7 @@ from datatrace.grads.memory import (
     ACTIVATION_FACTOR,
     FEATURE_FACTOR,
     PER_EXAMPLE_GRADIENT_FACTOR,
+    PRODUCT_FACTOR,
     activation_bytes,
     choose_batch_size,
     default_budget,
@@ -220,6 +221,10 @@ class GradientFeatures:
             plan = self.projector.plan(self.model, self.param_names)
             vmap_names = [n for b in plan.blocks if b.name in plan.moved for n in b.params]
             vmap_names += plan.vmap_names()
+            products = sum(
+                b.k_rows * b.k_cols for b in plan.blocks if b.sparse_jl and b.name not in plan.moved
+            )
+            per_example += PRODUCT_FACTOR * products * itemsize
         else:
             vmap_names = self.param_names
         vmap_size = sum(named[name].numel() for name in vmap_names)

@@ -103,11 +103,19 @@ class Block:
     dim: int = 0  # features of the block
     sparse_jl: bool = False  # a sparse JL maps the k_rows·k_cols products to dim
     sketch: bool = False  # TensorSketch: nnz sketches of width k_rows = k_cols, dim = nnz·width
+    # FactGraSS: the whole gradient goes into the pool's sparse JL (FactorizedPlan); dim is 0
+    pooled: bool = False
     path: str = "hooks"  # how its features were last computed
 
     @property
     def size(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def width(self) -> int:
+        """Columns of the block's part of the features before the pool: its whole gradient
+        when pooled, else its ``dim`` features."""
+        return self.size if self.pooled else self.dim
 
 
 @dataclass
@@ -119,7 +127,7 @@ class FactorizedPlan:
     fallback_names: list[str]
     fallback_projector: Projector | None
     fallback_dim: int
-    fallback_size: int = 0  # coordinates of the fallback's parameters
+    fallback_size: int = 0  # coordinates of the fallback's parameters and pooled blocks
     # (module, kind, weight name or None, bias name or None) of the normalisation layers whose
     # selected affine parameters (part of the fallback) come from hooks (norm_hooks)
     norms: list[tuple[nn.Module, str, str | None, str | None]] = field(default_factory=list)
@@ -144,15 +152,22 @@ class FactorizedPlan:
         return [name for name in self.fallback_names if name not in hooked]
 
     @property
+    def pooled(self) -> list[Block]:
+        """The blocks whose whole gradients the fallback's sparse JL maps with the fallback's
+        parameters (after them, in this order)."""
+        return [block for block in self.blocks if block.pooled]
+
+    @property
     def output_dim(self) -> int:
-        """Total number of features: the blocks' in order, then the fallback's."""
+        """Total number of features: the blocks' in order, then the fallback's (with the
+        pooled blocks)."""
         return sum(block.dim for block in self.blocks) + self.fallback_dim
 
     def parts(self) -> list[tuple[str, int, int]]:
-        """``(name, coordinates, features)`` of each block, then of the fallback
-        (``"(other)"``), in the order of the features."""
-        parts = [(block.name, block.size, block.dim) for block in self.blocks]
-        if self.fallback_names:
+        """``(name, coordinates, features)`` of each block not pooled, then of the fallback
+        (``"(other)"``, with the pooled blocks' coordinates), in the order of the features."""
+        parts = [(block.name, block.size, block.dim) for block in self.blocks if not block.pooled]
+        if self.fallback_names or self.pooled:
             parts.append((FALLBACK, self.fallback_size, self.fallback_dim))
         return parts
 
@@ -168,13 +183,14 @@ class FactorizedPlan:
                 "kind": "+".join(block.kinds),
                 "path": "vmap" if block.name in self.moved else block.path,
                 "k": block.dim,
+                "pooled": block.pooled,
                 "params": list(block.params),
                 "shape": (block.rows, block.cols),
                 "factors": (block.k_rows, block.k_cols),
             }
             for block in self.blocks
         ]
-        if self.fallback_names:
+        if self.fallback_names or self.pooled:
             by_vmap = self.vmap_names()
             if not by_vmap:
                 path = "hooks"
@@ -188,6 +204,7 @@ class FactorizedPlan:
                     "k": self.fallback_dim,
                     "params": list(self.fallback_names),
                     "vmap_params": by_vmap,
+                    "pooled_blocks": [block.name for block in self.pooled],
                 }
             )
         return rows

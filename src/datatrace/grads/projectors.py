@@ -96,11 +96,16 @@ class Projector(ABC):
         return value
 
 
-def _flat(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _flat(grads: Sequence[torch.Tensor], keep_float64: bool = False) -> list[torch.Tensor]:
+    """``(batch, -1)`` views of ``grads`` in float32 (float64 kept with ``keep_float64``: the
+    factorised blocks' features, which these projectors' outputs join, are in the activations'
+    dtype)."""
     if not grads:
         raise ValueError("no gradient blocks to project")
     batch = grads[0].shape[0]
-    return [g.reshape(batch, -1).float() for g in grads]
+    flat = [g.reshape(batch, -1) for g in grads]
+    keep = (torch.float64,) if keep_float64 else ()
+    return [g if g.dtype in keep else g.float() for g in flat]
 
 
 class IdentityProjector(Projector):
@@ -113,7 +118,7 @@ class IdentityProjector(Projector):
         return int(sum(sizes))
 
     def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-        return torch.cat(_flat(grads), dim=1)
+        return torch.cat(_flat(grads, keep_float64=True), dim=1)
 
 
 class DenseProjector(Projector):
@@ -267,7 +272,9 @@ class SparseJLProjector(Projector):
         return torch.cat(buckets, dim=1), sign
 
     def project(self, grads: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-        flat = _flat(grads)
+        flat = _flat(grads, keep_float64=True)
+        if len({g.dtype for g in flat}) > 1:
+            flat = [g.double() for g in flat]
         device = flat[0].device
         sizes = tuple(g.shape[1] for g in flat)
         tables = self._cached(
@@ -278,7 +285,7 @@ class SparseJLProjector(Projector):
                 for index, size in enumerate(sizes)
             ],
         )
-        out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device)
+        out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device, dtype=flat[0].dtype)
         for g, (buckets, signs) in zip(flat, tables):
             signed = torch.empty_like(g)
             for j in range(self.nnz):
@@ -298,24 +305,18 @@ FACTORIZED_NAMES = {
     "tensorsketch": "sketch",
     "hybrid": "hybrid",
 }
-# What ``projector="auto"`` (the default) builds for AUTO_FACTORIZED_MIN_PARAMS selected
-# parameters or more: per-layer FactGraSS (masks, then sparse JL) of the factorised gradients
-# with the gradient-energy split of k (other parameters by per-example gradients and sparse JL):
-# the fastest per-layer map on every large model measured, with the LDS of TensorSketch; below,
-# whole-vector sparse JL of per-example gradients, which are cheap there and up to 0.035 LDS
-# better at small k. Chosen in benchmarks/projector_study.py and perf_featurize.py (docs/trak.md,
-# "Projections").
+# What ``projector="auto"`` (the default) builds: per-layer FactGraSS (masks, then sparse JL)
+# of the factorised gradients with the gradient-energy split of k (other parameters by per-example
+# gradients and sparse JL), at every model size. A block small next to its share of k keeps its
+# whole gradient before the JL (factorized.WHOLE_BLOCK_FRACTION), so on small models it is
+# per-layer sparse JL of exact per-layer gradients: within the run-to-run spread of whole-vector
+# sparse JL on every family measured, and faster on all but the smallest (benchmarks/
+# projector_study.py, perf_featurize.py; docs/trak.md "Projections").
 AUTO_PROJECTOR = "factgrass"
-AUTO_SMALL_PROJECTOR = "sparse"
-AUTO_FACTORIZED_MIN_PARAMS = 1_000_000
 
 
-def make_projector(
-    projector: str | Projector, proj_dim: int | None, n_params: int | None = None
-) -> Projector:
-    """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR` for ``n_params`` selected
-    parameters of at least :data:`AUTO_FACTORIZED_MIN_PARAMS`, or unknown; else
-    :data:`AUTO_SMALL_PROJECTOR`), ``"sparse"``, ``"dense"``,
+def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:
+    """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR`), ``"sparse"``, ``"dense"``,
     ``"rademacher"``, ``"identity"``, ``"factorized"`` (or ``"logra"``: per-layer Gaussian
     factors), ``"factgrass"`` (per-layer masks and sparse JL) or ``"tensorsketch"`` (per-layer
     TensorSketch), or as given.
@@ -326,14 +327,12 @@ def make_projector(
     if isinstance(projector, Projector):
         return projector
     if projector == "auto":
-        small = n_params is not None and n_params < AUTO_FACTORIZED_MIN_PARAMS
-        projector = AUTO_SMALL_PROJECTOR if small else AUTO_PROJECTOR
+        projector = AUTO_PROJECTOR
     if projector == "identity":
         return IdentityProjector()
     if projector not in ("sparse", "dense", "gaussian", "rademacher", *FACTORIZED_NAMES):
         raise ValueError(
-            f"unknown projector {projector!r}: use 'auto' (default: per-layer FactGraSS for "
-            "models of a million parameters or more, sparse JL below), "
+            f"unknown projector {projector!r}: use 'auto' (default: per-layer FactGraSS), "
             "'sparse', 'dense' (Gaussian), 'rademacher', 'identity', 'factorized' (or 'logra'), "
             "'factgrass', 'tensorsketch', 'hybrid', or a Projector object"
         )

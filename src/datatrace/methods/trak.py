@@ -59,11 +59,12 @@ class TRAK:
         model: the module; it is never modified (checkpoints are swapped in functionally).
         task: what output is attributed (e.g. :class:`~datatrace.tasks.Classification`).
         proj_dim: projection dimension ``k``.
-        projector: ``"auto"`` (default): for a million selected parameters or more, per-layer
-            projections computed from each layer's inputs and output gradients, never forming a
-            per-example gradient (FactGraSS, ``k`` split across layers by gradient energy;
-            other parameters by per-example gradients and sparse JL); below, ``"sparse"``
-            (docs/trak.md "Projections"). ``"sparse"``: per-example gradients, then sparse JL;
+        projector: ``"auto"`` (default): ``"factgrass"``, per-layer projections computed from
+            each layer's inputs and output gradients, never forming a per-example gradient of
+            the whole model (``k`` split across layers by gradient energy; layers small next
+            to their share of ``k`` and other parameters through one sparse JL of their exact
+            gradients; docs/trak.md "Projections"). ``"sparse"``: per-example gradients, then
+            sparse JL;
             ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``
             (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
             projection), or a ``Projector``.
