@@ -897,14 +897,14 @@ def test_hybrid_sketches_one_position_blocks_and_masks_the_others():
 
 
 class SmallWideAndOne(nn.Module):
-    """``body`` (40 × 10 with its bias) and ``wide`` (600 × 41) at four positions, ``head``
-    (30 × 601) at one."""
+    """``body`` (40 × 10 with its bias) and ``wide`` (2000 × 41) at four positions, ``head``
+    (30 × 2001) at one."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Linear(9, 40)
-        self.wide = nn.Linear(40, 600)
-        self.head = nn.Linear(600, 30)
+        self.wide = nn.Linear(40, 2000)
+        self.head = nn.Linear(2000, 30)
 
     def forward(self, x):
         hidden = torch.tanh(self.wide(torch.tanh(self.body(x)))).mean(1)  # one position
@@ -922,12 +922,12 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     plan = projector.plan(model, names)
     blocks = {block.name: block for block in plan.blocks}
     body, wide, head = blocks["body.weight"], blocks["wide.weight"], blocks["head.weight"]
-    assert (body.size, wide.size, head.size) == (40 * 10, 600 * 41, 30 * 601)
+    assert (body.size, wide.size, head.size) == (40 * 10, 2000 * 41, 30 * 2001)
     # body: MULTI_POSITION_BLOWUP·k_l products are at least WHOLE_BLOCK_FRACTION of it, so its
     # whole gradient joins the pool (the fallback's sparse JL, with its share of k); wide, at
-    # four positions, keeps MULTI_POSITION_BLOWUP·k_l, and head, at one position,
-    # ONE_POSITION_BLOWUP·k_l (both below that fraction), each with its own sparse JL.
-    # Products as factor_dims rounds them.
+    # four positions, keeps MULTI_POSITION_BLOWUP·k_l (below that fraction), and head, at one
+    # position, ONE_POSITION_BLOWUP·k_l (below ONE_POSITION_WHOLE_FRACTION), each with its own
+    # sparse JL. Products as factor_dims rounds them.
     whole = factorized.WHOLE_BLOCK_FRACTION
     body_share = projector.layer_dims_["body.weight"]
     assert factorized.MULTI_POSITION_BLOWUP * body_share >= whole * body.size
@@ -939,10 +939,10 @@ def test_factgrass_sizes_its_masks_by_the_positions_of_each_block():
     assert not wide.pooled and not head.pooled
     wide_kept = factorized.MULTI_POSITION_BLOWUP * wide.dim
     assert factorized.SPARSE_BLOWUP * wide.dim < wide_kept < whole * wide.size
-    assert (wide.k_rows, wide.k_cols) == factor_dims(wide_kept, 600, 41)
+    assert (wide.k_rows, wide.k_cols) == factor_dims(wide_kept, 2000, 41)
     head_kept = factorized.ONE_POSITION_BLOWUP * head.dim
-    assert head_kept < whole * head.size
-    assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 601)
+    assert head_kept < factorized.ONE_POSITION_WHOLE_FRACTION * head.size
+    assert (head.k_rows, head.k_cols) == factor_dims(head_kept, 30, 2001)
     assert body.sparse_jl and wide.sparse_jl and head.sparse_jl
     got = featurize(projector, model, batch)
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)

@@ -20,8 +20,8 @@ embedding and LM head add their terms into one block). Variants:
   rule (at ``MULTI_POSITION_BLOWUP``): ``k'_out·k'_in ≈ MULTI_POSITION_BLOWUP·k``, or
   ``ONE_POSITION_BLOWUP·k`` for a block whose every call the pilot pass saw at one position (its
   map ``"one_position_masks"`` in ``layer_maps``), never fewer than ``SPARSE_BLOWUP·k``; where
-  that is at least ``WHOLE_BLOCK_FRACTION`` of the block, the whole block (no masks: the sparse
-  JL of its exact gradient).
+  that is at least ``WHOLE_BLOCK_FRACTION`` of the block (``ONE_POSITION_WHOLE_FRACTION`` at one
+  position), the whole block (no masks: its exact gradient, see "Pool").
 - ``"sketch"`` (TensorSketch, Pham & Pagh 2013): ``nnz`` independent sketches of width
   ``w = k/nnz``, each scaled by ``1/√nnz`` (slice ``j`` of the features is sketch ``j``). Sketch
   ``j`` has CountSketch hashes ``h_out: [rows] → [w]``, ``h_in: [cols] → [w]`` and signs
@@ -112,17 +112,18 @@ weight also registered in an unsupported module) goes through :class:`PerExample
 restricted to those names, and is projected by one :class:`SparseJLProjector` (seed
 ``derive_seed(seed, "fallback")``) on its share of ``k`` (identity if the share covers it).
 
-**Pool** (FactGraSS): a block whose masks would keep its whole gradient (``WHOLE_BLOCK_FRACTION``)
-is not given a map of its own. Its whole gradient ``Σ_t g aᵀ``, formed from the hooks, joins the
-fallback's sparse JL after the fallback's parameters (in block order), and its share of ``k``
-joins the fallback's (``Block.pooled``, ``dim`` 0): the pool gets what the other blocks' shares
-leave of ``k`` (at least ``MIN_LAYER_DIM``). Each such block with its own JL would carry the
-``MIN_LAYER_DIM`` floor and a rounding to ``nnz``, and the split's pilot energies would decide
-its dimension alone; in the pool the floors go and the hashing spreads the pooled coordinates
-over the pool's ``k`` as one sparse JL of their concatenation does. On a small model
-(every block pooled) the features are whole-vector sparse JL of the exact gradient: a UNet of
-35 blocks lost 0.06 MRR of memorised-copy retrieval with a JL per block (docs/trak.md). Pooled
-blocks cost the same products as their own JL would; the pool is mapped by nnz scatter-adds.
+**Pool** (FactGraSS): a block whose masks would keep its whole gradient
+(``WHOLE_BLOCK_FRACTION``, ``ONE_POSITION_WHOLE_FRACTION``) is not given a map of its own. Its
+whole gradient ``Σ_t g aᵀ``, formed from the hooks, joins the fallback's sparse JL after the
+fallback's parameters (in block order), and its share of ``k`` joins the fallback's
+(``Block.pooled``, ``dim`` 0): the pool gets what the other blocks' shares leave of ``k`` (at
+least ``MIN_LAYER_DIM``). Each such block with its own JL would carry the ``MIN_LAYER_DIM`` floor
+and a rounding to ``nnz``, and the split's pilot energies would decide its dimension alone; in
+the pool the floors go and the hashing spreads the pooled coordinates over the pool's ``k`` as
+one sparse JL of their concatenation does. On a small model (every block pooled) the features
+are whole-vector sparse JL of the exact gradient (the same distribution, other hashes); the
+diffusion family's UNet of 35 blocks would otherwise spend 16 of ``k`` on each of its nine
+time-embedding projections. Pooled blocks cost the same products as their own JL would.
 
 **Safety check.** Hooks see only uses of a weight through its module's ``forward``. On the first
 batch of each task, each block's features on ``check_examples`` examples are compared with the same
@@ -188,14 +189,20 @@ PILOT_EXAMPLES = 64
 # MULTI_POSITION_BLOWUP·k_l, and a block seen at one position per call keeps
 # ONE_POSITION_BLOWUP·k_l, where the JL's scatter dominates; never fewer than SPARSE_BLOWUP·k_l
 # (what earlier versions kept for every block; every variant records it as "sparse_blowup").
-# Where that is at least WHOLE_BLOCK_FRACTION of the block, the block keeps its whole gradient
+# Where that is at least WHOLE_BLOCK_FRACTION of a multi-position block, or
+# ONE_POSITION_WHOLE_FRACTION of a one-position block, the block keeps its whole gradient
 # (identity factors: Σ_t g aᵀ formed from the hooks, then the sparse JL). Such a block is small
-# next to its share of k: it costs at most 1/WHOLE_BLOCK_FRACTION times the masks it replaces,
-# and all such blocks together hold at most MULTI_POSITION_BLOWUP·k/WHOLE_BLOCK_FRACTION
-# coordinates, whatever the model's size. On small models, where most blocks are such, masks were
-# what FactGraSS lost to whole-vector sparse JL (GPT-2 fact tracing at k = 2048, one checkpoint:
-# MRR 0.887 with the earlier cap of a quarter of each block, 0.932 whole, sparse JL 0.930; the
-# MiniLM text classifier's pooler, LDS 0.609 → 0.627, sparse JL 0.628; docs/trak.md).
+# next to its share of k: it costs at most 1/fraction times the masks it replaces, and all such
+# blocks together hold at most MULTI_POSITION_BLOWUP·k/WHOLE_BLOCK_FRACTION coordinates, whatever
+# the model's size. At S positions the whole gradient costs S·size multiply-adds (the layer's own
+# weight gradient in training) and the JL nnz·size, so the multi-position fraction is looser; at
+# one position the JL's scatter is most of the cost (the 422k CNN's 401k-coordinate linear layer
+# whole: featurizing 13.6–15.0 s instead of 3.4–3.6 s). On small models, where most blocks are
+# whole, masks were what FactGraSS lost to whole-vector sparse JL (GPT-2 fact tracing at
+# k = 2048, one checkpoint: MRR 0.887 with the earlier cap of a quarter of each block, 0.931
+# whole, sparse JL 0.930; the MiniLM text classifier's pooler, LDS 0.609 → 0.622, sparse JL
+# 0.628; T5 fact tracing at k = 512, three checkpoints, 0.965 with 1/8 for multi-position
+# blocks, 0.982 with 1/32, sparse JL 0.979; docs/trak.md).
 # Measured for the blowups (docs/trak.md, "Where FactGraSS loses"; one run per setting, and
 # runs of the same setting differ by about 0.005: 0.913 and 0.918, 0.484 and 0.485): GPT-2 fact
 # tracing at k = 512, MRR 0.918 with 4, 0.933 with 16, 0.946 with 64 (whole-vector sparse JL
@@ -205,7 +212,8 @@ PILOT_EXAMPLES = 64
 MULTI_POSITION_BLOWUP = 64
 ONE_POSITION_BLOWUP = 16
 SPARSE_BLOWUP = 4
-WHOLE_BLOCK_FRACTION = 1 / 8
+WHOLE_BLOCK_FRACTION = 1 / 32
+ONE_POSITION_WHOLE_FRACTION = 1 / 8
 # The variants whose maps use these masks (FactGraSS, and the hybrid's masked blocks and pilot)
 # record the constants of the cost rule in their config(): a store made under other values is
 # refused, not mixed.
@@ -222,6 +230,7 @@ def mask_constants(variant: str) -> dict[str, float]:
         "multi_position_blowup": MULTI_POSITION_BLOWUP,
         "one_position_blowup": ONE_POSITION_BLOWUP,
         "whole_block_fraction": WHOLE_BLOCK_FRACTION,
+        "one_position_whole_fraction": ONE_POSITION_WHOLE_FRACTION,
     }
     if variant == "sparse":
         constants["pool"] = POOL_VERSION
@@ -642,10 +651,10 @@ class FactorizedProjector(Projector):
             return
         block_map = (self.layer_maps_ or {}).get(block.name)
         if (pilot and self.variant in LAYER_MAPS) or block_map == "one_position_masks":
-            kept = ONE_POSITION_BLOWUP * dim
+            kept, whole = ONE_POSITION_BLOWUP * dim, ONE_POSITION_WHOLE_FRACTION
         else:
-            kept = MULTI_POSITION_BLOWUP * dim
-        if kept >= block.size * WHOLE_BLOCK_FRACTION:
+            kept, whole = MULTI_POSITION_BLOWUP * dim, WHOLE_BLOCK_FRACTION
+        if kept >= block.size * whole:
             kept = block.size
         kept = min(block.size, max(kept, SPARSE_BLOWUP * dim))
         block.k_rows, block.k_cols = factor_dims(kept, block.rows, block.cols)
@@ -1113,10 +1122,19 @@ class FactorizedProjector(Projector):
             projected_input = _masked_patches(input_factor, inputs, module, kind, augmented)
         elif kind in ("conv1d", "conv2d") and not input_factor.identity:
             projected_input = self._conv_input(input_factor, inputs, module, kind, augmented, grad)
-        elif kind in ("conv1d", "conv2d"):
-            projected_input = input_factor.vectors(_unfold(inputs, module, kind), augmented)
         else:
-            projected_input = input_factor.vectors(inputs, augmented)
+            raw = _unfold(inputs, module, kind) if kind in ("conv1d", "conv2d") else inputs
+            if input_factor.identity and augmented:
+                # the bias coordinate's term is the summed output side, appended to the
+                # products: no column of ones on every position's input (a copy of the patches)
+                raw = raw.reshape(n, -1, raw.shape[-1])
+                bias = projected_output.sum(1)
+                if input_axis == 1:
+                    products = torch.einsum("nsr,nsc->nrc", projected_output, raw)
+                    return "factorized", torch.cat([products, bias.unsqueeze(2)], 2)
+                products = torch.einsum("nsr,nsc->nrc", raw, projected_output)
+                return "factorized", torch.cat([products, bias.unsqueeze(1)], 1)
+            projected_input = input_factor.vectors(raw, augmented)
         projected_input = projected_input.reshape(n, -1, projected_input.shape[-1])
         u, v = (
             (projected_output, projected_input)
