@@ -345,6 +345,35 @@ def test_trak_with_k_above_n_equals_closed_form_and_zero_damping_works(trained_m
         np.testing.assert_allclose(got / scale, want / scale, atol=5e-4)
 
 
+def test_statistics_from_the_dual_gram_equal_those_from_the_features():
+    """The dual case reads the trace and the neighbour cosines off ``ΦΦᵀ``: the same values as
+    the features give, with a duplicated row (cosine 1), a zero row (cosine 0) and more sampled
+    rows than NEIGHBOUR_SAMPLE."""
+    rng = np.random.default_rng(3)
+    for n, k in ((30, 50), (400, 20), (1, 5)):
+        phi = rng.standard_normal((n, k))
+        if n > 2:
+            phi[1] = 2.5 * phi[0]
+            phi[2] = 0.0
+        got = KernelStatistics.of_dual_gram(phi @ phi.T, k)
+        want = KernelStatistics.of(phi)
+        assert (got.n_train, got.dim) == (want.n_train, want.dim) == (n, k)
+        assert got.trace == pytest.approx(want.trace, rel=1e-12)
+        assert got.neighbour_cosine == pytest.approx(want.neighbour_cosine, abs=1e-12)
+
+
+def test_a_dual_fit_records_the_statistics_of_its_features(trained_mlps):
+    models, X, y = trained_mlps
+    trak = dt.TRAK(models[0], dt.Classification(), proj_dim=256, progress=False)
+    trak.fit((X[:100], y[:100]))  # k > n: the dual
+    assert trak.dual_
+    features = trak.store_.root["features/0/features"][:].astype(np.float64)
+    recorded = trak.store_.root["features/0"].attrs["statistics"]
+    want = KernelStatistics.of(features)
+    assert recorded["trace"] == pytest.approx(want.trace, rel=1e-12)
+    assert recorded["neighbour_cosine"] == pytest.approx(want.neighbour_cosine, abs=1e-12)
+
+
 def test_damping_rule_at_its_limits_and_its_scale():
     """Orthogonal gradients (ρ = 0) get the light end of the ramp, clusters of parallel ones
     (ρ = 1) the heavy end; λ scales with the gradients' squared norm, and an ensemble of C

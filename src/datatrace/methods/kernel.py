@@ -81,6 +81,15 @@ class KernelStatistics:
             neighbour_cosine(features[rows], rows, chunks),
         )
 
+    @classmethod
+    def of_dual_gram(cls, gram: np.ndarray, dim: int, seed: int = 0) -> KernelStatistics:
+        """The same statistics as :meth:`of`, from the ``(n, n)`` float64 dual Gram ``ΦΦᵀ`` of
+        the training features (dimension ``dim``) instead of the features: its trace, and
+        cosines ``G_ij / √(G_ii G_jj)``. The dual case forms that Gram anyway, so ``Φ`` is not
+        read again."""
+        rows = neighbour_sample(len(gram), seed)
+        return cls(len(gram), dim, float(np.trace(gram)), neighbour_cosine_of_gram(gram, rows))
+
     @property
     def mean_diagonal(self) -> float:
         """``tr(ΦᵀΦ)/k``, the mean diagonal entry of ``ΦᵀΦ``."""
@@ -121,6 +130,19 @@ def neighbour_cosine(
         inside = (sample_rows >= start) & (sample_rows < stop)
         cosine[np.flatnonzero(inside), sample_rows[inside] - start] = -np.inf
         best = np.maximum(best, cosine.max(axis=1))
+    finite = best[np.isfinite(best)]
+    return float(np.median(finite)) if finite.size else 0.0
+
+
+def neighbour_cosine_of_gram(gram: np.ndarray, sample_rows: np.ndarray) -> float:
+    """:func:`neighbour_cosine` of the training examples ``sample_rows`` from the dual Gram
+    ``ΦΦᵀ`` ``(n, n)`` of all training features (a zero feature vector: cosine 0)."""
+    if len(sample_rows) == 0:
+        return 0.0
+    norms = np.maximum(np.sqrt(np.clip(np.diag(gram), 0.0, None)), 1e-300)
+    cosine = gram[sample_rows] / norms[sample_rows, None] / norms[None, :]
+    cosine[np.arange(len(sample_rows)), sample_rows] = -np.inf
+    best = cosine.max(axis=1)
     finite = best[np.isfinite(best)]
     return float(np.median(finite)) if finite.size else 0.0
 

@@ -281,14 +281,17 @@ class TRAK:
         self.n_train_ = stored[0].n_train  # less removed examples (add/remove_examples)
         self.feature_dim_ = self.features_.dim
         self.out_to_loss_ = np.stack([part.train_out_to_loss() for part in stored])
-        statistics = [part.statistics() for part in stored]
-        self.damping_ = np.array([self._damping(stats) for stats in statistics])
-        self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         self.dual_ = uses_dual(self.feature_dim_, self.n_train_)
-        self.kernels_ = [
-            Kernel(part.gram(dual=self.dual_), damping, self.dual_)
-            for part, damping in zip(stored, self.damping_)
-        ]
+        statistics, self.kernels_ = [], []
+        for part in stored:  # one checkpoint's Gram in memory at a time
+            # the dual Gram also gives the statistics (trace, neighbour cosines) without Φ
+            gram = part.gram(dual=True) if self.dual_ else None
+            statistics.append(part.statistics(gram))
+            damping = self._damping(statistics[-1])
+            self.kernels_.append(Kernel(part.gram() if gram is None else gram, damping, self.dual_))
+            del gram
+        self.damping_ = np.array([kernel.damping for kernel in self.kernels_])
+        self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         return self
 
     def _damping(self, statistics) -> float:

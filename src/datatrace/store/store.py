@@ -721,13 +721,18 @@ class CheckpointFeatures:
             update["gram_chunks"] = self.n_chunks
         self.group.attrs.update(update)
 
-    def statistics(self) -> KernelStatistics:
+    def statistics(self, dual_gram: np.ndarray | None = None) -> KernelStatistics:
         """The :class:`~datatrace.methods.kernel.KernelStatistics` (traces) the damping rules
-        read, of the kept rows."""
+        read, of the kept rows; from ``dual_gram`` (:meth:`gram` with ``dual``) when given,
+        without reading ``Φ``."""
         recorded = self.group.attrs.get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
             return KernelStatistics(**recorded)
         self._require_complete("choosing the damping")
+        if dual_gram is not None:
+            statistics = KernelStatistics.of_dual_gram(dual_gram, self.features.shape[1])
+            self.group.attrs["statistics"] = asdict(statistics)
+            return statistics
         rows = neighbour_sample(self.n_train)
         sample = self.features[self.train_rows()[rows], :]
         trace = 0.0
