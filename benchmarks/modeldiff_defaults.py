@@ -8,8 +8,9 @@ carry a patch). Per seed, TRAK on 2 checkpoints per algorithm and ModelDiff on t
 images; reported: precision of the patched training images among the top ``K`` (10, and the
 number of patched images) of the first A-vs-B direction's positive end, for
 
-* the old defaults: ``TRAK(proj_dim=2048, damping=1.0)`` (relative to the mean diagonal of
-  ``ΦᵀΦ``) and ``ModelDiff(divide_out_to_loss=False)``;
+* the old defaults: ``TRAK(proj_dim=2048, damping=1.0, projector="sparse")`` (damping relative
+  to the mean diagonal of ``ΦᵀΦ``; sparse JL was the default projection of small models) and
+  ``ModelDiff(divide_out_to_loss=False)``;
 * the new defaults: ``TRAK()`` and ``ModelDiff()``;
 * every combination of ``k`` in 256, 1024, 2048, relative damping in 0.1, 1, 10 and Q divided
   out or not (the best is the row the table's "best" column reports).
@@ -82,7 +83,10 @@ def main(argv=None) -> None:
         }
         n_patched = len(data.patched)
         settings = {
-            "old defaults": (attribute_both(data, states, proj_dim=2048, damping=1.0), False),
+            "old defaults": (
+                attribute_both(data, states, proj_dim=2048, damping=1.0, projector="sparse"),
+                False,
+            ),
             "new defaults": (attribute_both(data, states), "auto"),
         }
         grid = {}
