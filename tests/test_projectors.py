@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,35 @@ def test_auto_projects_per_layer_at_every_size():
         # the small model's blocks are small next to their share of k: their whole gradients
         # go through one sparse JL; the large model's first layer is masked
         assert plan.blocks[0].pooled is pooled
+
+
+def test_auto_keeps_the_projection_of_an_existing_store(tmp_path):
+    """A store featurized with sparse JL (the default of small models before) resumes and extends
+    under projector="auto" with the same features; a new store, or another k, gets FactGraSS."""
+    from torch import nn
+
+    import datatrace as dt
+    from datatrace.grads.factorized import FactorizedProjector
+    from datatrace.grads.projectors import SparseJLProjector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
+    data = (torch.randn(64, 20), torch.randint(0, 5, (64,)))
+    first = [{k: v.clone() for k, v in model.state_dict().items()}]
+    second = [{k: v + 0.01 for k, v in first[0].items()}]
+
+    def trak(**settings):
+        return dt.TRAK(model, dt.Classification(), proj_dim=64, progress=False, **settings)
+
+    trak(projector="sparse", store=tmp_path / "old").fit(data, first)
+    resumed = trak(store=tmp_path / "old").fit(data, first + second)  # a checkpoint added
+    assert isinstance(resumed.features_.projector, SparseJLProjector)
+    reference = trak(projector="sparse").fit(data, first + second)
+    np.testing.assert_allclose(
+        resumed.score(data).scores, reference.score(data).scores, rtol=1e-6, atol=1e-9
+    )
+    fresh = trak(store=tmp_path / "new").fit(data, first)
+    assert isinstance(fresh.features_.projector, FactorizedProjector)
+    with pytest.raises(dt.StoreMismatchError, match="projector"):  # another k: not adopted
+        dt.TRAK(model, dt.Classification(), proj_dim=32, progress=False,
+                store=tmp_path / "old").fit(data, first)  # fmt: skip

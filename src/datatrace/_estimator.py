@@ -75,7 +75,9 @@ def gradient_features(
     ``device``, ``progress``); ``task`` replaces its task (targets scored with another output),
     ``projector`` reuses a projector object (and the matrices it keeps)."""
     if projector is None:
-        projector = make_projector(estimator.projector, estimator.proj_dim)
+        projector = stored_projector(estimator) or make_projector(
+            estimator.projector, estimator.proj_dim
+        )
     return GradientFeatures(
         estimator.model,
         estimator.task if task is None else task,
@@ -90,6 +92,31 @@ def gradient_features(
         memory_budget=getattr(estimator, "memory_budget", None),
         precision=getattr(estimator, "precision", None),
     )
+
+
+def stored_projector(estimator: Any) -> Projector | None:
+    """For ``projector="auto"``, the per-example projector (sparse JL, dense, identity) an existing
+    store's features were made with when its ``k`` is the estimator's: resuming or extending a
+    store keeps its projection although the default has changed since (sparse JL was the default
+    below a million parameters). ``None`` where there is no store, its features were factorised
+    (the default's own; a fitted split is adopted as usual), or its projector is not one this
+    version rebuilds."""
+    location = getattr(estimator, "store", None)
+    if estimator.projector != "auto" or location is None:
+        return None
+    try:
+        recorded = open_existing_store(location, read_only=True).provenance("features")
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    config = (recorded or {}).get("projector")
+    if not isinstance(config, dict) or config.get("proj_dim") != estimator.proj_dim:
+        return None
+    if config.get("name") == "factorized":  # the default's own: its split is adopted as usual
+        return None
+    try:
+        return projector_from_config(config)
+    except (ValueError, KeyError):  # another version's map: the provenance check says so
+        return None
 
 
 def checked_examples(

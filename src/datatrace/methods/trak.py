@@ -63,8 +63,9 @@ class TRAK:
             each layer's inputs and output gradients, never forming a per-example gradient of
             the whole model (``k`` split across layers by gradient energy; layers small next
             to their share of ``k`` and other parameters through one sparse JL of their exact
-            gradients; docs/trak.md "Projections"). ``"sparse"``: per-example gradients, then
-            sparse JL;
+            gradients; docs/trak.md "Projections"); a store already holding features made with
+            another built-in projection at this ``k`` keeps it. ``"sparse"``: per-example
+            gradients, then sparse JL;
             ``"tensorsketch"``, ``"factgrass"``, ``"factorized"``
             (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
             projection), or a ``Projector``.
