@@ -1070,3 +1070,35 @@ def test_rows_folded_into_the_batch_are_positions_of_their_example(model_class):
         assert not moved and set(paths.values()) <= {"factorized", "hooks"}, paths
     else:  # the safety check sees the draw-major rows disagree and moves them to vmap
         assert moved and paths["conv.weight"] == "vmap" and paths["head.weight"] == "vmap"
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(3, 4, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(2, 5, (3, 2), stride=(2, 1), padding="valid", dilation=(1, 2)),
+        nn.Conv2d(2, 3, 3, padding=1),
+    ],
+    ids=["conv1d-no-bias", "conv2d-valid-dilated", "conv2d-bias"],
+)
+def test_whole_conv_gradient_equals_per_example_autograd(conv):
+    """The grouped-convolution weight gradient of a whole conv block, rows folded two per
+    example, against autograd per example (float64)."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 8)
+    x = torch.randn(3 * 2, conv.in_channels, *spatial, dtype=torch.float64)
+    out = conv(x)
+    g = torch.randn_like(out)
+    call = factorized._Call(
+        "w", "conv1d" if isinstance(conv, nn.Conv1d) else "conv2d", conv, x, out
+    )
+    got = factorized._whole_conv_gradient(call, g, 3, conv.bias is not None)
+    want = []
+    for i in range(3):
+        rows = slice(2 * i, 2 * i + 2)
+        params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        grads = torch.autograd.grad(conv(x[rows]), params, g[rows])
+        weight = grads[0].reshape(conv.out_channels, -1)
+        want.append(torch.cat([weight, grads[1][:, None]], 1) if len(grads) > 1 else weight)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-10)
