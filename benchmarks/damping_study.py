@@ -4,7 +4,8 @@
     python benchmarks/damping_study.py --out runs/damping-study --families digits-mlp facts-gpt2
 
 For each family of ``families.py`` and projection dimension, TRAK's features are computed once
-per checkpoint (sparse JL) and cached under ``--out``; then, for 1 checkpoint and for the whole
+per checkpoint (by TRAK's default projector: sparse JL until 2026-12-02, per-layer FactGraSS
+since) and cached under ``--out``; then, for 1 checkpoint and for the whole
 ensemble, the family's metric (LDS or MRR) is computed for λ on a grid of multiples of the mean
 diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
 :func:`datatrace.methods.kernel.damping_from_features` picks from the features (the default). Scores
