@@ -253,3 +253,44 @@ def test_auto_keeps_the_projection_of_an_existing_store(tmp_path):
     with pytest.raises(dt.StoreMismatchError, match="projector"):  # another k: not adopted
         dt.TRAK(model, dt.Classification(), proj_dim=32, progress=False,
                 store=tmp_path / "old").fit(data, first)  # fmt: skip
+
+
+class _Encoder(torch.nn.Module):
+    """Embedding, a one-layer TransformerEncoder (its attention's weights are used functionally,
+    so the safety check moves them) and an LSTM (not a hooked kind): every path of the default."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.embed = nn.Embedding(12, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.rnn = nn.LSTM(8, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        hidden, _ = self.rnn(self.encoder(self.embed(ids)))
+        return self.head(hidden[:, -1])
+
+
+def test_the_default_projection_is_exact_where_k_covers_every_parameter():
+    """With k at least the parameter count, FactGraSS keeps every block and the fallback whole
+    (hooks, moved blocks and vmap alike), so TRAK's scores are those of the exact gradients."""
+    import warnings
+
+    import datatrace as dt
+    from datatrace.grads.factorized import FactorizationWarning
+
+    torch.manual_seed(0)
+    model = _Encoder().eval()  # float32: torch's LSTM has no float64 vmap (per-example) path
+    p = sum(param.numel() for param in model.parameters())
+    ids = torch.randint(0, 12, (24, 5))
+    data = (ids, torch.randint(0, 3, (24,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FactorizationWarning)
+        default = dt.TRAK(model, dt.Classification(), proj_dim=2 * p, progress=False).fit(data)
+        exact = dt.TRAK(model, dt.Classification(), projector="identity", progress=False).fit(data)
+    plan = default.features_.projector.plan(model, default.features_.param_names)
+    assert {row["path"] for row in plan.layout()} >= {"factorized", "vmap"}
+    got, want = default.score(data).scores, exact.score(data).scores
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
