@@ -13,8 +13,8 @@ Featurizing one batch holds, besides the model's parameters and buffers:
 - per-example gradients where they are formed: ``PER_EXAMPLE_GRADIENT_FACTOR × p × itemsize``
   for the parameters that go through vmap (all of them for the ``sparse``, ``dense`` and other
   per-example projectors), for the gradient and the projection's working copy;
-- the factorised blocks' products (``Σ_t`` of the masked or whole factors, then their signed
-  copy for the sparse JL): ``PRODUCT_FACTOR × Σ_l k'_out·k'_in × itemsize``;
+- the factorised blocks' products (``Σ_t`` of the masked or whole factors, and the sparse JL's
+  working copy of them): ``PRODUCT_FACTOR × Σ_l k'_out·k'_in × itemsize``;
 - the features: ``FEATURE_FACTOR × k × 4`` bytes per example (float32 features, their float64
   energies in the pilot pass, the concatenation).
 
