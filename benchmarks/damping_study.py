@@ -32,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import datatrace as dt
 import families
-from datatrace.methods.kernel import Kernel, KernelStatistics, damping_from_features, uses_dual
+from datatrace.methods.kernel import (
+    Kernel,
+    KernelStatistics,
+    damping_from_features,
+    target_damping_factor,
+    uses_dual,
+)
 
 # Multiples of the mean diagonal of ΦᵀΦ (the old relative damping) on the grid.
 GRID = 10.0 ** np.arange(-5.0, 1.51, 0.25)
@@ -80,22 +86,47 @@ class SpectralScores:
         self.eigenvalues = np.clip(values, 0, None)
         self.mean_diagonal = float((phi**2).sum() / k)
 
-    def __call__(self, damping: float) -> np.ndarray:
+        # Each target's coupling ‖Φφ'‖²/‖φ'‖², which the default rule's per-target factor reads.
+        cross = target @ phi.T
+        squared = (target**2).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.target_coupling = (cross**2).sum(axis=1) / squared
+
+    def __call__(self, damping) -> np.ndarray:
+        """Scores for one ``λ``, or one per target ``(m,)``."""
+        damping = np.asarray(damping, dtype=np.float64)
+        if damping.ndim == 1:
+            damping = damping[:, None]
         return (self.left / (self.eigenvalues + damping)) @ self.right
 
+    def rule(self, statistics: KernelStatistics, count: int) -> np.ndarray:
+        """The default rule's per-target ``λ``: the checkpoint's times each target's factor."""
+        factor = target_damping_factor(self.target_coupling, statistics.coupling)
+        return damping_from_features(statistics, count) * factor
 
-def check_against_kernel(spectrum: SpectralScores, part: dict[str, np.ndarray]) -> None:
-    """The eigendecomposition's scores equal TRAK's solver at the mean diagonal."""
+
+def check_against_kernel(
+    spectrum: SpectralScores, part: dict[str, np.ndarray], statistics: KernelStatistics
+) -> None:
+    """The eigendecomposition's scores equal TRAK's solver at the mean diagonal, and at the
+    default rule with each target's own damping."""
     phi, target = part["phi"], part["target"]
     n, k = phi.shape
-    damping = spectrum.mean_diagonal
     dual = uses_dual(k, n)
-    kernel = Kernel(phi @ phi.T if dual else phi.T @ phi, damping, dual)
-    want = kernel.scores(torch.as_tensor(target), [(0, n, phi)], n)
-    got = spectrum(damping)
-    scale = np.abs(want).max()
-    if not np.allclose(got / scale, want / scale, atol=1e-4):
-        raise AssertionError("the eigendecomposition's scores differ from Kernel.scores")
+    gram = phi @ phi.T if dual else phi.T @ phi
+    for damping, coupling, got in (
+        (spectrum.mean_diagonal, None, spectrum(spectrum.mean_diagonal)),
+        (
+            damping_from_features(statistics),
+            statistics.coupling,
+            spectrum(spectrum.rule(statistics, 1)),
+        ),
+    ):
+        kernel = Kernel(gram, damping, dual, coupling=coupling)
+        want = kernel.scores(torch.as_tensor(target), [(0, n, phi)], n)
+        scale = np.abs(want).max()
+        if not np.allclose(got / scale, want / scale, atol=1e-4):
+            raise AssertionError("the eigendecomposition's scores differ from Kernel.scores")
 
 
 def ensemble(spectra: list[SpectralScores], qs: list[np.ndarray], dampings) -> np.ndarray:
@@ -142,11 +173,11 @@ def study(name: str, out: Path) -> list[dict]:
     for proj_dim in meta["proj_dims"]:
         parts = features(None, proj_dim, out / "features" / f"{name}-k{proj_dim}.npz")
         spectra = [SpectralScores(p["phi"], p["target"]) for p in parts]
-        check_against_kernel(spectra[0], parts[0])
         qs = [p["q"] for p in parts]
         statistics = [KernelStatistics.of(p["phi"]) for p in parts]
+        check_against_kernel(spectra[0], parts[0], statistics[0])
         for count in sorted({1, len(parts)}):
-            chosen = [damping_from_features(s, count) for s in statistics[:count]]
+            chosen = [sp.rule(st, count) for sp, st in zip(spectra, statistics[:count])]
             curve = [
                 families.evaluate(
                     metric,
@@ -158,7 +189,14 @@ def study(name: str, out: Path) -> list[dict]:
             rule = families.evaluate(metric, truth, ensemble(spectra[:count], qs[:count], chosen))
             best = int(np.nanargmax(curve))
             old = int(np.argmin(np.abs(GRID - 1.0)))
-            relative = [c / s.mean_diagonal for c, s in zip(chosen, spectra)]
+            # the checkpoint's λ over its mean diagonal, and the targets' median factor
+            relative = [
+                damping_from_features(st, count) / sp.mean_diagonal
+                for sp, st in zip(spectra, statistics[:count])
+            ]
+            factor = np.median(
+                target_damping_factor(spectra[0].target_coupling, statistics[0].coupling)
+            )
             rows.append(
                 {
                     "family": name,
@@ -176,6 +214,7 @@ def study(name: str, out: Path) -> list[dict]:
                     "old_default": curve[old],
                     "rule": rule,
                     "rule_relative": float(np.mean(relative)),
+                    "target_factor": float(factor),
                 }
             )
             r = rows[-1]

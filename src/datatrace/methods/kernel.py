@@ -37,6 +37,15 @@ NEIGHBOUR_SAMPLE = 256
 :attr:`KernelStatistics.neighbour_cosine`; the median over 256 has a standard error of about
 0.01 on the studied families."""
 
+TARGET_FACTOR_STEPS = 2
+"""Steps per octave of the per-target damping factor (:func:`target_damping_factor`): each
+target's factor is rounded to a power of ``2^(1/2)``, so one score call factors the damped
+kernel once per distinct step. Measured on the families of docs/defaults.md: rounding to
+half-octaves changes no metric by more than 0.002."""
+
+TARGET_FACTOR_RANGE = (2.0**-10, 2.0**4)
+"""The per-target factor stays within these bounds (at most 29 steps, 29 factorisations)."""
+
 # The chosen damping stays within these multiples of the mean diagonal of ΦᵀΦ: below, the
 # float64 Cholesky factor would lose digits; above, K⁻¹ is I/λ to working precision.
 MIN_RELATIVE_DAMPING = 1e-6
@@ -62,23 +71,30 @@ class KernelStatistics:
         neighbour_cosine: ``ρ``, the median over a seeded sample of training examples of the
             cosine between an example's features and those of its nearest other training
             example (:func:`neighbour_cosine`).
+        coupling: the median over the same sample of ``Σ_{j≠i} (φ_i·φ_j)² / ‖φ_i‖²``, the
+            Rayleigh quotient of the other examples' kernel in an example's direction: how much
+            of the kernel a training example sees (:func:`target_damping_factor` compares each
+            target's with it). 0 for fewer than two training examples.
     """
 
     n_train: int
     dim: int
     trace: float
     neighbour_cosine: float
+    coupling: float = 0.0
 
     @classmethod
     def of(cls, features: np.ndarray, seed: int = 0) -> KernelStatistics:
         """From all the training features ``(n, k)`` at once (tests, small problems)."""
         rows = neighbour_sample(len(features), seed)
         chunks = [(0, len(features), features)]
+        cosine, coupling = neighbour_statistics(features[rows], rows, chunks)
         return cls(
             len(features),
             features.shape[1],
             float(np.square(features, dtype=np.float64).sum()),
-            neighbour_cosine(features[rows], rows, chunks),
+            cosine,
+            coupling,
         )
 
     @classmethod
@@ -88,7 +104,8 @@ class KernelStatistics:
         cosines ``G_ij / √(G_ii G_jj)``. The dual case forms that Gram anyway, so ``Φ`` is not
         read again."""
         rows = neighbour_sample(len(gram), seed)
-        return cls(len(gram), dim, float(np.trace(gram)), neighbour_cosine_of_gram(gram, rows))
+        cosine, coupling = neighbour_statistics_of_gram(gram, rows)
+        return cls(len(gram), dim, float(np.trace(gram)), cosine, coupling)
 
     @property
     def mean_diagonal(self) -> float:
@@ -118,33 +135,98 @@ def neighbour_cosine(
         ``ρ`` in ``[-1, 1]``; 0 for fewer than two training examples. A zero feature vector has
         cosine 0 with everything.
     """
+    return neighbour_statistics(sample, sample_rows, train_chunks)[0]
+
+
+def neighbour_statistics(
+    sample: np.ndarray,
+    sample_rows: np.ndarray,
+    train_chunks: Iterable[tuple[int, int, np.ndarray]],
+) -> tuple[float, float]:
+    """``(ρ, coupling)`` of :class:`KernelStatistics` in one pass over the training features:
+    :func:`neighbour_cosine`, and the median over the sampled examples of
+    ``Σ_{j≠i} (φ_i·φ_j)² / ‖φ_i‖²`` (zero feature vectors left out of that median)."""
     sample = np.asarray(sample, dtype=np.float64)
     if len(sample) == 0:
-        return 0.0
-    sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-300)
+        return 0.0, 0.0
+    squared = np.square(sample).sum(axis=1)
+    norms = np.maximum(np.sqrt(squared), 1e-300)
     best = np.full(len(sample), -np.inf)
+    energy = np.zeros(len(sample))
     for start, stop, block in train_chunks:
         block = np.asarray(block, dtype=np.float64)
-        block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-300)
-        cosine = sample @ block.T
+        dots = sample @ block.T
         inside = (sample_rows >= start) & (sample_rows < stop)
-        cosine[np.flatnonzero(inside), sample_rows[inside] - start] = -np.inf
+        own = (np.flatnonzero(inside), sample_rows[inside] - start)
+        dots[own] = 0.0
+        energy += np.square(dots).sum(axis=1)
+        cosine = dots / norms[:, None] / np.maximum(np.linalg.norm(block, axis=1), 1e-300)
+        cosine[own] = -np.inf
         best = np.maximum(best, cosine.max(axis=1))
+    return _median_finite(best), _median_coupling(energy, squared)
+
+
+def _median_finite(best: np.ndarray) -> float:
     finite = best[np.isfinite(best)]
     return float(np.median(finite)) if finite.size else 0.0
+
+
+def _median_coupling(energy: np.ndarray, squared: np.ndarray) -> float:
+    nonzero = squared > 0
+    return float(np.median(energy[nonzero] / squared[nonzero])) if nonzero.any() else 0.0
 
 
 def neighbour_cosine_of_gram(gram: np.ndarray, sample_rows: np.ndarray) -> float:
     """:func:`neighbour_cosine` of the training examples ``sample_rows`` from the dual Gram
     ``ΦΦᵀ`` ``(n, n)`` of all training features (a zero feature vector: cosine 0)."""
+    return neighbour_statistics_of_gram(gram, sample_rows)[0]
+
+
+def neighbour_statistics_of_gram(gram: np.ndarray, sample_rows: np.ndarray) -> tuple[float, float]:
+    """:func:`neighbour_statistics` from the dual Gram ``ΦΦᵀ`` ``(n, n)``."""
     if len(sample_rows) == 0:
-        return 0.0
-    norms = np.maximum(np.sqrt(np.clip(np.diag(gram), 0.0, None)), 1e-300)
-    cosine = gram[sample_rows] / norms[sample_rows, None] / norms[None, :]
-    cosine[np.arange(len(sample_rows)), sample_rows] = -np.inf
-    best = cosine.max(axis=1)
-    finite = best[np.isfinite(best)]
-    return float(np.median(finite)) if finite.size else 0.0
+        return 0.0, 0.0
+    diagonal = np.clip(np.diag(gram), 0.0, None)
+    norms = np.maximum(np.sqrt(diagonal), 1e-300)
+    dots = np.array(gram[sample_rows], dtype=np.float64)
+    own = (np.arange(len(sample_rows)), sample_rows)
+    dots[own] = 0.0
+    energy = np.square(dots).sum(axis=1)
+    cosine = dots / norms[sample_rows, None] / norms[None, :]
+    cosine[own] = -np.inf
+    return _median_finite(cosine.max(axis=1)), _median_coupling(energy, diagonal[sample_rows])
+
+
+def target_damping_factor(target_coupling: np.ndarray, coupling: float) -> np.ndarray:
+    """Each target's multiple of the checkpoint's damping under ``damping="auto"``: its own
+    coupling ``‖Φφ'‖² / ‖φ'‖²`` (how much of the training kernel its direction carries) over
+    the training examples' median ``coupling`` (:class:`KernelStatistics`), rounded to a power
+    of ``2^(1/TARGET_FACTOR_STEPS)`` and kept within :data:`TARGET_FACTOR_RANGE`.
+
+    A target whose features lie where the training features share their largest directions
+    (every target of a classifier like its training examples) gets about 1. A target that sees
+    little of the kernel — a single answer token traced to whole training sentences, whose
+    gradients are dominated by the template words they share — is in the kernel's small
+    eigendirections, where a damping scaled to the kernel's mean diagonal would erase every
+    difference: it gets a proportionally smaller one (docs/trak.md, "Damping"). A zero target,
+    or training features with no coupling, gets 1.
+
+    Args:
+        target_coupling: ``(n_targets,)`` the targets' couplings (0/0 as NaN or 0).
+        coupling: the training examples' median coupling.
+
+    Returns:
+        ``(n_targets,)`` float64 factors.
+    """
+    values = np.asarray(target_coupling, dtype=np.float64)
+    if not coupling > 0:
+        return np.ones_like(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = values / coupling
+    ratio = np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+    steps = np.round(np.log2(ratio) * TARGET_FACTOR_STEPS) / TARGET_FACTOR_STEPS
+    low, high = TARGET_FACTOR_RANGE
+    return np.clip(2.0**steps, low, high)
 
 
 def _check_features(statistics: KernelStatistics) -> None:
@@ -230,33 +312,104 @@ def uses_dual(dim: int, n_train: int) -> bool:
     return dim > n_train
 
 
+KERNEL_CACHE_BYTES = 512 << 20
+"""Cholesky factors kept per :class:`Kernel` for the per-target dampings (at least the
+checkpoint's own, whatever its size)."""
+
+
 class Kernel:
     """The Cholesky factor of one checkpoint's damped kernel, primal or dual, and its scores.
+
+    With ``coupling`` (``damping="auto"``), each target is scored with its own damping
+    ``λ · target_damping_factor(...)`` (:func:`target_damping_factor`): one factorisation per
+    distinct factor, cached up to :data:`KERNEL_CACHE_BYTES`; the undamped ``gram`` is kept for
+    them. Without it every target gets ``λ``.
 
     Args:
         gram: ``ΦᵀΦ`` ``(k, k)`` (primal) or ``ΦΦᵀ`` ``(n, n)`` (dual), float64.
         damping: ``λ ≥ 0``.
         dual: whether ``gram`` is ``ΦΦᵀ``.
+        coupling: the training features' median coupling (:class:`KernelStatistics`), or
+            ``None`` for one damping for every target.
+        floor: the smallest damping a target's factor may give.
 
     Raises:
         np.linalg.LinAlgError: the damped kernel is not positive definite (``λ = 0`` with
             linearly dependent features); the message says to add damping.
     """
 
-    def __init__(self, gram: np.ndarray, damping: float, dual: bool):
-        kernel = torch.as_tensor(gram, dtype=torch.float64).clone()
+    def __init__(
+        self,
+        gram: np.ndarray,
+        damping: float,
+        dual: bool,
+        coupling: float | None = None,
+        floor: float = 0.0,
+    ):
+        self.dual = dual
+        self.damping = damping
+        self.coupling = coupling
+        self.floor = floor
+        gram = torch.as_tensor(gram, dtype=torch.float64)
+        self.gram = gram if coupling is not None else None
+        self.factor = self._factorise(gram, damping)
+        self._factors: dict[float, torch.Tensor] = {1.0: self.factor}
+
+    def _factorise(self, gram: torch.Tensor, damping: float) -> torch.Tensor:
+        kernel = gram.clone()
         kernel.diagonal().add_(damping)
         factor, info = torch.linalg.cholesky_ex(kernel)
         if info.item() != 0:
-            side = "ΦΦᵀ" if dual else "ΦᵀΦ"
+            side = "ΦΦᵀ" if self.dual else "ΦᵀΦ"
             raise np.linalg.LinAlgError(
                 f"the kernel {side} + λI with λ={damping:.3g} is not positive definite (the "
                 "features are linearly dependent, e.g. duplicated training examples): use a "
                 "positive damping"
             )
-        self.factor = factor
-        self.dual = dual
-        self.damping = damping
+        return factor
+
+    def factor_for(self, value: float) -> torch.Tensor:
+        """The Cholesky factor of the kernel damped by ``max(value · λ, floor)``."""
+        value = float(value)
+        if value in self._factors:
+            return self._factors[value]
+        factor = self._factorise(self.gram, max(value * self.damping, self.floor))
+        keep = max(1, KERNEL_CACHE_BYTES // max(factor.numel() * 8, 1))
+        while len(self._factors) >= keep + 1:  # the checkpoint's own factor stays
+            del self._factors[next(key for key in self._factors if key != 1.0)]
+        self._factors[value] = factor
+        return factor
+
+    def target_factors(
+        self, targets: torch.Tensor, cross: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """``(n_targets,)`` multiples of ``λ``, one per target (all 1 without ``coupling``).
+
+        Args:
+            targets: ``(n_targets, k)`` float64 target features.
+            cross: for the dual, ``ΦΦ'ᵀ`` ``(n, n_targets)``, from which ``‖Φφ'‖²`` is read.
+        """
+        if self.coupling is None:
+            return np.ones(targets.shape[0])
+        squared = targets.pow(2).sum(dim=1)
+        if self.dual:
+            energy = cross.pow(2).sum(dim=0)
+        else:
+            energy = ((targets @ self.gram) * targets).sum(dim=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            coupling = (energy / squared).numpy()
+        return target_damping_factor(coupling, self.coupling)
+
+    def solve(self, rhs: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+        """``(G + factors_j λ I)⁻¹ rhs[:, j]`` for every column ``j``, float64."""
+        values = np.unique(factors)
+        if len(values) == 1:
+            return torch.cholesky_solve(rhs, self.factor_for(values[0]))
+        out = torch.empty_like(rhs)
+        for value in values:
+            columns = torch.from_numpy(np.flatnonzero(factors == value))
+            out[:, columns] = torch.cholesky_solve(rhs[:, columns], self.factor_for(value))
+        return out
 
     def scores(
         self,
@@ -265,7 +418,7 @@ class Kernel:
         n_train: int,
     ) -> np.ndarray:
         """``T = Φ' K⁻¹ Φᵀ`` (primal) or ``Φ'Φᵀ (ΦΦᵀ + λI)⁻¹`` (dual), ``(n_targets, n_train)``
-        float32.
+        float32, each target row with its own damping (:meth:`target_factors`).
 
         Args:
             target_features: ``(n_targets, k)``.
@@ -283,12 +436,14 @@ class Kernel:
         cross = torch.empty((n_train, targets.shape[0]), dtype=torch.float64)
         for start, stop, block in train_chunks:
             cross[start:stop] = torch.as_tensor(block).to(torch.float64) @ targets.T
-        return torch.cholesky_solve(cross, self.factor).T.to(torch.float32).numpy()
+        factors = self.target_factors(targets, cross)
+        return self.solve(cross, factors).T.to(torch.float32).numpy()
 
     def fold(self, target_features: torch.Tensor) -> torch.Tensor:
-        """``K⁻¹Φ'ᵀ``, ``(k, n_targets)`` float64, for ``(n_targets, k)`` target features: the
-        primal scores are then ``Φ`` times it (the dual has no ``k × k`` kernel to fold)."""
+        """``K⁻¹Φ'ᵀ``, ``(k, n_targets)`` float64, for ``(n_targets, k)`` target features, each
+        with its own damping: the primal scores are then ``Φ`` times it (the dual has no
+        ``k × k`` kernel to fold)."""
         if self.dual:
             raise ValueError("folding K⁻¹ into the targets needs the primal kernel (k ≤ n)")
         targets = torch.as_tensor(target_features).to(torch.float64)
-        return torch.cholesky_solve(targets.T, self.factor)
+        return self.solve(targets.T.contiguous(), self.target_factors(targets))

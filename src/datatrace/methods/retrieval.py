@@ -315,7 +315,7 @@ class EnsembleScores:
                         total += scores[np.arange(stop - start), np.arange(start, stop)]
                     else:
                         block = torch.as_tensor(block).to(torch.float64)
-                        solved = torch.cholesky_solve(block.T, kernel.factor)
+                        solved = kernel.fold(block)  # each with its own damping, as in scores
                         total += (block.T * solved).sum(0).numpy()
                 weights = self.mean_out_to_loss[start:stop].astype(np.float64)
                 influence[start:stop] = total / self.n_checkpoints * weights

@@ -26,6 +26,7 @@ from datatrace.grads.selection import ParamSelection
 from datatrace.methods.faiss_index import FaissIndex, faiss_top_k
 from datatrace.methods.kernel import (
     DEFAULT_DAMPING,
+    MIN_RELATIVE_DAMPING,
     Kernel,
     absolute_damping,
     damping_from_features,
@@ -70,9 +71,12 @@ class TRAK:
             (LoGra's dense factors), ``"dense"`` (Gaussian), ``"rademacher"``, ``"identity"`` (no
             projection), or a ``Projector``.
         damping: ``"auto"`` (default): ``λ_c`` from each checkpoint's features and the number of
-            checkpoints (:func:`~datatrace.methods.kernel.damping_from_features`, docs/trak.md); a
-            number: ``λ_c`` relative to the mean diagonal entry of ``Φ_cᵀΦ_c``
-            (``λ_c = damping · tr/k``).
+            checkpoints (:func:`~datatrace.methods.kernel.damping_from_features`, docs/trak.md),
+            times each target's own factor: how much of the training kernel its features see
+            against the training examples' median
+            (:func:`~datatrace.methods.kernel.target_damping_factor`; about 1 for targets like
+            the training examples); a number: ``λ_c`` relative to the mean diagonal entry of
+            ``Φ_cᵀΦ_c`` (``λ_c = damping · tr/k``), the same for every target.
         damping_absolute: if given, the absolute ``λ`` for every checkpoint (overrides ``damping``).
         params: parameters to differentiate: name patterns or submodules (default: all).
         store: where features are kept: a directory (resumable, shareable), an fsspec URL, a
@@ -96,7 +100,8 @@ class TRAK:
         n_train_: number of training examples.
         feature_dim_: ``k`` (``p`` for the identity projection).
         out_to_loss_: ``(n_checkpoints, n_train)`` weights ``Q_c`` of the training examples.
-        damping_: ``(n_checkpoints,)`` absolute ``λ_c`` used.
+        damping_: ``(n_checkpoints,)`` absolute ``λ_c`` used (with ``damping="auto"``, before
+            each target's factor).
         relative_damping_: ``(n_checkpoints,)`` the same, divided by the mean diagonal of
             ``Φ_cᵀΦ_c``.
         dual_: whether the kernels are solved in the ``n × n`` dual (``k > n``).
@@ -289,11 +294,25 @@ class TRAK:
             gram = part.gram(dual=True) if self.dual_ else None
             statistics.append(part.statistics(gram))
             damping = self._damping(statistics[-1])
-            self.kernels_.append(Kernel(part.gram() if gram is None else gram, damping, self.dual_))
+            per_target = self._per_target_damping()
+            self.kernels_.append(
+                Kernel(
+                    part.gram() if gram is None else gram,
+                    damping,
+                    self.dual_,
+                    coupling=statistics[-1].coupling if per_target else None,
+                    floor=MIN_RELATIVE_DAMPING * statistics[-1].mean_diagonal,
+                )
+            )
             del gram
         self.damping_ = np.array([kernel.damping for kernel in self.kernels_])
         self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         return self
+
+    def _per_target_damping(self) -> bool:
+        """Whether each target gets its own multiple of ``λ_c`` (``damping="auto"`` only:
+        :func:`~datatrace.methods.kernel.target_damping_factor`)."""
+        return self.damping_absolute is None and self.damping == "auto"
 
     def _damping(self, statistics) -> float:
         if self.damping_absolute is not None:
@@ -393,6 +412,7 @@ class TRAK:
             "damping": None if self.damping_absolute is not None else self.damping,
             "damping_absolute": self.damping_.tolist(),
             "damping_relative": self.relative_damping_.tolist(),
+            "per_target_damping": self._per_target_damping(),
             "dual": self.dual_,
             "n_params": int(sum(self.features_.sizes)),
             "seed": self.seed,
@@ -544,6 +564,11 @@ class TRAK:
             "checkpoints": [dict(part.group.attrs.get("identity", {})) for part in self._stored],
             "train_rows": batch_fingerprint(self._stored[0].train_rows()),
             "damping": self.damping_.tolist(),
+            # each target's own factor (damping="auto"): the coupling it is measured against
+            "target_damping": [
+                kernel.coupling if kernel.coupling is not None else "none"
+                for kernel in self.kernels_
+            ],
             "dual": self.dual_,
             "target_task": task.config(),
             "n_targets": examples.n,

@@ -54,7 +54,7 @@ import zarr.errors
 import zarr.storage
 from zarr.core.sync import sync
 
-from datatrace.methods.kernel import KernelStatistics, neighbour_cosine, neighbour_sample
+from datatrace.methods.kernel import KernelStatistics, neighbour_sample, neighbour_statistics
 from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
     METADATA_ADVICE,
@@ -723,9 +723,10 @@ class CheckpointFeatures:
         self.group.attrs.update(update)
 
     def statistics(self, dual_gram: np.ndarray | None = None) -> KernelStatistics:
-        """The :class:`~datatrace.methods.kernel.KernelStatistics` (traces) the damping rules
-        read, of the kept rows; from ``dual_gram`` (:meth:`gram` with ``dual``) when given,
-        without reading ``Φ``."""
+        """The :class:`~datatrace.methods.kernel.KernelStatistics` (trace, neighbour cosine,
+        coupling) the damping rules read, of the kept rows (recorded ones missing a field, from
+        an earlier version, are recomputed); from ``dual_gram`` (:meth:`gram` with ``dual``)
+        when given, without reading ``Φ``."""
         recorded = self.group.attrs.get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
             return KernelStatistics(**recorded)
@@ -745,8 +746,8 @@ class CheckpointFeatures:
                 yield start, stop, block
 
         # One read of Φ for both statistics.
-        cosine = neighbour_cosine(sample, rows, chunks_adding_to_the_trace())
-        statistics = KernelStatistics(self.n_train, self.features.shape[1], trace, cosine)
+        cosine, coupling = neighbour_statistics(sample, rows, chunks_adding_to_the_trace())
+        statistics = KernelStatistics(self.n_train, self.features.shape[1], trace, cosine, coupling)
         self.group.attrs["statistics"] = asdict(statistics)
         return statistics
 
