@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+import datatrace as dt
 from datatrace.methods.kernel import (
     TARGET_FACTOR_RANGE,
     Kernel,
     KernelStatistics,
+    damping_from_features,
     neighbour_sample,
     target_damping_factor,
 )
+from test_trak import autograd_features
 
 
 def _coupling_by_hand(features: np.ndarray, rows: np.ndarray) -> float:
@@ -121,11 +124,6 @@ def test_without_coupling_every_target_gets_the_checkpoints_damping():
 
 
 def test_trak_auto_damping_scores_each_target_with_its_own_factor(trained_mlps):
-    from datatrace.methods.kernel import damping_from_features
-    from test_trak import autograd_features
-
-    import datatrace as dt
-
     models, X, y = trained_mlps
     train, targets = (X[:300], y[:300]), (X[1000:1012], y[1000:1012])
     fitted = {}
