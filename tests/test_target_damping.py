@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import datatrace as dt
+import datatrace.methods.kernel as kernel_module
 from datatrace.methods.kernel import (
     TARGET_FACTOR_RANGE,
     Kernel,
@@ -82,8 +83,11 @@ def test_targets_like_the_training_examples_keep_the_damping_and_others_get_less
     assert np.all(factors[5:] <= 1 / 8)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "rebuilt"])
 @pytest.mark.parametrize("n, k", [(60, 12), (12, 40)], ids=["primal", "dual"])
-def test_per_target_scores_equal_a_direct_solve_with_each_targets_damping(n, k):
+def test_per_target_scores_equal_a_direct_solve_with_each_targets_damping(n, k, keep, monkeypatch):
+    # "rebuilt": the undamped kernel is not kept, new factors come from LLᵀ − λI
+    monkeypatch.setattr(kernel_module, "KEEP_UNDAMPED_BYTES", (128 << 20) if keep else 0)
     rng = np.random.default_rng(2)
     shared = rng.normal(size=(1, k)) * 4.0
     features = shared * rng.uniform(0.5, 1.5, size=(n, 1)) + rng.normal(size=(n, k))

@@ -317,13 +317,21 @@ KERNEL_CACHE_BYTES = 512 << 20
 checkpoint's own, whatever its size)."""
 
 
+KEEP_UNDAMPED_BYTES = 128 << 20
+"""A :class:`Kernel` with per-target dampings keeps its undamped kernel up to this size (a
+``4096²`` float64 matrix); a larger one is rebuilt from the factor when new factors are made."""
+
+
 class Kernel:
     """The Cholesky factor of one checkpoint's damped kernel, primal or dual, and its scores.
 
     With ``coupling`` (``damping="auto"``), each target is scored with its own damping
     ``λ · target_damping_factor(...)`` (:func:`target_damping_factor`): one factorisation per
-    distinct factor, cached up to :data:`KERNEL_CACHE_BYTES`; the undamped ``gram`` is kept for
-    them. Without it every target gets ``λ``.
+    distinct factor, cached up to :data:`KERNEL_CACHE_BYTES`. The undamped kernel is kept
+    beside its factor up to :data:`KEEP_UNDAMPED_BYTES`; a larger one is rebuilt as ``LLᵀ −
+    λI`` (as accurate as the factorisation itself: both err by about ``ε‖K‖``) once per call
+    that needs new factors.
+    Without ``coupling`` every target gets ``λ``.
 
     Args:
         gram: ``ΦᵀΦ`` ``(k, k)`` (primal) or ``ΦΦᵀ`` ``(n, n)`` (dual), float64.
@@ -351,9 +359,18 @@ class Kernel:
         self.coupling = coupling
         self.floor = floor
         gram = torch.as_tensor(gram, dtype=torch.float64)
-        self.gram = gram if coupling is not None else None
         self.factor = self._factorise(gram, damping)
         self._factors: dict[float, torch.Tensor] = {1.0: self.factor}
+        small = gram.numel() * 8 <= KEEP_UNDAMPED_BYTES
+        self._undamped = gram if coupling is not None and small else None
+
+    def undamped(self) -> torch.Tensor:
+        """The undamped kernel, float64: the one given if kept, else ``LLᵀ − λI``."""
+        if self._undamped is not None:
+            return self._undamped
+        gram = self.factor @ self.factor.T
+        gram.diagonal().sub_(self.damping)
+        return gram
 
     def _factorise(self, gram: torch.Tensor, damping: float) -> torch.Tensor:
         kernel = gram.clone()
@@ -368,12 +385,15 @@ class Kernel:
             )
         return factor
 
-    def factor_for(self, value: float) -> torch.Tensor:
-        """The Cholesky factor of the kernel damped by ``max(value · λ, floor)``."""
+    def factor_for(self, value: float, undamped: torch.Tensor | None = None) -> torch.Tensor:
+        """The Cholesky factor of the kernel damped by ``max(value · λ, floor)`` (from
+        ``undamped``, :meth:`undamped`, when given)."""
         value = float(value)
         if value in self._factors:
             return self._factors[value]
-        factor = self._factorise(self.gram, max(value * self.damping, self.floor))
+        if undamped is None:
+            undamped = self.undamped()
+        factor = self._factorise(undamped, max(value * self.damping, self.floor))
         keep = max(1, KERNEL_CACHE_BYTES // max(factor.numel() * 8, 1))
         while len(self._factors) >= keep + 1:  # the checkpoint's own factor stays
             del self._factors[next(key for key in self._factors if key != 1.0)]
@@ -391,11 +411,12 @@ class Kernel:
         """
         if self.coupling is None:
             return np.ones(targets.shape[0])
+        targets = torch.as_tensor(targets).to(torch.float64)
         squared = targets.pow(2).sum(dim=1)
         if self.dual:
             energy = cross.pow(2).sum(dim=0)
-        else:
-            energy = ((targets @ self.gram) * targets).sum(dim=1)
+        else:  # φᵀ(ΦᵀΦ)φ = ‖Lᵀφ‖² − λ‖φ‖²
+            energy = (self.factor.T @ targets.T).pow(2).sum(dim=0) - self.damping * squared
         with np.errstate(divide="ignore", invalid="ignore"):
             coupling = (energy / squared).numpy()
         return target_damping_factor(coupling, self.coupling)
@@ -403,12 +424,15 @@ class Kernel:
     def solve(self, rhs: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
         """``(G + factors_j λ I)⁻¹ rhs[:, j]`` for every column ``j``, float64."""
         values = np.unique(factors)
+        missing = [value for value in values if float(value) not in self._factors]
+        undamped = self.undamped() if missing else None  # once for every new factor
         if len(values) == 1:
-            return torch.cholesky_solve(rhs, self.factor_for(values[0]))
+            return torch.cholesky_solve(rhs, self.factor_for(values[0], undamped))
         out = torch.empty_like(rhs)
         for value in values:
             columns = torch.from_numpy(np.flatnonzero(factors == value))
-            out[:, columns] = torch.cholesky_solve(rhs[:, columns], self.factor_for(value))
+            factor = self.factor_for(value, undamped)
+            out[:, columns] = torch.cholesky_solve(rhs[:, columns], factor)
         return out
 
     def scores(
