@@ -11,7 +11,8 @@ data, checkpoints, targets) and the ground truth its scores are judged by:
 
 Families marked ``held_out`` were added to check a rule fitted on the others; each check broke
 the rule of its time, and the final damping rule was fitted on all families (docs/trak.md tells
-the order).
+the order). The two shifted-target digits families were added after the per-target damping
+factor, to check it (docs/defaults.md).
 Used by ``damping_study.py``; every builder runs on a CPU in minutes.
 """
 
@@ -163,6 +164,59 @@ def digits_family(out: Path, model: str, n_models: int = 200, checkpoints: int =
         targets=test_split.as_tuple(),
         truth=truth,
         held_out=model in ("cnn-bn", "resmlp"),
+    )
+
+
+def shifted_digits(images: torch.Tensor, shift: str) -> torch.Tensor:
+    """Test digits the classifiers never saw the like of: ``"rotated"`` by 90°, or ``"noisy"``
+    (uniform pixel noise of half the intensity range added, clipped to [0, 1]; seeded)."""
+    if shift == "rotated":
+        return torch.rot90(images, 1, dims=(2, 3)).contiguous()
+    if shift == "noisy":
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.rand(images.shape, generator=generator) * 0.5
+        return (images + noise).clamp_(0.0, 1.0)
+    raise ValueError(f"unknown shift {shift!r}")
+
+
+def shifted_digits_family(out: Path, shift: str, n_models: int = 200, checkpoints: int = 5):
+    """The digits MLP with targets unlike its training images (:func:`shifted_digits`): LDS of
+    their margins (under their own labels) on models trained on random halves."""
+    import datatrace as dt
+    from datatrace.demo.subsets import DigitsSubsets, _split
+    from datatrace.tasks import classification_margin
+
+    digits = DigitsSubsets(model="mlp", epochs=30, threads=torch.get_num_threads())
+    train_split, test_split = _split(digits.split_seed)
+    images = shifted_digits(test_split.images, shift)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> np.ndarray:
+        return classification_margin(model.eval()(images), test_split.labels).numpy()
+
+    truth = subset_truth(
+        out,
+        f"digits-mlp-{shift}",
+        digits.n_train,
+        len(images),
+        n_models,
+        digits.train,
+        evaluate,
+        {**digits.description(), "threads": None, "targets": shift},
+    )
+    nets = [digits.train(np.arange(digits.n_train), seed) for seed in range(checkpoints)]
+    return Family(
+        name=f"digits-mlp-{shift}",
+        description=f"digits MLP, {shift} test digits as targets, LDS",
+        metric="LDS",
+        model=nets[0],
+        task=dt.Classification(),
+        params=None,
+        train=train_split.as_tuple(),
+        checkpoints=[net.state_dict() for net in nets],
+        targets=(images, test_split.labels),
+        truth=truth,
+        held_out=True,
     )
 
 
@@ -594,6 +648,8 @@ class TabularClasses:
 
 BUILDERS: dict[str, Callable[[Path], Family]] = {
     "digits-mlp": functools.partial(digits_family, model="mlp"),
+    "digits-mlp-rotated": functools.partial(shifted_digits_family, shift="rotated"),
+    "digits-mlp-noisy": functools.partial(shifted_digits_family, shift="noisy"),
     "digits-cnn": functools.partial(digits_family, model="cnn"),
     "text-minilm": text_family,
     "facts-gpt2": functools.partial(facts_family, kind="gpt2"),
