@@ -162,6 +162,29 @@ def test_sparse_rows_have_exactly_nnz_entries():
     torch.testing.assert_close(matrix.abs()[matrix != 0], torch.full((400,), 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_csr_product_equals_the_scatter_adds(monkeypatch, dtype):
+    # Blocks up to CSR_MAX_COORDINATES go through one CSR product; larger ones through nnz
+    # scatter-adds. Both are the same hashed map, and equal a map built from the hash tables.
+    import datatrace.grads.projectors as projectors
+
+    projector = SparseJLProjector(64, nnz=4)
+    grads = [g.to(dtype) for g in blocks(batch=9)]
+    got = projector.project(grads, seed=5)
+    monkeypatch.setattr(projectors, "CSR_MAX_COORDINATES", 0)
+    scattered = SparseJLProjector(64, nnz=4).project(grads, seed=5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, scattered, rtol=1e-6, atol=1e-6)
+    want = torch.zeros(9, 64, dtype=torch.float64)
+    for index, g in enumerate(grads):
+        buckets, signs = projector._tables(5, index, g[0].numel())
+        flat = g.reshape(9, -1).double()
+        for j in range(4):
+            for column in range(flat.shape[1]):
+                want[:, buckets[j, column]] += flat[:, column] * float(signs[j, column])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple of nnz"):
         SparseJLProjector(30, nnz=4)

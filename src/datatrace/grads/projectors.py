@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,6 +26,11 @@ import torch
 # it changes every projection (and invalidates stored features), so it is fixed, not a setting.
 DENSE_GENERATION_ROWS = 256
 SPARSE_GENERATION_ROWS = 65_536
+# A sparse-JL block of at most this many coordinates is applied as one CSR sparse-dense product
+# (the same sums, in another order) instead of nnz scatter-adds: measured on the CPU, the
+# product is faster below about 10⁵ coordinates and slower at 10⁶ (a 256-example batch of 10,250
+# coordinates into 876 outputs: 4.7 ms against 4 × 3.4 ms; 29,440 into 1,840: 17 ms against 40).
+CSR_MAX_COORDINATES = 131_072
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -286,12 +292,41 @@ class SparseJLProjector(Projector):
             ],
         )
         out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device, dtype=flat[0].dtype)
-        for g, (buckets, signs) in zip(flat, tables):
+        for index, (g, (buckets, signs)) in enumerate(zip(flat, tables)):
+            if g.shape[1] <= CSR_MAX_COORDINATES and device.type == "cpu":
+                matrix = self._csr(seed, sizes, index, buckets, signs, g.dtype)
+                out += (matrix @ g.T).T
+                continue
             signed = torch.empty_like(g)
             for j in range(self.nnz):
                 torch.mul(g, signs[j], out=signed)
                 out.index_add_(1, buckets[j], signed)
         return out
+
+    def _csr(self, seed, sizes, index, buckets, signs, dtype) -> torch.Tensor:
+        """Block ``index``'s map as a ``(k, size)`` CSR matrix (its entries the signed weights
+        hashed there), cached beside the hash tables."""
+        key = ("csr", seed, sizes, index, dtype)
+        cached = self._csr_cache if hasattr(self, "_csr_cache") else {}
+        if key in cached:
+            return cached[key]
+        size = buckets.shape[1]
+        flat = buckets.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        columns = torch.arange(size).repeat(self.nnz)[order]
+        rows = torch.zeros(self.proj_dim + 1, dtype=torch.int64)
+        rows[1:] = torch.bincount(flat, minlength=self.proj_dim).cumsum(0)
+        with warnings.catch_warnings():  # "CSR support is in beta": the product is tested
+            warnings.simplefilter("ignore", UserWarning)
+            matrix = torch.sparse_csr_tensor(
+                rows, columns, signs.reshape(-1)[order].to(dtype), (self.proj_dim, size),
+                check_invariants=False,
+            )  # fmt: skip
+        if (cached and next(iter(cached))[1:3] != (seed, sizes)) or len(cached) > 64:
+            cached = {}  # one checkpoint's maps at a time, as the hash tables
+        cached[key] = matrix
+        self._csr_cache = cached
+        return matrix
 
 
 PROJECTORS = {"sparse": SparseJLProjector, "dense": DenseProjector, "identity": IdentityProjector}
