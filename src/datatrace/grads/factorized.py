@@ -169,6 +169,7 @@ from datatrace.grads.projectors import (
     SparseJLProjector,
     _generator,
     derive_seed,
+    hashed_csr,
 )
 from datatrace.tasks.base import Task, fuses_out_to_loss
 
@@ -747,18 +748,7 @@ class FactorizedProjector(Projector):
 
         def make():
             buckets, signs = self._jl_tables(block, seed)
-            signs = signs.to(dtype)
-            flat = buckets.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            columns = torch.arange(size).repeat(self.nnz)[order]
-            rows = torch.zeros(block.dim + 1, dtype=torch.int64)
-            rows[1:] = torch.bincount(flat, minlength=block.dim).cumsum(0)
-            with warnings.catch_warnings():  # "CSR support is in beta": the product is tested
-                warnings.simplefilter("ignore", UserWarning)
-                matrix = torch.sparse_csr_tensor(
-                    rows, columns, signs.reshape(-1)[order], (block.dim, size),
-                    check_invariants=False,
-                ).to(like.device)  # fmt: skip
+            matrix = hashed_csr(buckets, signs.to(dtype), block.dim).to(like.device)
             return matrix, (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1)
 
         return self._cached(key, seed, make)

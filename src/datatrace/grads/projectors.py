@@ -256,6 +256,7 @@ class SparseJLProjector(Projector):
             )
         self.proj_dim = proj_dim
         self.nnz = nnz
+        self._csr_cache: dict[Any, torch.Tensor] = {}
 
     def config(self) -> dict[str, Any]:
         return {"name": "sparse_jl", "proj_dim": self.proj_dim, "nnz": self.nnz}
@@ -304,29 +305,34 @@ class SparseJLProjector(Projector):
         return out
 
     def _csr(self, seed, sizes, index, buckets, signs, dtype) -> torch.Tensor:
-        """Block ``index``'s map as a ``(k, size)`` CSR matrix (its entries the signed weights
-        hashed there), cached beside the hash tables."""
+        """Block ``index``'s map as a ``(k, size)`` CSR matrix, cached beside the hash tables."""
         key = ("csr", seed, sizes, index, dtype)
-        cached = self._csr_cache if hasattr(self, "_csr_cache") else {}
+        cached = self._csr_cache
         if key in cached:
             return cached[key]
-        size = buckets.shape[1]
-        flat = buckets.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        columns = torch.arange(size).repeat(self.nnz)[order]
-        rows = torch.zeros(self.proj_dim + 1, dtype=torch.int64)
-        rows[1:] = torch.bincount(flat, minlength=self.proj_dim).cumsum(0)
-        with warnings.catch_warnings():  # "CSR support is in beta": the product is tested
-            warnings.simplefilter("ignore", UserWarning)
-            matrix = torch.sparse_csr_tensor(
-                rows, columns, signs.reshape(-1)[order].to(dtype), (self.proj_dim, size),
-                check_invariants=False,
-            )  # fmt: skip
+        matrix = hashed_csr(buckets, signs.to(dtype), self.proj_dim)
         if (cached and next(iter(cached))[1:3] != (seed, sizes)) or len(cached) > 64:
             cached = {}  # one checkpoint's maps at a time, as the hash tables
         cached[key] = matrix
         self._csr_cache = cached
         return matrix
+
+
+def hashed_csr(buckets: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
+    """A hashed sparse JL as a ``(dim, size)`` CSR matrix: input coordinate ``j`` adds
+    ``signs[r, j]`` into output ``buckets[r, j]`` for every slice ``r`` (``(nnz, size)`` each).
+    Applied as one sparse-dense product it gives the scatter-adds' sums in another order."""
+    nnz, size = buckets.shape
+    flat = buckets.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    columns = torch.arange(size, device=flat.device).repeat(nnz)[order]
+    rows = torch.zeros(dim + 1, dtype=torch.int64, device=flat.device)
+    rows[1:] = torch.bincount(flat, minlength=dim).cumsum(0)
+    with warnings.catch_warnings():  # "CSR support is in beta": the product is tested
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            rows, columns, signs.reshape(-1)[order], (dim, size), check_invariants=False
+        )
 
 
 PROJECTORS = {"sparse": SparseJLProjector, "dense": DenseProjector, "identity": IdentityProjector}
