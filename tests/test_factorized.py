@@ -1102,3 +1102,63 @@ def test_whole_conv_gradient_equals_per_example_autograd(conv):
         weight = grads[0].reshape(conv.out_channels, -1)
         want.append(torch.cat([weight, grads[1][:, None]], 1) if len(grads) > 1 else weight)
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-10)
+    # laid out one example per column, for a sparse JL's CSR product: the same numbers
+    columns = factorized._whole_conv_gradient(call, g, 3, conv.bias is not None, columns=True)
+    assert columns.shape == (*got.shape[1:], 3) and columns.is_contiguous()
+    torch.testing.assert_close(columns.permute(2, 0, 1), got, rtol=0, atol=0)
+    # one row per example (no folding): the same function of the batch
+    single = factorized._whole_conv_gradient(call, g, 6, conv.bias is not None)
+    want = [
+        torch.autograd.grad(conv(x[i : i + 1]), [conv.weight], g[i : i + 1])[0].flatten(1)
+        for i in range(6)
+    ]
+    torch.testing.assert_close(single[..., : want[0].shape[1]], torch.stack(want), rtol=1e-10,
+                               atol=1e-10)  # fmt: skip
+
+
+class OnePositionLayers(nn.Module):
+    """Linear layers on vectors (one position each): ``small`` (6 × 9, whole: pooled), ``wide``
+    (300 × 6, masked, its own sparse JL) and ``tied`` (300 × 300) called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Linear(9, 6)
+        self.wide = nn.Linear(6, 300)
+        self.tied = nn.Linear(300, 300)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.wide(torch.tanh(self.small(x[:, 0]))))
+        return torch.sin(self.tied(torch.tanh(self.tied(hidden)))).sum(-1)
+
+
+def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
+    """On the CPU, FactGraSS forms a one-position call's outer products one example per
+    column for the sparse JL (own or, when pooled, the fallback's): the same features as the
+    explicit map of loop gradients, for a pooled whole block with its bias, masked blocks and a
+    block called twice."""
+    model, batch = make(OnePositionLayers, positions=1)
+    names = [name for name, _ in model.named_parameters()]
+    projector = FactorizedProjector(96, variant="sparse", nnz=2)
+    projector.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
+    plan = projector.plan(model, names)
+    blocks = {block.name: block for block in plan.blocks}
+    assert blocks["small.weight"].pooled
+    assert not blocks["wide.weight"].pooled and blocks["wide.weight"].sparse_jl
+    assert not blocks["tied.weight"].pooled and blocks["tied.weight"].sparse_jl
+    calls = []
+    term = FactorizedProjector._term
+
+    def recording(self, block, call, grad, n, seed):
+        path, value = term(self, block, call, grad, n, seed)
+        calls.append((block.name, path))
+        return path, value
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FactorizedProjector, "_term", recording)
+        got = featurize(projector, model, batch)
+    assert {path for _, path in calls} == {factorized.COLUMNS}
+    # two calls of the tied block for one of each other block (in the safety check and after)
+    names_called = [name for name, _ in calls]
+    assert names_called.count("tied.weight") == 2 * names_called.count("small.weight") > 0
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
