@@ -243,8 +243,8 @@ MATERIALISE_BYTES = 256 << 20
 # Multiply-adds per point and per log2 of the length of the two real FFTs and the product of one
 # position's sketches (a real FFT of length k takes about k·log2(k) of them).
 FFT_COST = 2
-# _term's path for products laid out one example per column, (rows, cols, batch): the sparse JL
-# reads them so (FactorizedProjector._sparse_jl)
+# _term's path for products laid out one example per column, (rows, cols, batch), as the sparse
+# JL's CSR product reads them (FactorizedProjector._by_columns)
 COLUMNS = "factorized-columns"
 # Largest batch of per-position spectra ``(batch, positions, k/2 + 1)`` of one side held at once.
 SKETCH_WORK_BYTES = 256 << 20
@@ -1181,11 +1181,12 @@ class FactorizedProjector(Projector):
 
     @staticmethod
     def _by_columns(block: Block, like: torch.Tensor) -> bool:
-        """Whether a one-position call's outer products are formed one example per column,
-        ``(rows, cols, batch)``: on the CPU, for the blocks a sparse JL maps (their own, or the
-        fallback's when pooled) as a CSR product, which reads that layout; formed
-        ``(batch, rows, cols)`` and then copied to it, they take three times as long
-        (256 × 104 × 103 products and a 672-row map: 2.3 ms against 7.1 ms, one thread)."""
+        """Whether a call's products are laid out one example per column, ``(rows, cols,
+        batch)`` (a one-position call's outer products, a whole conv gradient): on the CPU, for
+        the blocks a sparse JL maps (their own, or the fallback's when pooled) as a CSR
+        product, which reads that layout. Formed ``(batch, rows, cols)`` and then copied to it,
+        one-position products take three times as long (256 × 104 × 103 products and a
+        672-row map: 2.3 ms against 7.1 ms, one thread)."""
         return like.device.type == "cpu" and (block.pooled or block.sparse_jl)
 
     def _spectrum(self, block, call, inputs, output_side, seed, like) -> torch.Tensor:
