@@ -1,5 +1,7 @@
 """Per-example gradients against a loop of torch.autograd.grad."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +114,77 @@ def test_selection_errors():
     with pytest.raises(ValueError, match="no parameter of the model"):
         select_parameters(model, nn.Linear(2, 2))
     assert select_parameters(model, [model[2], "0.bias"]) == ["0.bias", "2.weight", "2.bias"]
+
+
+class Recurrent(nn.Module):
+    """A recurrent classifier on ``(n, 5, 3)`` sequences: its last hidden state, then a head."""
+
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+        self.head = nn.Linear(core.hidden_size * (2 if core.bidirectional else 1), 4)
+
+    def forward(self, x):
+        out, _ = self.core(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize(
+    "core, dtype",
+    [
+        (lambda: nn.GRU(3, 6, num_layers=2, batch_first=True), torch.float32),
+        (lambda: nn.RNN(3, 6, batch_first=True, bidirectional=True), torch.float32),
+        (lambda: nn.LSTM(3, 6, batch_first=True), torch.float64),
+    ],
+    ids=["gru-2-layers", "rnn-bidirectional", "lstm-float64"],
+)
+def test_modules_vmap_cannot_batch_fall_back_to_one_example_at_a_time(core, dtype):
+    """vmap has no batching rule for these (an in-place write into the unbatched initial state):
+    one warning, then the same gradients as an autograd loop, and no second attempt at vmap."""
+    from datatrace.grads.per_example import VmapFallbackWarning
+
+    torch.manual_seed(0)
+    model = Recurrent(core()).to(dtype).eval()
+    X = torch.randn(7, 5, 3, dtype=dtype)
+    y = torch.randint(0, 4, (7,))
+    task = Classification()
+    names = select_parameters(model)
+    with pytest.warns(VmapFallbackWarning, match="one example at a time"):
+        got = PerExampleGradients(model, task, names).gradients(model.state_dict(), (X, y))
+    want = loop_gradients(model, task, names, X, y)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    again = PerExampleGradients(model, task, names)
+    assert again.one_at_a_time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = again.gradients(model.state_dict(), (X[:3], y[:3]))
+    torch.testing.assert_close(second[names[0]], want[names[0]][:3], rtol=1e-5, atol=1e-7)
+
+
+def test_an_error_of_the_model_itself_is_raised_not_hidden_by_the_fallback():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.linear(x) @ torch.ones(5, 2)  # (n, 4) @ (5, 2): a shape error
+
+    model = Broken()
+    grads = PerExampleGradients(model, Classification(), select_parameters(model))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        grads.gradients(model.state_dict(), (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+    assert not grads.one_at_a_time
+
+
+def test_trak_attributes_a_gru_classifier():
+    import datatrace as dt
+
+    torch.manual_seed(0)
+    model = Recurrent(nn.GRU(3, 6, num_layers=2, batch_first=True)).eval()
+    X, y = torch.randn(30, 5, 3), torch.randint(0, 4, (30,))
+    with pytest.warns(UserWarning):
+        trak = dt.TRAK(model, Classification(), proj_dim=32, progress=False).fit((X[:24], y[:24]))
+        scores = trak.score((X[24:], y[24:])).scores
+    assert scores.shape == (6, 24) and torch.isfinite(torch.as_tensor(scores)).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,8 +11,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from datatrace.data import map_tensors
+from datatrace.data import batch_size_of, map_tensors
 from datatrace.tasks.base import Task
+
+
+class VmapFallbackWarning(UserWarning):
+    """``vmap`` could not batch a model's per-example gradients; they are computed one example
+    at a time instead (the same numbers, slower)."""
+
+
+# Models whose per-example gradients vmap could not batch (and a loop could): every
+# PerExampleGradients of them loops from then on, without trying vmap again.
+_ONE_AT_A_TIME: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class _Bound(nn.Module):
@@ -68,6 +80,12 @@ class PerExampleGradients:
         self._output = _Bound(model, task.output)
         self._out_to_loss = _Bound(model, task.out_to_loss)
 
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether vmap failed on this model where one example at a time worked (then every
+        batch is computed one example at a time)."""
+        return self.model in _ONE_AT_A_TIME
+
     def _split(self, state: Mapping[str, torch.Tensor]):
         state = module_state(self.model, state)
         selected = {name: state[name].detach() for name in self.param_names}
@@ -88,6 +106,13 @@ class PerExampleGradients:
 
         Returns:
             ``{name: (batch_size, *param.shape)}`` for each selected parameter.
+
+        ``vmap`` has no batching rule for some modules (``nn.GRU`` and ``nn.RNN``, ``nn.LSTM`` in
+        float64: an in-place write of a batched value into the unbatched initial state) and
+        refuses data-dependent control flow. Where it fails and one example at a time works,
+        it warns (:class:`VmapFallbackWarning`) and computes every later batch of this model
+        one example at a time too; where one example fails as well, that error is raised (the
+        model's own, not vmap's).
         """
         selected, frozen = self._split(state)
 
@@ -96,8 +121,27 @@ class PerExampleGradients:
             params = {**frozen, **{"model." + k: v for k, v in selected_params.items()}}
             return functional_call(self._output, params, (one,)).sum()
 
+        gradient_of_one = grad(output_of_one)
         with _eval_mode(self.model):
-            return vmap(grad(output_of_one), in_dims=(None, 0))(selected, batch)
+            if self.one_at_a_time:
+                return _one_at_a_time(gradient_of_one, selected, batch)
+            try:
+                return vmap(gradient_of_one, in_dims=(None, 0))(selected, batch)
+            except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5)
+                raise
+            except (RuntimeError, NotImplementedError) as error:
+                result = _one_at_a_time(gradient_of_one, selected, batch)
+                _ONE_AT_A_TIME.add(self.model)
+                warnings.warn(
+                    f"per-example gradients by vmap failed for this model ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); computing them one example at a time "
+                    "from now on: the same numbers, slower. vmap has no batching rule for some "
+                    "modules (nn.GRU, nn.RNN; nn.LSTM in float64) and refuses data-dependent "
+                    "control flow.",
+                    VmapFallbackWarning,
+                    stacklevel=2,
+                )
+                return result
 
     @torch.no_grad()
     def outputs(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -115,6 +159,16 @@ class PerExampleGradients:
         }
         with _eval_mode(self.model):
             return functional_call(bound, params, (batch,))
+
+
+def _one_at_a_time(gradient_of_one, selected, batch) -> dict[str, torch.Tensor]:
+    """What ``vmap(gradient_of_one, in_dims=(None, 0))(selected, batch)`` computes, by a loop."""
+    n = batch_size_of(batch)
+    per_example = [
+        gradient_of_one(selected, map_tensors(lambda tensor, i=i: tensor[i], batch))
+        for i in range(n)
+    ]
+    return {name: torch.stack([grads[name] for grads in per_example]) for name in selected}
 
 
 class _eval_mode:
