@@ -66,3 +66,24 @@ def test_map_tensors_keeps_structure():
     assert isinstance(doubled["pair"], Pair) and doubled["name"] == "keep"
     assert torch.equal(doubled["x"][1][0], Y * 2)
     np.testing.assert_array_equal(doubled["pair"].a.numpy(), X.numpy() * 2)
+
+
+def test_tuple_of_nested_columns():
+    """(inputs as a dict of tensors, labels): read by rows like flat columns; a list of
+    per-example tuples is still a dataset of examples."""
+    u, v, y = torch.randn(7, 3), np.arange(14.0).reshape(7, 2), torch.arange(7)
+    examples = Examples(({"u": u, "v": v}, y))
+    assert examples.n == 7
+    inputs, labels = examples.read(2, 5)
+    torch.testing.assert_close(inputs["u"], u[2:5])
+    torch.testing.assert_close(inputs["v"], torch.as_tensor(v[2:5]))
+    torch.testing.assert_close(labels, y[2:5])
+    nested = Examples(((u, {"v": v}), y)).read(0, 2)
+    torch.testing.assert_close(nested[0][1]["v"], torch.as_tensor(v[:2]))
+    with pytest.raises(ValueError, match="different lengths"):
+        Examples(({"u": u, "v": v[:6]}, y))
+    with pytest.raises(TypeError, match=r"column '0\.name' holds"):
+        Examples(({"u": u, "name": np.array(["a"] * 7)}, y))
+    per_example = Examples([(u[i], y[i]) for i in range(7)])
+    assert per_example.n == 7
+    torch.testing.assert_close(per_example.read(0, 3)[0], u[:3])

@@ -18,7 +18,8 @@ from torch.utils.data._utils.collate import default_collate
 DataLike = Any
 """A torch ``Dataset``, a ``DataLoader`` without shuffling, a tuple of tensors or arrays
 ``(X, y, ...)`` with equal first dimensions, or a mapping of such columns (e.g. tokenizer output
-with labels)."""
+with labels); in a tuple, a column may itself be a mapping or tuple of arrays (``({"ids": ...,
+"mask": ...}, labels)`` for a model that takes a dict)."""
 
 
 def _column(name: int | str, value: Any) -> torch.Tensor:
@@ -37,6 +38,24 @@ def _column(name: int | str, value: Any) -> torch.Tensor:
             f"{what} is a single number (a 0-d tensor): pass one row per example, e.g. shape (n,)"
         )
     return value
+
+
+def _is_columns(value: Any) -> bool:
+    """An array, or a non-empty tuple or mapping (nested) of arrays: one column of the data."""
+    if _is_array(value):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(_is_columns(v) for v in value.values())
+    return isinstance(value, tuple) and bool(value) and all(_is_columns(v) for v in value)
+
+
+def _nested_column(name: int | str, value: Any) -> Any:
+    """:func:`_column` of every array of a (nested) column, named by its path."""
+    if isinstance(value, Mapping):
+        return type(value)({k: _nested_column(f"{name}.{k}", v) for k, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple(_nested_column(f"{name}.{i}", v) for i, v in enumerate(value))
+    return _column(name, value)
 
 
 class Examples:
@@ -59,6 +78,8 @@ class Examples:
             self._init_columns(dict(data))
         elif isinstance(data, (tuple, list)) and data and all(_is_array(c) for c in data):
             self._init_columns(list(data))
+        elif isinstance(data, tuple) and data and all(_is_columns(c) for c in data):
+            self._init_columns(list(data))  # e.g. ({"ids": ..., "mask": ...}, labels)
         elif isinstance(data, Dataset) or (
             hasattr(data, "__getitem__") and hasattr(data, "__len__")
         ):
@@ -72,19 +93,24 @@ class Examples:
     def _init_columns(self, columns: list | dict) -> None:
         names = list(columns) if isinstance(columns, dict) else list(range(len(columns)))
         values = list(columns.values()) if isinstance(columns, dict) else columns
-        values = [_column(name, value) for name, value in zip(names, values)]
-        lengths = {len(v) for v in values}
+        values = [_nested_column(name, value) for name, value in zip(names, values)]
+        lengths: set[int] = set()
+        map_tensors(lambda tensor: lengths.add(len(tensor)), values)
         if len(lengths) != 1:
             raise ValueError(
                 f"the columns of the data have different lengths {sorted(lengths)}: every column "
                 "must have one row per example"
             )
         self.n = lengths.pop()
+
+        def rows(start: int, stop: int) -> list:
+            return map_tensors(lambda tensor: tensor[start:stop], values)
+
         if isinstance(columns, dict):
             keys = list(columns)
-            self._read = lambda start, stop: {k: v[start:stop] for k, v in zip(keys, values)}
+            self._read = lambda start, stop: dict(zip(keys, rows(start, stop)))
         else:
-            self._read = lambda start, stop: tuple(v[start:stop] for v in values)
+            self._read = lambda start, stop: tuple(rows(start, stop))
 
     def _init_dataset(self, dataset: Sequence, collate: Callable) -> None:
         self.n = len(dataset)
