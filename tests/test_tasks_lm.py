@@ -133,11 +133,23 @@ def test_per_token_rows_sum_to_the_sequence_output(case):
     torch.testing.assert_close(summed, whole, rtol=1e-4, atol=1e-4)
 
 
-def test_sdpa_causal_model_gets_a_clear_error():
-    model = tiny_gpt2(attn="sdpa")
+def test_sdpa_causal_model_falls_back_to_one_example_at_a_time_with_the_advice():
+    """transformers' 'sdpa' masks branch on tensor values, which vmap refuses: the gradients
+    come one example at a time, equal to the eager twin's, and the warning says how to get vmap
+    back."""
+    from datatrace.grads.per_example import VmapFallbackWarning
+
+    model, eager = tiny_gpt2(attn="sdpa"), tiny_gpt2(attn="eager")  # the same weights
     names = select_parameters(model, "transformer.ln_f.*")
-    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
-        PerExampleGradients(model, CausalLM(), names).gradients(model.state_dict(), causal_batch())
+    with pytest.warns(VmapFallbackWarning, match="attn_implementation='eager'"):
+        got = PerExampleGradients(model, CausalLM(), names).gradients(
+            model.state_dict(), causal_batch()
+        )
+    want = PerExampleGradients(eager, CausalLM(), names).gradients(
+        eager.state_dict(), causal_batch()
+    )
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ class VmapFallbackWarning(UserWarning):
     at a time instead (the same numbers, slower)."""
 
 
+# Characters of vmap's error quoted in the warning: enough for the advice of call_model's errors
+# (e.g. to load a transformers model with attn_implementation='eager', which vmap can batch).
+MAX_REASON_CHARS = 600
 # Models whose per-example gradients vmap could not batch (and a loop could): every
 # PerExampleGradients of them loops from then on, without trying vmap again.
 _ONE_AT_A_TIME: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -132,12 +135,12 @@ class PerExampleGradients:
             except (RuntimeError, NotImplementedError) as error:
                 result = _one_at_a_time(gradient_of_one, selected, batch)
                 _ONE_AT_A_TIME.add(self.model)
+                reason = " ".join(str(error).split())
                 warnings.warn(
                     f"per-example gradients by vmap failed for this model ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:200]}); computing them one example at a time "
-                    "from now on: the same numbers, slower. vmap has no batching rule for some "
-                    "modules (nn.GRU, nn.RNN; nn.LSTM in float64) and refuses data-dependent "
-                    "control flow.",
+                    f"{reason[:MAX_REASON_CHARS]}); computing them one example at a time from now "
+                    "on: the same numbers, slower. vmap has no batching rule for some modules "
+                    "(nn.GRU, nn.RNN; nn.LSTM in float64) and refuses data-dependent control flow.",
                     VmapFallbackWarning,
                     stacklevel=2,
                 )
