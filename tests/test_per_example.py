@@ -180,11 +180,12 @@ def test_an_error_of_the_model_itself_is_raised_not_hidden_by_the_fallback():
 
 def test_trak_attributes_a_gru_classifier():
     import datatrace as dt
+    from datatrace.grads.per_example import VmapFallbackWarning
 
     torch.manual_seed(0)
     model = Recurrent(nn.GRU(3, 6, num_layers=2, batch_first=True)).eval()
     X, y = torch.randn(30, 5, 3), torch.randint(0, 4, (30,))
-    with pytest.warns(UserWarning):
+    with pytest.warns(VmapFallbackWarning):
         trak = dt.TRAK(model, Classification(), proj_dim=32, progress=False).fit((X[:24], y[:24]))
         scores = trak.score((X[24:], y[24:])).scores
     assert scores.shape == (6, 24) and torch.isfinite(torch.as_tensor(scores)).all()

@@ -1147,20 +1147,12 @@ class FactorizedProjector(Projector):
             projected_input = self._conv_input(input_factor, inputs, module, kind, augmented, grad)
         else:
             raw = _unfold(inputs, module, kind) if kind in ("conv1d", "conv2d") else inputs
-            if input_factor.identity and augmented:
+            raw = raw.reshape(n, -1, raw.shape[-1])
+            one_position_columns = raw.shape[1] == 1 and self._by_columns(block, grad)
+            if input_factor.identity and augmented and not one_position_columns:
                 # the bias coordinate's term is the summed output side, appended to the
-                # products: no column of ones on every position's input (a copy of the patches)
-                raw = raw.reshape(n, -1, raw.shape[-1])
-                if raw.shape[1] == 1 and self._by_columns(block, grad):
-                    # one position: the bias coordinate is an appended 1 on the input side
-                    inputs_side = torch.cat([raw[:, 0].T, raw.new_ones(1, n)])
-                    outputs_side = projected_output[:, 0].T.contiguous()
-                    u, v = (
-                        (outputs_side, inputs_side)
-                        if input_axis == 1
-                        else (inputs_side, outputs_side)
-                    )
-                    return COLUMNS, u.unsqueeze(1) * v.unsqueeze(0)
+                # products: no column of ones on every position's input (a copy of the patches;
+                # at one position laid out by columns, the general path below appends the 1)
                 bias = projected_output.sum(1)
                 if input_axis == 1:
                     products = torch.einsum("nsr,nsc->nrc", projected_output, raw)
