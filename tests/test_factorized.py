@@ -445,6 +445,34 @@ def test_outputs_changed_in_place_are_copied_and_features_stay_exact():
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+class KeptOutput(nn.Module):
+    """A forward hook of the model's own keeps a Linear's output, which the parent then changes
+    in place: a copy returned by datatrace's hook does not protect the tensor the hooks saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(9, 8)
+        self.last = nn.Linear(8, 3)
+        self.first.register_forward_hook(lambda module, inputs, output: setattr(module, "kept", output))
+
+    def forward(self, x):
+        hidden = self.first(x)
+        self.first.kept.mul_(1.0)  # bumps the version of the hooked tensor itself
+        return torch.sin(self.last(torch.tanh(hidden))).sum((1, 2))
+
+
+def test_an_output_changed_even_when_copied_goes_to_vmap_instead_of_looping():
+    model, batch = make(KeptOutput)
+    projector = FactorizedProjector(40, split="params")
+    names = [name for name, _ in model.named_parameters()]
+    with pytest.warns(FactorizationWarning, match="first.weight .its output changes after the hook"):
+        got = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
+    plan = projector.plan(model, names)
+    assert "first.weight" in plan.moved and "last.weight" not in plan.moved
+    want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 class BatchStatistics(nn.Module):
     """A BatchNorm without running statistics: examples interact, it stays on vmap."""
 

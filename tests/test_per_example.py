@@ -189,3 +189,65 @@ def test_trak_attributes_a_gru_classifier():
         trak = dt.TRAK(model, Classification(), proj_dim=32, progress=False).fit((X[:24], y[:24]))
         scores = trak.score((X[24:], y[24:])).scores
     assert scores.shape == (6, 24) and torch.isfinite(torch.as_tensor(scores)).all()
+
+
+class _Square(torch.autograd.Function):
+    """An old-style autograd.Function (forward takes ctx, no setup_context): torch.func's
+    transforms refuse it, plain autograd runs it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class OldStyleFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 4)
+        self.unused = nn.Linear(2, 2)  # the output never reaches it: zero gradients
+
+    def forward(self, x):
+        return self.head(_Square.apply(self.inner(x)))
+
+
+class RenormedEmbedding(nn.Module):
+    """``nn.Embedding(max_norm=...)`` renormalises its rows in place in the forward pass, which
+    torch.func refuses (a mutation of a captured tensor); rows kept below the norm are unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(9, 4, max_norm=10.0)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).mean(1))
+
+
+@pytest.mark.parametrize("case", ["old-style-function", "embedding-max-norm"])
+def test_models_torch_func_cannot_transform_fall_back_to_plain_autograd(case):
+    from datatrace.grads.per_example import VmapFallbackWarning
+
+    torch.manual_seed(0)
+    if case == "old-style-function":
+        model, X = OldStyleFunction().eval(), torch.randn(6, 3)
+    else:
+        model, X = RenormedEmbedding().eval(), torch.randint(0, 9, (6, 5))
+    y = torch.randint(0, 4, (6,))
+    task = Classification()
+    names = select_parameters(model)
+    with pytest.warns(VmapFallbackWarning, match="plain autograd"):
+        got = PerExampleGradients(model, task, names).gradients(model.state_dict(), (X, y))
+    used = [name for name in names if not name.startswith("unused.")]
+    want = loop_gradients(model, task, used, X, y)
+    for name in used:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+    for name in set(names) - set(used):
+        assert got[name].shape == (6, *dict(model.named_parameters())[name].shape)
+        assert not got[name].any()

@@ -73,9 +73,23 @@ class Attributions:
             f"n_train={self.n_train})"
         )
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_targets, n_train)``."""
+        return self.scores.shape
+
     def to_numpy(self) -> np.ndarray:
         """The ``(n_targets, n_train)`` score matrix."""
         return self.scores
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """The score matrix, so that ``np.asarray(attributions)`` is :meth:`to_numpy`."""
+        if copy is False and dtype is not None and np.dtype(dtype) != self.scores.dtype:
+            raise ValueError(
+                f"cannot give the {self.scores.dtype} scores as {np.dtype(dtype)} without a copy"
+            )
+        scores = self.scores if dtype is None else self.scores.astype(dtype, copy=False)
+        return scores.copy() if copy else scores
 
     def top(self, k: int = 10) -> Ranking:
         """The ``k`` highest-scoring training examples of every target, best first.

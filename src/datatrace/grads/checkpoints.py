@@ -13,19 +13,37 @@ Checkpoint = Mapping[str, torch.Tensor] | nn.Module | str | Path
 saved with ``torch.save(model.state_dict(), path)``."""
 
 
+# The prefix torch.compile's wrapper (OptimizedModule) puts before every name of its state dict.
+COMPILED_PREFIX = "_orig_mod."
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` wrapped (``model._orig_mod``), or ``model`` itself.
+
+    Attribution differentiates the model through forward hooks, ``functional_call`` and
+    ``torch.func`` transforms, which a compiled graph does not go through reliably (hooks on
+    submodules are traced away); the original module computes the same function with the same
+    parameters, which the wrapper shares."""
+    original = getattr(model, "_orig_mod", None)
+    compiled = type(model).__name__ == "OptimizedModule" and isinstance(original, nn.Module)
+    return original if compiled else model
+
+
 def load_checkpoint(
     checkpoint: Checkpoint, model: nn.Module, device: torch.device | str
 ) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` under ``checkpoint``, on ``device``.
 
     Buffers missing from the checkpoint (e.g. a state dict of parameters only) are taken from
-    the model. The model itself is not modified.
+    the model. The model itself is not modified. A ``torch.compile``'d model or checkpoint
+    module stands for the module it wraps (:func:`uncompiled`), and a state dict saved from one
+    (every name prefixed ``_orig_mod.``) is read without the prefix.
 
     Raises:
         ValueError: a parameter is missing, unknown names are present, or shapes differ.
     """
     if isinstance(checkpoint, nn.Module):
-        state = checkpoint.state_dict()
+        state = uncompiled(checkpoint).state_dict()
     elif isinstance(checkpoint, (str, Path)):
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if not isinstance(state, Mapping):
@@ -37,7 +55,12 @@ def load_checkpoint(
             f"a checkpoint must be a state dict, a module or a file path, got "
             f"{type(checkpoint).__name__}"
         )
+    model = uncompiled(model)
     expected = model.state_dict()
+    if state and set(state).isdisjoint(expected) and all(
+        name.startswith(COMPILED_PREFIX) for name in state
+    ):  # saved from a torch.compile'd model: the names of the module it wraps
+        state = {name[len(COMPILED_PREFIX) :]: tensor for name, tensor in state.items()}
     parameter_names = {name for name, _ in model.named_parameters()}
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(parameter_names - set(state))

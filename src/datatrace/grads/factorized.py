@@ -1033,6 +1033,10 @@ class FactorizedProjector(Projector):
             for handle in handles:
                 handle.remove()
         changed = [call for call in calls if call.output._version != call.version]
+        for call in changed:
+            if id(call.module) in plan.copied_outputs:  # changed although copied: not by hooks
+                bad.update(dict.fromkeys(call.names(), "its output changes after the hook"))
+        changed = [call for call in changed if id(call.module) not in plan.copied_outputs]
         if changed:
             # A later in-place operation (e.g. ReLU(inplace=True)) changed a hooked output, so its
             # gradient would be the changed tensor's: run again with those outputs copied.

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from datatrace.data import Examples, batch_to
-from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
+from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
 from datatrace.grads.factors import full_precision
 from datatrace.grads.memory import (
@@ -171,6 +171,7 @@ class GradientFeatures:
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         if memory_budget is not None and not memory_budget > 0:
             raise ValueError(f"memory_budget must be a positive byte count, got {memory_budget}")
+        model = uncompiled(model)
         self.model = model
         self.task = task
         self.projector = projector

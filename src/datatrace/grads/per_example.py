@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from datatrace.data import batch_size_of, map_tensors
+from datatrace.grads.checkpoints import uncompiled
 from datatrace.tasks.base import Task
 
 
@@ -77,6 +78,7 @@ class PerExampleGradients:
     """
 
     def __init__(self, model: nn.Module, task: Task, param_names: list[str]):
+        model = uncompiled(model)
         self.model = model
         self.task = task
         self.param_names = list(param_names)
@@ -127,24 +129,51 @@ class PerExampleGradients:
         gradient_of_one = grad(output_of_one)
         with _eval_mode(self.model):
             if self.one_at_a_time:
-                return _one_at_a_time(gradient_of_one, selected, batch)
+                return self._one_at_a_time(selected, frozen, batch)
             try:
                 return vmap(gradient_of_one, in_dims=(None, 0))(selected, batch)
             except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError since 2.5)
                 raise
             except (RuntimeError, NotImplementedError) as error:
-                result = _one_at_a_time(gradient_of_one, selected, batch)
+                result = self._one_at_a_time(selected, frozen, batch)
                 _ONE_AT_A_TIME.add(self.model)
                 reason = " ".join(str(error).split())
                 warnings.warn(
                     f"per-example gradients by vmap failed for this model ({type(error).__name__}: "
                     f"{reason[:MAX_REASON_CHARS]}); computing them one example at a time from now "
-                    "on: the same numbers, slower. vmap has no batching rule for some modules "
-                    "(nn.GRU, nn.RNN; nn.LSTM in float64) and refuses data-dependent control flow.",
+                    "on (plain autograd): the same numbers, slower. vmap has no batching rule for "
+                    "some modules (nn.GRU, nn.RNN; nn.LSTM in float64), refuses data-dependent "
+                    "control flow, autograd.Functions without setup_context and in-place updates "
+                    "of parameters in the forward pass (nn.Embedding with max_norm).",
                     VmapFallbackWarning,
                     stacklevel=2,
                 )
                 return result
+
+    def _one_at_a_time(
+        self, selected: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor], batch: Any
+    ) -> dict[str, torch.Tensor]:
+        """What the vmap of :meth:`gradients` computes, by a loop of plain autograd over the
+        examples (no ``torch.func`` transform, so whatever trains also runs here); a parameter
+        the output does not reach gets a zero gradient, as ``torch.func.grad`` gives."""
+        per_example = []
+        for i in range(batch_size_of(batch)):
+            one = map_tensors(lambda tensor, i=i: tensor[i : i + 1], batch)
+            leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in selected.items()}
+            params = {**frozen, **{"model." + name: leaf for name, leaf in leaves.items()}}
+            with torch.enable_grad():
+                output = functional_call(self._output, params, (one,)).sum()
+            if output.requires_grad:
+                grads = torch.autograd.grad(output, list(leaves.values()), allow_unused=True)
+            else:
+                grads = [None] * len(leaves)
+            per_example.append(
+                {
+                    name: torch.zeros_like(leaf) if g is None else g
+                    for (name, leaf), g in zip(leaves.items(), grads)
+                }
+            )
+        return {name: torch.stack([grads[name] for grads in per_example]) for name in selected}
 
     @torch.no_grad()
     def outputs(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -162,16 +191,6 @@ class PerExampleGradients:
         }
         with _eval_mode(self.model):
             return functional_call(bound, params, (batch,))
-
-
-def _one_at_a_time(gradient_of_one, selected, batch) -> dict[str, torch.Tensor]:
-    """What ``vmap(gradient_of_one, in_dims=(None, 0))(selected, batch)`` computes, by a loop."""
-    n = batch_size_of(batch)
-    per_example = [
-        gradient_of_one(selected, map_tensors(lambda tensor, i=i: tensor[i], batch))
-        for i in range(n)
-    ]
-    return {name: torch.stack([grads[name] for grads in per_example]) for name in selected}
 
 
 class _eval_mode:

@@ -28,7 +28,7 @@ from datatrace._estimator import (
 )
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
-from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
+from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.featurize import default_device
 from datatrace.grads.per_example import PerExampleGradients
 from datatrace.grads.projectors import Projector
@@ -59,7 +59,7 @@ class _GradientBaseline:
         device: torch.device | str | None = None,
         progress: bool = True,
     ):
-        self.model = model
+        self.model = uncompiled(model)
         self.task = task
         self.proj_dim = proj_dim
         self.projector = projector
@@ -212,7 +212,7 @@ class RepresentationSimilarity:
         device: torch.device | str | None = None,
         progress: bool = True,
     ):
-        self.model = model
+        self.model = uncompiled(model)
         self.task = task
         self.layer = layer
         self.batch_size = batch_size

@@ -19,7 +19,7 @@ from datatrace._estimator import (
 )
 from datatrace.attributions import Attributions
 from datatrace.data import Examples
-from datatrace.grads.checkpoints import Checkpoint
+from datatrace.grads.checkpoints import Checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
 from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
@@ -127,7 +127,7 @@ class TRAK:
         memory_budget: int | None = None,
         precision: str | None = None,
     ):
-        self.model = model
+        self.model = uncompiled(model)
         self.task = task
         self.proj_dim = proj_dim
         self.projector = projector

@@ -19,16 +19,28 @@ from datatrace.tasks._inputs import model_dtype
 from datatrace.tasks.base import Task
 
 
+def class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` as ``(..., n_classes)`` softmax logits: a binary classifier's single logit
+    ``z`` (``(..., 1)``, trained with ``BCEWithLogitsLoss``: ``p(y=1) = σ(z)``) becomes the two
+    logits ``(0, z)``, which give the same probabilities; any other output as it is."""
+    if logits.shape[-1] == 1:
+        return torch.cat([torch.zeros_like(logits), logits], -1)
+    return logits
+
+
 def classification_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The margin ``logit_y − logsumexp_{c≠y} logit_c`` of each row.
 
     Args:
-        logits: ``(batch_size, n_classes)`` model outputs.
+        logits: ``(batch_size, n_classes)`` model outputs; ``(batch_size, 1)`` for a binary
+            classifier's single logit ``z`` (:func:`class_logits`: the margin is ``z`` for
+            label 1 and ``−z`` for label 0).
         labels: ``(batch_size,)`` integer class of each row.
 
     Returns:
         ``(batch_size,)`` margins; positive where the true class wins.
     """
+    logits = class_logits(logits)
     n_classes = logits.shape[-1]
     is_true = torch.arange(n_classes, device=logits.device) == labels.unsqueeze(-1)
     true_logit = logits.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
@@ -52,6 +64,11 @@ class Classification(Task):
     tensor, or a tuple of tensors passed as positional arguments), ``labels`` the
     ``(batch_size,)`` integer classes. ``output`` is ``logit_y − logsumexp_{c≠y} logit_c``;
     ``out_to_loss`` is ``1 − p_y``, so that ``∂(cross-entropy)/∂output = −out_to_loss``.
+
+    A model with one output ``z`` per example (``(batch_size, 1)``) is a binary classifier
+    trained with ``BCEWithLogitsLoss`` (``p(y=1) = σ(z)``): labels are 0 or 1, the margin is
+    ``z`` for label 1 and ``−z`` for label 0 and ``out_to_loss`` is ``σ(−margin)``, the
+    two-class softmax of the logits ``(0, z)``.
     """
 
     def _logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -107,9 +124,10 @@ class Classification(Task):
             shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise ValueError(
                 f"the model's output on one example is {shape}: {type(self).__name__} "
-                "attributes a margin of (batch_size, n_classes) logits"
+                "attributes a margin of (batch_size, n_classes) logits (or (batch_size, 1) for a "
+                "binary classifier's single logit)"
             )
-        return logits.shape[-1]
+        return class_logits(logits).shape[-1]
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
@@ -132,6 +150,7 @@ def centred_class_logit(logits: torch.Tensor, classes: torch.Tensor) -> torch.Te
         ``(batch_size,)`` centred logits (the softmax ignores a shift common to all classes;
         centring removes it, as :func:`datatrace.applications.unlearning.centre_logits` does).
     """
+    logits = class_logits(logits)
     chosen = logits.gather(-1, classes.unsqueeze(-1).long()).squeeze(-1)
     return chosen - logits.mean(-1)
 

@@ -14,7 +14,7 @@ from torch import nn
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
-from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
+from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, default_device
 from datatrace.grads.per_example import task_for_checkpoint
 from datatrace.grads.selection import ParamSelection, select_parameters
@@ -140,7 +140,7 @@ class InfluenceFunctions:
         device: torch.device | str | None = None,
         progress: bool = True,
     ):
-        self.model = model
+        self.model = uncompiled(model)
         self.task = task
         self.hessian = hessian
         self.damping = damping
