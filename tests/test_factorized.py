@@ -1161,9 +1161,9 @@ class OnePositionLayers(nn.Module):
 
 def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
     """On the CPU, FactGraSS forms a one-position call's outer products one example per
-    column for the sparse JL (own or, when pooled, the fallback's): the same features as the
-    explicit map of loop gradients, for a pooled whole block with its bias, masked blocks and a
-    block called twice."""
+    column for the sparse JL (own, a slab of rows at a time, or, when pooled, the fallback's):
+    the same features as the explicit map of loop gradients, for a pooled whole block with its
+    bias, masked blocks and a block called twice."""
     model, batch = make(OnePositionLayers, positions=1)
     names = [name for name, _ in model.named_parameters()]
     projector = FactorizedProjector(96, variant="sparse", nnz=2)
@@ -1183,8 +1183,17 @@ def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FactorizedProjector, "_term", recording)
+        # slabs of a few products: a masked block's JL is the sum of many slabs' CSR products
+        patch.setattr(factorized, "SLAB_PRODUCTS", 7)
         got = featurize(projector, model, batch)
-    assert {path for _, path in calls} == {factorized.COLUMNS}
+    # the pooled block's products go to the fallback's CSR product, the masked blocks' through
+    # their own sparse JL a slab of rows at a time
+    assert dict(calls) == {
+        "small.weight": factorized.COLUMNS,
+        "wide.weight": factorized.PROJECTED,
+        "tied.weight": factorized.PROJECTED,
+    }
+    assert 7 // blocks["wide.weight"].k_cols < blocks["wide.weight"].k_rows  # several slabs
     # two calls of the tied block for one of each other block (in the safety check and after)
     names_called = [name for name, _ in calls]
     assert names_called.count("tied.weight") == 2 * names_called.count("small.weight") > 0

@@ -418,3 +418,23 @@ def test_neighbour_cosine_equals_brute_force_over_chunks():
     best = [max(unit[i] @ unit[j] for j in range(700) if j != i) for i in rows]
     assert got == pytest.approx(np.median(best), abs=1e-12)
     assert len(rows) == 256 and (np.diff(rows) > 0).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_kernel_factor_is_the_cholesky_factor_of_the_damped_gram(layout):
+    """The factor written over the damped kernel's copy (LAPACK in place) is numpy's Cholesky
+    factor of ``G + λI``, lower triangular, with the gram left as it was; a non-contiguous gram
+    too; an indefinite one is refused."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((40, 25))
+    gram = features @ features.T  # (40, 40), rank 25: singular without damping
+    given = torch.from_numpy(gram.copy())
+    if layout == "transposed":
+        given = torch.from_numpy(np.asfortranarray(gram))  # strides (1, 40)
+        assert not given.is_contiguous()
+    kernel = Kernel(given, 0.3, dual=True)
+    want = np.linalg.cholesky(gram + 0.3 * np.eye(40))
+    np.testing.assert_allclose(kernel.factor.numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(given.numpy(), gram)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        Kernel(torch.from_numpy(gram - 0.1 * np.eye(40)), 0.0, dual=True)

@@ -246,6 +246,13 @@ FFT_COST = 2
 # _term's path for products laid out one example per column, (rows, cols, batch), as the sparse
 # JL's CSR product reads them (FactorizedProjector._by_columns)
 COLUMNS = "factorized-columns"
+# _term's path for a one-position call whose products went through the block's sparse JL
+# already, a slab of rows at a time: its features (batch, dim), summed over the block's calls.
+PROJECTED = "factorized-projected"
+# Products (rows × cols of one example) per slab of that path: at batch 256 and float32, 4 MiB
+# of products at a time, which stay in cache for the JL's CSR product, where a layer's whole
+# products (30 MiB for a 128 × 229 mask) are a fresh allocation per batch, paid in page faults.
+SLAB_PRODUCTS = 4096
 # Largest batch of per-position spectra ``(batch, positions, k/2 + 1)`` of one side held at once.
 SKETCH_WORK_BYTES = 256 << 20
 # Modules whose calls are hooked, and the stored axis (0 rows, 1 columns) their input lies on.
@@ -822,6 +829,44 @@ class FactorizedProjector(Projector):
         ``(batch, width)``, a pooled block's a transposed view of ``columns``."""
         return columns.T if block.pooled else self._sparse_jl(block, columns, seed)
 
+    def _sparse_jl_of_products(
+        self, block: Block, rows: torch.Tensor, cols: torch.Tensor, seed: int
+    ) -> torch.Tensor:
+        """The block's sparse JL of one-position products ``rows[i] ⊙ cols[j]`` (``(k'_out,
+        batch)`` and ``(k'_in, batch)``, one example per column), formed and mapped a slab of
+        rows at a time (:data:`SLAB_PRODUCTS`): ``(batch, dim)``, the sum of the slabs' CSR
+        products, equal to :meth:`_sparse_jl` of all products up to the order of the sums."""
+        n = rows.shape[1]
+        slab_rows = max(1, SLAB_PRODUCTS // cols.shape[0])
+        slabs = self._jl_slabs(block, seed, rows, slab_rows)
+        out = rows.new_zeros(block.dim, n, dtype=slabs[0].dtype)
+        for index, matrix in enumerate(slabs):
+            lo = index * slab_rows
+            products = rows[lo : lo + slab_rows].unsqueeze(1) * cols.unsqueeze(0)
+            out.addmm_(matrix, products.reshape(-1, n).to(matrix.dtype))
+        return out.T
+
+    def _jl_slabs(self, block: Block, seed: int, like: torch.Tensor, slab_rows: int):
+        """:meth:`_jl_matrix` cut into the CSR matrices of ``slab_rows`` rows of products each
+        (contiguous column ranges of the row-major products), cached as it is."""
+        size = block.k_rows * block.k_cols
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (block.name, "jl-slabs", size, block.dim, slab_rows, str(like.device), dtype)
+
+        def make():
+            buckets, signs = self._jl_tables(block, seed)
+            width = slab_rows * block.k_cols
+            matrices = [
+                hashed_csr(buckets[:, lo : lo + width], signs[:, lo : lo + width].to(dtype),
+                           block.dim).to(like.device)
+                for lo in range(0, size, width)
+            ]  # fmt: skip
+            return matrices, (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1) * len(
+                matrices
+            )
+
+        return self._cached(key, seed, make)
+
     def _sparse_jl(self, block: Block, columns: torch.Tensor, seed: int) -> torch.Tensor:
         """The block's sparse JL of products laid out one example per column
         ``(k'_out·k'_in, batch)``: ``(batch, dim)``. The CSR product reads ``columns`` fastest
@@ -1072,7 +1117,7 @@ class FactorizedProjector(Projector):
                     continue
                 block = by_block[call.block]
                 path, term = self._term(block, call, grad, n, seed)
-                paths[block.name].add("factorized" if path == COLUMNS else path)
+                paths[block.name].add("factorized" if path in (COLUMNS, PROJECTED) else path)
                 parts = sums[block.name]
                 # the first call's term as it is; a second call of the block (tied weights) adds
                 parts[path] = parts[path] + term if path in parts else term
@@ -1086,6 +1131,8 @@ class FactorizedProjector(Projector):
                     terms.append(self._finish(block, parts["factorized"].reshape(n, -1), seed))
                 if COLUMNS in parts:
                     terms.append(self._finish_columns(block, parts[COLUMNS].reshape(-1, n), seed))
+                if PROJECTED in parts:
+                    terms.append(parts[PROJECTED])
                 if "materialized" in parts:
                     terms.append(self.apply_map(block, parts["materialized"], seed))
                 # A single term as it is: a pooled block's columns stay a transposed view,
@@ -1172,6 +1219,8 @@ class FactorizedProjector(Projector):
         )
         if u.shape[1] == 1 and self._by_columns(block, grad):
             rows, cols = u[:, 0].T.contiguous(), v[:, 0].T.contiguous()
+            if block.sparse_jl and not block.pooled:
+                return PROJECTED, self._sparse_jl_of_products(block, rows, cols, seed)
             return COLUMNS, rows.unsqueeze(1) * cols.unsqueeze(0)
         return "factorized", torch.einsum("nsr,nsc->nrc", u, v)
 
