@@ -26,8 +26,8 @@ examples, batch size ``B`` and ``k``:
   kernel), with its CPU ``BasicProjector`` (dense Gaussian, float32, ``block_size=100``),
   ``use_half_precision=False``, task ``"image_classification"``; it has no causal-LM task.
 
-Every row runs in a fresh subprocess (``--one MODEL ROW``) so that rows do not share allocator
-state or caches; in it the model and data are built, ``ru_maxrss`` is read (the baseline), one
+Every row runs in a fresh subprocess (``--one MODEL ROW``), its BLAS (numpy's and scipy's) held
+to ``--threads`` threads like torch, so that rows do not share allocator state or caches; in it the model and data are built, ``ru_maxrss`` is read (the baseline), one
 warm-up call on ``min(WARMUP_EXAMPLES, B)`` examples takes the one-time costs (first vmap trace,
 lazy imports, allocator growth), then the row is timed ``--repeats`` times and the fastest kept.
 Reported: that wall time, the CPU time of the same call (≈ threads × wall when the cores were
@@ -416,12 +416,19 @@ def child_command(model_name: str, row: str, args: argparse.Namespace) -> list[s
     ]  # fmt: skip
 
 
+def blas_threads(threads: int) -> dict[str, str]:
+    """Environment that holds numpy's and scipy's BLAS to ``threads`` threads, as torch is (the
+    kernel's Gram and Cholesky factor are numpy/scipy calls, which would otherwise take every
+    core while the epoch takes ``threads``): read when the child imports numpy."""
+    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
 def run_child(model_name: str, row: str, args: argparse.Namespace) -> dict[str, Any]:
     """Row ``row`` in a fresh interpreter; ``{"note": ...}`` if it failed or ran out of time."""
     try:
         done = subprocess.run(
             child_command(model_name, row, args), capture_output=True, text=True,
-            timeout=args.timeout,
+            timeout=args.timeout, env={**os.environ, **blas_threads(args.threads)},
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"note": f"did not finish in {args.timeout:.0f} s (with build and warm-up)"}
