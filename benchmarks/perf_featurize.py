@@ -27,9 +27,10 @@ examples, batch size ``B`` and ``k``:
   ``use_half_precision=False``, task ``"image_classification"``; it has no causal-LM task.
 
 Every row runs in a fresh subprocess (``--one MODEL ROW``), its BLAS (numpy's and scipy's) held
-to ``--threads`` threads like torch, so that rows do not share allocator state or caches; in it the model and data are built, ``ru_maxrss`` is read (the baseline), one
-warm-up call on ``min(WARMUP_EXAMPLES, B)`` examples takes the one-time costs (first vmap trace,
-lazy imports, allocator growth), then the row is timed ``--repeats`` times and the fastest kept.
+to ``--threads`` threads like torch, so that rows do not share allocator state or caches; in it
+the model and data are built, ``ru_maxrss`` is read (the baseline), one warm-up call on
+``min(WARMUP_EXAMPLES, B)`` examples takes the one-time costs (first vmap trace, lazy imports,
+allocator growth), then the row is timed ``--repeats`` times and the fastest kept.
 Reported: that wall time, the CPU time of the same call (≈ threads × wall when the cores were
 free), the wall time over the epoch's, for the datatrace rows the part of it spent featurizing
 (``GradientFeatures.featurize_train``: the split's pilot pass, the first batch's safety check,
@@ -420,7 +421,10 @@ def blas_threads(threads: int) -> dict[str, str]:
     """Environment that holds numpy's and scipy's BLAS to ``threads`` threads, as torch is (the
     kernel's Gram and Cholesky factor are numpy/scipy calls, which would otherwise take every
     core while the epoch takes ``threads``): read when the child imports numpy."""
-    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}
+    return {
+        name: str(threads)
+        for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+    }
 
 
 def run_child(model_name: str, row: str, args: argparse.Namespace) -> dict[str, Any]:

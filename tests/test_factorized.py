@@ -453,7 +453,9 @@ class KeptOutput(nn.Module):
         super().__init__()
         self.first = nn.Linear(9, 8)
         self.last = nn.Linear(8, 3)
-        self.first.register_forward_hook(lambda module, inputs, output: setattr(module, "kept", output))
+        self.first.register_forward_hook(
+            lambda module, inputs, output: setattr(module, "kept", output)
+        )
 
     def forward(self, x):
         hidden = self.first(x)
@@ -465,7 +467,9 @@ def test_an_output_changed_even_when_copied_goes_to_vmap_instead_of_looping():
     model, batch = make(KeptOutput)
     projector = FactorizedProjector(40, split="params")
     names = [name for name, _ in model.named_parameters()]
-    with pytest.warns(FactorizationWarning, match="first.weight .its output changes after the hook"):
+    with pytest.warns(
+        FactorizationWarning, match="first.weight .its output changes after the hook"
+    ):
         got = projector.features(model, ModelOutput(), names, model.state_dict(), batch, SEED)
     plan = projector.plan(model, names)
     assert "first.weight" in plan.moved and "last.weight" not in plan.moved

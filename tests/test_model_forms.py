@@ -20,7 +20,8 @@ def test_a_compiled_model_attributes_as_the_module_it_wraps(digits):
     settings = dict(proj_dim=64, progress=False)
     want = dt.TRAK(model, Classification(), **settings).fit((X[:100], y[:100]))
     got = dt.TRAK(compiled, Classification(), **settings).fit(
-        (X[:100], y[:100]), [compiled.state_dict()]  # a checkpoint saved from the compiled model
+        (X[:100], y[:100]),
+        [compiled.state_dict()],  # a checkpoint saved from the compiled model
     )
     np.testing.assert_allclose(
         got.score((X[100:110], y[100:110])).scores,
@@ -61,7 +62,9 @@ def test_a_single_logit_binary_classifier_scores_as_its_two_logit_softmax(digits
     optimizer = torch.optim.Adam(binary.parameters(), lr=1e-2)
     for _ in range(60):
         optimizer.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(binary(X[:150])[:, 0], y[:150].float())
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            binary(X[:150])[:, 0], y[:150].float()
+        )
         loss.backward()
         optimizer.step()
     z = binary(X[:20])[:, 0].detach()

@@ -57,8 +57,10 @@ def load_checkpoint(
         )
     model = uncompiled(model)
     expected = model.state_dict()
-    if state and set(state).isdisjoint(expected) and all(
-        name.startswith(COMPILED_PREFIX) for name in state
+    if (
+        state
+        and set(state).isdisjoint(expected)
+        and all(name.startswith(COMPILED_PREFIX) for name in state)
     ):  # saved from a torch.compile'd model: the names of the module it wraps
         state = {name[len(COMPILED_PREFIX) :]: tensor for name, tensor in state.items()}
     parameter_names = {name for name, _ in model.named_parameters()}

@@ -856,14 +856,13 @@ class FactorizedProjector(Projector):
         def make():
             buckets, signs = self._jl_tables(block, seed)
             width = slab_rows * block.k_cols
+            signs = signs.to(dtype)
             matrices = [
-                hashed_csr(buckets[:, lo : lo + width], signs[:, lo : lo + width].to(dtype),
-                           block.dim).to(like.device)
+                hashed_csr(buckets[:, lo : lo + width], signs[:, lo : lo + width], block.dim)
                 for lo in range(0, size, width)
-            ]  # fmt: skip
-            return matrices, (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1) * len(
-                matrices
-            )
+            ]
+            nbytes = (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1) * len(matrices)
+            return [matrix.to(like.device) for matrix in matrices], nbytes
 
         return self._cached(key, seed, make)
 

@@ -159,7 +159,9 @@ class PerExampleGradients:
         per_example = []
         for i in range(batch_size_of(batch)):
             one = map_tensors(lambda tensor, i=i: tensor[i : i + 1], batch)
-            leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in selected.items()}
+            leaves = {
+                name: tensor.detach().requires_grad_(True) for name, tensor in selected.items()
+            }
             params = {**frozen, **{"model." + name: leaf for name, leaf in leaves.items()}}
             with torch.enable_grad():
                 output = functional_call(self._output, params, (one,)).sum()
