@@ -177,6 +177,56 @@ def test_a_damaged_chunk_is_named_nothing_is_lost_and_repair_recomputes_it(
     assert verify_store(path).clean
 
 
+def _swap(first: Path, second: Path) -> None:
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("move", "array", "chunk"),
+    [
+        ("swapped", "features/0/features", (1, 0)),
+        ("swapped", "features/0/out_to_loss", (0,)),
+        ("from another store", "features/0/features", (2, 0)),
+    ],
+)
+def test_a_chunk_moved_from_elsewhere_is_refused_though_it_decodes(
+    pristine, tmp_path, move, array, chunk
+):
+    """A chunk object copied to another position, or from another store (another seed), passes
+    its own checksum: the digest written with its row chunk refuses it, verify names it and
+    repair has it recomputed."""
+    from datatrace.store.verify import MISPLACED
+
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    target = chunk_file(path, array, chunk)
+    if move == "swapped":
+        _swap(target, chunk_file(path, array, (3, *chunk[1:])))
+    else:
+        other = tmp_path / "other"
+        train, _ = make_data()
+        dt.TRAK(
+            make_model(), dt.Classification(), proj_dim=PROJ_DIM, store=other, chunk_size=CHUNK,
+            batch_size=50, progress=False, seed=1,
+        ).fit(train)  # fmt: skip
+        target.write_bytes(chunk_file(other, array, chunk).read_bytes())
+    damaged = objects(path)
+    with pytest.raises(StoreCorruptionError) as raised:
+        use_features(path)
+    assert (raised.value.array, raised.value.problem) == (array, MISPLACED)
+    assert raised.value.chunk in (chunk, (3, *chunk[1:]))
+    assert objects(path) == damaged, "a use of a damaged store wrote to it"
+    report = verify_store(path)
+    moved = {p.chunk for p in report.problems}
+    assert {p.problem for p in report.problems} == {MISPLACED} and chunk in moved
+    verify_store(path, repair=True)
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    assert verify_store(path).clean
+
+
 def test_repair_recomputes_only_the_dropped_feature_chunk(pristine, tmp_path):
     source, expected = pristine
     path = tmp_path / "store"
@@ -237,3 +287,19 @@ def test_lost_or_damaged_metadata_is_named_and_nothing_is_written(
     assert raised.value.array == node
     assert "restore the file from a copy" in str(raised.value)
     assert objects(path) == before, "a use of a store with damaged metadata wrote to it"
+
+
+def test_swapped_partial_grams_are_refused_when_the_kernel_is_built(tmp_path):
+    """The partial Grams of a fit in progress (k < n: the kernel is their sum) are bound to
+    their row chunks too: two swapped ones are refused when the last shard completes the fit."""
+    from datatrace.store.verify import MISPLACED
+
+    path = tmp_path / "store"
+    train, _ = make_data()
+    trak(path).fit(train, shard=(0, 2))  # row chunks 0, 2 and 4: not fitted yet
+    grams = path / "features/0/partial_gram/c"
+    _swap(grams / "0/0/0", grams / "2/0/0")
+    with pytest.raises(StoreCorruptionError) as raised:
+        trak(path).fit(train)
+    assert raised.value.array == "features/0/partial_gram"
+    assert raised.value.problem == MISPLACED and raised.value.chunk in ((0, 0, 0), (2, 0, 0))

@@ -10,6 +10,9 @@ Layout::
         out_to_loss  (n_train,)      float32, same row chunks
         example_hash (n_train,)      uint64 hash of each example, same row chunks (when given)
         done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
+        digest       (n_chunks, 3)   uint32 CRC-32 of the chunk's features, out-to-loss weights
+                                     and partial Gram diagonal (0: none), written before its
+                                     mark: a chunk moved from elsewhere decodes but is refused
         partial_gram (n_chunks, k, k) float64 Φ_chunkᵀΦ_chunk of each row chunk, written with it
                                      (when k ≤ n); its objects deleted once folded into gram
         removed      (n_train,)      uint8 1 for rows that are not (or no longer) training
@@ -58,11 +61,15 @@ from zarr.core.sync import sync
 from datatrace.methods.kernel import KernelStatistics, neighbour_sample, neighbour_statistics
 from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
+    DIGEST_COLUMNS,
     METADATA_ADVICE,
+    MISPLACED,
     MISSING,
     CheckedArray,
     StoreCorruptionError,
+    chunk_digest,
     create_array,
+    digest_values,
 )
 
 if TYPE_CHECKING:
@@ -450,6 +457,13 @@ class CheckpointFeatures:
             if "example_hash" in group
             else None
         )
+        # Created by the first write (stores written before digests have none: not checked).
+        self.digest = (
+            self._array("digest", (self.n_chunks, len(DIGEST_COLUMNS)), (1, 3), "uint32")
+            if "digest" in group
+            else None
+        )
+        self._digests: np.ndarray | None = None  # read once, when first needed
         # Created by the first write with a partial Gram, deleted once folded into the gram.
         self.partial_gram = self._partial_gram_array() if "partial_gram" in group else None
         # Created by the first removal (or padding of extend): absent means every row is kept.
@@ -564,6 +578,13 @@ class CheckpointFeatures:
                     f"example_hashes must be ({stop - start},) integers (one per row of chunk "
                     f"{chunk}), got shape {example_hashes.shape} of {example_hashes.dtype}"
                 )
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        out_to_loss = np.ascontiguousarray(out_to_loss, dtype=np.float32)
+        digests = [
+            chunk_digest(features),
+            chunk_digest(out_to_loss),
+            0 if partial_gram is None else chunk_digest(np.diagonal(partial_gram)),
+        ]
         self.features[start:stop] = features
         self.out_to_loss[start:stop] = out_to_loss
         if example_hashes is not None:
@@ -576,7 +597,34 @@ class CheckpointFeatures:
             if self.partial_gram is None:
                 self.partial_gram = self._partial_gram_array()
             self.partial_gram[chunk] = partial_gram
+        if self.digest is None:
+            self.digest = self._array(
+                "digest", (self.n_chunks, len(DIGEST_COLUMNS)), (1, 3), "uint32"
+            )
+        self.digest[chunk] = np.array(digests, np.uint32)
+        self._digests = None
         self.done.set_mark(chunk)
+
+    def _check_digest(self, name: str, chunk: int, values: np.ndarray) -> None:
+        """Refuse ``values``, all of array ``name``'s row chunk ``chunk`` as read, unless they
+        have the digest written with the chunk (stores and chunks without one pass).
+
+        Raises:
+            StoreCorruptionError: the chunk holds values other than those written there.
+        """
+        if self.digest is None:
+            return
+        if self._digests is None or chunk >= len(self._digests):
+            self._digests = self.digest.read(slice(None), required=False)
+        expected = int(self._digests[chunk, DIGEST_COLUMNS.index(name)])
+        if expected and chunk_digest(digest_values(name, values)) != expected:
+            array = getattr(self, name)
+            position = (
+                (chunk, 0, 0) if name == "partial_gram" else (chunk,) + (0,) * (array.ndim - 1)
+            )
+            raise StoreCorruptionError(
+                self.store.where, array.path, position, MISPLACED, array.key(position)
+            )
 
     def example_hashes(self, chunk: int) -> np.ndarray | None:
         """The ``(rows_in_chunk,)`` uint64 hashes of ``chunk``'s examples written with it, or
@@ -626,6 +674,8 @@ class CheckpointFeatures:
     def train_out_to_loss(self) -> np.ndarray:
         """``(n_train,)`` float32 out-to-loss weights of the training examples (kept rows)."""
         out_to_loss = self.out_to_loss[:]
+        for chunk in range(self.n_chunks):
+            self._check_digest("out_to_loss", chunk, out_to_loss[slice(*self.rows(chunk))])
         return out_to_loss if self.removed is None else out_to_loss[self.kept()]
 
     def iter_chunks(self) -> Iterable[tuple[int, int, np.ndarray]]:
@@ -637,6 +687,7 @@ class CheckpointFeatures:
         for chunk in range(self.n_chunks):
             start, stop = self.rows(chunk)
             block = self.features[start:stop]
+            self._check_digest("features", chunk, block)
             if kept is not None:
                 block = block[kept[start:stop]]
             yield position, position + len(block), block
@@ -651,7 +702,9 @@ class CheckpointFeatures:
         """
         if self.partial_gram is None or not self.partial_gram.has_chunk((chunk, 0, 0)):
             return None
-        return self.partial_gram.read(slice(chunk, chunk + 1))[0]
+        gram = self.partial_gram.read(slice(chunk, chunk + 1))[0]
+        self._check_digest("partial_gram", chunk, gram)
+        return gram
 
     def chunk_gram(self, chunk: int) -> np.ndarray:
         """``(k, k)`` float64 ``Σ φ_iφ_iᵀ`` over the kept rows of ``chunk``: its stored partial
@@ -665,7 +718,9 @@ class CheckpointFeatures:
                 raise
             gram = None  # folded into the gram by another process this moment: read Φ
         if gram is None:
-            return partial_gram(self.features[start:stop][~removed])
+            features = self.features[start:stop]
+            self._check_digest("features", chunk, features)
+            return partial_gram(features[~removed])
         if removed.any():
             gram = gram - partial_gram(self.features[start:stop][removed])
         return gram
@@ -796,6 +851,9 @@ class CheckpointFeatures:
             if array is not None:
                 array.resize((n_rows, *array.shape[1:]))
         self.done.resize((self.n_chunks,))
+        if self.digest is not None:
+            self.digest.resize((self.n_chunks, len(DIGEST_COLUMNS)))
+            self._digests = None
         if self.partial_gram is not None:
             self.partial_gram.resize((self.n_chunks, self.dim, self.dim))
         if self.removed is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +382,25 @@ MARKED_LAYOUTS = (
 SCORES_SECTION = "scores"
 REBUILD = "delete it: the next fit rebuilds it"
 NOT_FINITE = "holds NaN or infinite values"
+MISPLACED = (
+    "holds values other than those written there (a chunk moved from another position or another "
+    "store: it decodes, but its digest is not the one recorded when its row chunk was written)"
+)
+# Columns of a row chunk's digests (CheckpointFeatures' "digest" array): which array's chunk each
+# covers; a partial Gram's digest covers its diagonal.
+DIGEST_COLUMNS = ("features", "out_to_loss", "partial_gram")
+
+
+def chunk_digest(values: np.ndarray) -> int:
+    """CRC-32 of ``values``' bytes in C order: what a row chunk's recorded digest is checked
+    against. A chunk's own checksum (zarr's crc32c codec) covers its encoded bytes only, so a
+    chunk copied to another position, or from another store, would still pass it."""
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8))
+
+
+def digest_values(name: str, values: np.ndarray) -> np.ndarray:
+    """What the digest of array ``name``'s chunk covers: a partial Gram's diagonal, else it all."""
+    return np.diagonal(values.reshape(values.shape[-2:])) if name == "partial_gram" else values
 
 
 @dataclass(frozen=True)
@@ -499,14 +519,18 @@ class _Verification:
         for chunk, problem in self._check_array(f"{path}/done", done_array, False, keep_mark):
             damaged_rows.setdefault(chunk[0], []).append((f"{path}/done", chunk, problem))
         checked = {f"{path}/done"}
+        digests = self._digests(path, len(done), damaged_rows, checked)
         for name in layout.rows:
             array = self.nodes.get(f"{path}/{name}")
             if not isinstance(array, zarr.Array) or array.cdata_shape[:1] != (len(done),):
                 continue  # not chunked like the marks: checked as any other array
             checked.add(f"{path}/{name}")
             required = done if name in layout.required else False
+            expected = None
+            if digests is not None and name in DIGEST_COLUMNS:
+                expected = digests[:, DIGEST_COLUMNS.index(name)]
             problems = self._check_array(
-                f"{path}/{name}", array, required, finite=name in layout.finite
+                f"{path}/{name}", array, required, finite=name in layout.finite, digests=expected
             )
             for chunk, problem in problems:
                 damaged_rows.setdefault(chunk[0], []).append((f"{path}/{name}", chunk, problem))
@@ -538,6 +562,24 @@ class _Verification:
                 self.drop_attrs.add((path, f"{name}_complete"))
         return checked
 
+    def _digests(self, path, n_chunks, damaged_rows, checked) -> np.ndarray | None:
+        """The ``(n_chunks, 3)`` digests recorded with each row chunk of the group at ``path``
+        (0 where none was: a chunk not written, or written before digests), or ``None`` if the
+        group has none; a damaged digest is reported with its row and reads as 0."""
+        array = self.nodes.get(f"{path}/digest")
+        if not isinstance(array, zarr.Array) or array.shape != (n_chunks, len(DIGEST_COLUMNS)):
+            return None
+        checked.add(f"{path}/digest")
+        digests = np.zeros(array.shape, np.uint64)
+
+        def keep(chunk: tuple[int, ...], block: np.ndarray) -> None:
+            digests[chunk[0]] = block
+
+        for chunk, problem in self._check_array(f"{path}/digest", array, False, digests=None,
+                                                each=keep):  # fmt: skip
+            damaged_rows.setdefault(chunk[0], []).append((f"{path}/digest", chunk, problem))
+        return digests
+
     def _check_scores(self, path: str, group: zarr.Group) -> set[str]:
         complete = bool(group.attrs.get("complete"))
         problems = [] if complete else [(path, None, "is incomplete: its save was interrupted")]
@@ -561,10 +603,14 @@ class _Verification:
         required: bool | np.ndarray,
         marks: Callable[[tuple[int, ...], np.ndarray], None] | None = None,
         finite: bool = False,
+        digests: np.ndarray | None = None,
+        each: Callable[[tuple[int, ...], np.ndarray], None] | None = None,
     ) -> list[tuple[tuple[int, ...], str]]:
         """Decode every chunk of ``array`` that is present or ``required`` (as for
         :meth:`CheckedArray.read`), returning the problems found. ``marks``: the array holds
-        completion marks (a missing chunk is not done), each decoded chunk is passed to it."""
+        completion marks (a missing chunk is not done), each decoded chunk is passed to it.
+        ``digests``: per row chunk, the digest its values must have (0: none recorded).
+        ``each``: passed every chunk that decodes."""
         self.report.arrays += 1
         checked = CheckedArray(array, self.store.where, marks=marks is not None)
         if not checked.stores_every_chunk and array.nchunks > 0:
@@ -586,10 +632,16 @@ class _Verification:
                 found.append((chunk, error.problem))
                 continue
             self.report.chunks += 1
+            expected = 0 if digests is None or chunk[0] >= len(digests) else int(digests[chunk[0]])
+            name = path.rsplit("/", 1)[-1]
             if finite and needed and not np.isfinite(block).all():
                 found.append((chunk, NOT_FINITE))
+            elif expected and chunk_digest(digest_values(name, np.asarray(block))) != expected:
+                found.append((chunk, MISPLACED))
             elif marks is not None:
                 marks(chunk, np.asarray(block).reshape(-1))
+            if each is not None:
+                each(chunk, np.asarray(block).reshape(-1))
         return found
 
     def _problem(self, path: str, chunk: tuple[int, ...] | None, problem: str, repair: str):
