@@ -69,6 +69,7 @@ from datatrace.store.verify import (
     StoreCorruptionError,
     chunk_digest,
     create_array,
+    digest_rows,
     digest_values,
 )
 
@@ -581,8 +582,8 @@ class CheckpointFeatures:
         features = np.ascontiguousarray(features, dtype=np.float32)
         out_to_loss = np.ascontiguousarray(out_to_loss, dtype=np.float32)
         digests = [
-            chunk_digest(features),
-            chunk_digest(out_to_loss),
+            chunk_digest(features, self.chunk_rows),
+            chunk_digest(out_to_loss, self.chunk_rows),
             0 if partial_gram is None else chunk_digest(np.diagonal(partial_gram)),
         ]
         self.features[start:stop] = features
@@ -617,8 +618,9 @@ class CheckpointFeatures:
         if self._digests is None or chunk >= len(self._digests):
             self._digests = self.digest.read(slice(None), required=False)
         expected = int(self._digests[chunk, DIGEST_COLUMNS.index(name)])
-        if expected and chunk_digest(digest_values(name, values)) != expected:
-            array = getattr(self, name)
+        array = getattr(self, name)
+        digest = chunk_digest(digest_values(name, values), digest_rows(name, array))
+        if expected and digest != expected:
             position = (
                 (chunk, 0, 0) if name == "partial_gram" else (chunk,) + (0,) * (array.ndim - 1)
             )

@@ -391,16 +391,29 @@ MISPLACED = (
 DIGEST_COLUMNS = ("features", "out_to_loss", "partial_gram")
 
 
-def chunk_digest(values: np.ndarray) -> int:
-    """CRC-32 of ``values``' bytes in C order: what a row chunk's recorded digest is checked
-    against. A chunk's own checksum (zarr's crc32c codec) covers its encoded bytes only, so a
-    chunk copied to another position, or from another store, would still pass it."""
-    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8))
+def chunk_digest(values: np.ndarray, rows: int | None = None) -> int:
+    """CRC-32 of ``values``' bytes in C order, zero-padded to ``rows`` rows when given: what a
+    row chunk's recorded digest is checked against. A chunk's own checksum (zarr's crc32c codec)
+    covers its encoded bytes only, so a chunk copied to another position, or from another store,
+    would still pass it. The padding makes the last, partial row chunk's digest that of the
+    whole chunk, which it stays when the array grows (``extend``: its tail becomes padding that
+    reads as zeros)."""
+    values = np.ascontiguousarray(values)
+    if rows is not None and len(values) < rows:
+        padding = np.zeros((rows - len(values), *values.shape[1:]), values.dtype)
+        values = np.concatenate([values, padding])
+    return zlib.crc32(values.view(np.uint8))
 
 
 def digest_values(name: str, values: np.ndarray) -> np.ndarray:
     """What the digest of array ``name``'s chunk covers: a partial Gram's diagonal, else it all."""
     return np.diagonal(values.reshape(values.shape[-2:])) if name == "partial_gram" else values
+
+
+def digest_rows(name: str, array: Any) -> int | None:
+    """The rows a chunk of array ``name`` is padded to for its digest (none for a partial Gram,
+    whose digest is of its diagonal)."""
+    return None if name == "partial_gram" else array.chunks[0]
 
 
 @dataclass(frozen=True)
@@ -636,7 +649,9 @@ class _Verification:
             name = path.rsplit("/", 1)[-1]
             if finite and needed and not np.isfinite(block).all():
                 found.append((chunk, NOT_FINITE))
-            elif expected and chunk_digest(digest_values(name, np.asarray(block))) != expected:
+            elif expected and expected != chunk_digest(
+                digest_values(name, np.asarray(block)), digest_rows(name, array)
+            ):
                 found.append((chunk, MISPLACED))
             elif marks is not None:
                 marks(chunk, np.asarray(block).reshape(-1))
