@@ -140,4 +140,15 @@ def test_input_errors():
         lds(scores[0], masks, outputs)
     with pytest.raises(ValueError, match="confidence"):
         lds(scores, masks, outputs, confidence=95)
+    # NaN scores used to rank as values and give a plausible LDS; they name their targets
+    broken = np.array(scores, dtype=np.float64)
+    broken[[3, 7], 0] = [np.nan, np.inf]
+    with pytest.raises(
+        ValueError, match=r"2 target\(s\) hold NaN or infinite values \(rows \[3, 7\]\)"
+    ):
+        lds(broken, masks, outputs)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        predict_outputs(broken, masks)
+    with pytest.raises(TypeError, match="must be numbers"):
+        lds(np.full(broken.shape, "x"), masks, outputs)
     assert isinstance(lds(scores, masks, outputs), LDSResult)

@@ -84,14 +84,24 @@ def score_matrix(attributions: Any) -> np.ndarray:
     if hasattr(attributions, "attributions") and callable(attributions.attributions):
         attributions = attributions.attributions()
     if isinstance(attributions, Attributions):
-        return attributions.scores
-    if hasattr(attributions, "detach"):  # a torch tensor
-        attributions = attributions.detach().cpu().numpy()
-    scores = np.asarray(attributions)
+        scores = attributions.scores
+    else:
+        if hasattr(attributions, "detach"):  # a torch tensor
+            attributions = attributions.detach().cpu().numpy()
+        scores = np.asarray(attributions)
     if scores.ndim != 2:
         raise ValueError(
             f"scores must be a (n_targets, n_train) matrix or Attributions, got shape "
             f"{scores.shape}"
+        )
+    if scores.dtype.kind not in "biuf":
+        raise TypeError(f"scores must be numbers, got an array of {scores.dtype}")
+    bad = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"the scores of {bad.size} target(s) hold NaN or infinite values (rows "
+            f"{bad[:10].tolist()}{'...' if bad.size > 10 else ''}): such scores predict nothing "
+            "(a rank correlation would silently rank NaN as a value); drop or fix those targets"
         )
     return scores
 
