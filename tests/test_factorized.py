@@ -14,7 +14,7 @@ import datatrace as dt
 from conftest import SmallCNN, make_mlp, train
 from datatrace._estimator import projector_from_config
 from datatrace.data import map_tensors
-from datatrace.grads import factorized
+from datatrace.grads import factorized, projectors
 from datatrace.grads.factorized import (
     FactorizationWarning,
     FactorizedProjector,
@@ -1149,17 +1149,20 @@ def test_whole_conv_gradient_equals_per_example_autograd(conv):
 
 
 class OnePositionLayers(nn.Module):
-    """Linear layers on vectors (one position each): ``small`` (6 × 9, whole: pooled), ``wide``
-    (300 × 6, masked, its own sparse JL) and ``tied`` (300 × 300) called twice."""
+    """Linear layers on vectors (one position each): ``small`` (6 × 9, whole: pooled), ``twice``
+    (6 × 6, pooled, called twice), ``wide`` (300 × 6, masked, its own sparse JL) and ``tied``
+    (300 × 300) called twice."""
 
     def __init__(self):
         super().__init__()
         self.small = nn.Linear(9, 6)
+        self.twice = nn.Linear(6, 6)
         self.wide = nn.Linear(6, 300)
         self.tied = nn.Linear(300, 300)
 
     def forward(self, x):
-        hidden = torch.tanh(self.wide(torch.tanh(self.small(x[:, 0]))))
+        hidden = torch.tanh(self.twice(torch.tanh(self.twice(torch.tanh(self.small(x[:, 0]))))))
+        hidden = torch.tanh(self.wide(hidden))
         return torch.sin(self.tied(torch.tanh(self.tied(hidden)))).sum(-1)
 
 
@@ -1174,7 +1177,10 @@ def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
     projector.fit_split(model, ModelOutput(), names, model.state_dict(), [batch], SEED)
     plan = projector.plan(model, names)
     blocks = {block.name: block for block in plan.blocks}
-    assert blocks["small.weight"].pooled
+    assert blocks["small.weight"].pooled and blocks["twice.weight"].pooled
+    # the pooled blocks' products through the fallback's sparse JL, several slabs of them
+    assert isinstance(plan.fallback_projector, projectors.SparseJLProjector)
+    assert 7 // blocks["small.weight"].cols < blocks["small.weight"].rows
     assert not blocks["wide.weight"].pooled and blocks["wide.weight"].sparse_jl
     assert not blocks["tied.weight"].pooled and blocks["tied.weight"].sparse_jl
     calls = []
@@ -1188,12 +1194,14 @@ def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FactorizedProjector, "_term", recording)
         # slabs of a few products: a masked block's JL is the sum of many slabs' CSR products
-        patch.setattr(factorized, "SLAB_PRODUCTS", 7)
+        patch.setattr(projectors, "SLAB_PRODUCTS", 7)
         got = featurize(projector, model, batch)
     # the pooled block's products go to the fallback's CSR product, the masked blocks' through
     # their own sparse JL a slab of rows at a time
+    # (the block called twice sums its two calls' products before the fallback maps them)
     assert dict(calls) == {
-        "small.weight": factorized.COLUMNS,
+        "small.weight": factorized.OUTER,
+        "twice.weight": factorized.OUTER,
         "wide.weight": factorized.PROJECTED,
         "tied.weight": factorized.PROJECTED,
     }
@@ -1201,5 +1209,6 @@ def test_one_position_products_laid_out_by_columns_equal_the_kronecker_map():
     # two calls of the tied block for one of each other block (in the safety check and after)
     names_called = [name for name, _ in calls]
     assert names_called.count("tied.weight") == 2 * names_called.count("small.weight") > 0
+    assert names_called.count("twice.weight") == names_called.count("tied.weight")
     want = reference_features(projector, plan, loop_gradients(model, ModelOutput(), batch, 5), SEED)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

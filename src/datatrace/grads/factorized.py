@@ -170,6 +170,9 @@ from datatrace.grads.projectors import (
     _generator,
     derive_seed,
     hashed_csr,
+    outer_product_jl,
+    slab_matrices,
+    slab_rows,
 )
 from datatrace.tasks.base import Task, fuses_out_to_loss
 
@@ -249,10 +252,10 @@ COLUMNS = "factorized-columns"
 # _term's path for a one-position call whose products went through the block's sparse JL
 # already, a slab of rows at a time: its features (batch, dim), summed over the block's calls.
 PROJECTED = "factorized-projected"
-# Products (rows × cols of one example) per slab of that path: at batch 256 and float32, 4 MiB
-# of products at a time, which stay in cache for the JL's CSR product, where a layer's whole
-# products (30 MiB for a 128 × 229 mask) are a fresh allocation per batch, paid in page faults.
-SLAB_PRODUCTS = 4096
+# _term's path for a pooled block's one-position call: the outer product's two sides, whose
+# products the fallback's sparse JL maps a slab at a time (SparseJLProjector.project_outer)
+# when it is the block's only call; a second call of the block sums materialised products.
+OUTER = "outer"
 # Largest batch of per-position spectra ``(batch, positions, k/2 + 1)`` of one side held at once.
 SKETCH_WORK_BYTES = 256 << 20
 # Modules whose calls are hooked, and the stored axis (0 rows, 1 columns) their input lies on.
@@ -834,37 +837,20 @@ class FactorizedProjector(Projector):
     ) -> torch.Tensor:
         """The block's sparse JL of one-position products ``rows[i] ⊙ cols[j]`` (``(k'_out,
         batch)`` and ``(k'_in, batch)``, one example per column), formed and mapped a slab of
-        rows at a time (:data:`SLAB_PRODUCTS`): ``(batch, dim)``, the sum of the slabs' CSR
-        products, equal to :meth:`_sparse_jl` of all products up to the order of the sums."""
-        n = rows.shape[1]
-        slab_rows = max(1, SLAB_PRODUCTS // cols.shape[0])
-        slabs = self._jl_slabs(block, seed, rows, slab_rows)
-        out = rows.new_zeros(block.dim, n, dtype=slabs[0].dtype)
-        for index, matrix in enumerate(slabs):
-            lo = index * slab_rows
-            products = rows[lo : lo + slab_rows].unsqueeze(1) * cols.unsqueeze(0)
-            out.addmm_(matrix, products.reshape(-1, n).to(matrix.dtype))
-        return out.T
-
-    def _jl_slabs(self, block: Block, seed: int, like: torch.Tensor, slab_rows: int):
-        """:meth:`_jl_matrix` cut into the CSR matrices of ``slab_rows`` rows of products each
-        (contiguous column ranges of the row-major products), cached as it is."""
+        rows at a time (:func:`~datatrace.grads.projectors.outer_product_jl`): ``(batch,
+        dim)``, equal to :meth:`_sparse_jl` of all products up to the order of the sums."""
+        per_slab = slab_rows(cols.shape[0])
         size = block.k_rows * block.k_cols
-        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        key = (block.name, "jl-slabs", size, block.dim, slab_rows, str(like.device), dtype)
+        dtype = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (block.name, "jl-slabs", size, block.dim, per_slab, str(rows.device), dtype)
 
         def make():
             buckets, signs = self._jl_tables(block, seed)
-            width = slab_rows * block.k_cols
-            signs = signs.to(dtype)
-            matrices = [
-                hashed_csr(buckets[:, lo : lo + width], signs[:, lo : lo + width], block.dim)
-                for lo in range(0, size, width)
-            ]
+            matrices = slab_matrices(buckets, signs.to(dtype), block.dim, block.k_cols, per_slab)
             nbytes = (8 + dtype.itemsize) * self.nnz * size + 8 * (block.dim + 1) * len(matrices)
-            return [matrix.to(like.device) for matrix in matrices], nbytes
+            return [matrix.to(rows.device) for matrix in matrices], nbytes
 
-        return self._cached(key, seed, make)
+        return outer_product_jl(rows, cols, self._cached(key, seed, make), per_slab)
 
     def _sparse_jl(self, block: Block, columns: torch.Tensor, seed: int) -> torch.Tensor:
         """The block's sparse JL of products laid out one example per column
@@ -935,9 +921,24 @@ class FactorizedProjector(Projector):
             for block in by_vmap:
                 features[block.name] = self.apply_map(block, _matrices(block, grads), seed)
             pool = [grads[name] for name in plan.fallback_names]
-            pool += [features[block.name] for block in plan.pooled]
+            outers, fallback_seed = {}, derive_seed(seed, "fallback")
+            projector = plan.fallback_projector
+            for block in plan.pooled:
+                value = features[block.name]
+                if isinstance(value, _Outer):
+                    if isinstance(projector, SparseJLProjector):
+                        # its products mapped a slab at a time; a placeholder keeps the indices
+                        outers[len(pool)] = value
+                        value = value.rows.new_zeros(value.rows.shape[1], 0)
+                    else:
+                        value = value.as_features()
+                pool.append(value)
             if pool:
-                fallback = plan.fallback_projector.project(pool, derive_seed(seed, "fallback"))
+                fallback = projector.project(pool, fallback_seed)
+                for index, outer in outers.items():
+                    fallback = fallback + projector.project_outer(
+                        outer.rows, outer.cols, fallback_seed, index
+                    ).to(fallback.dtype)
                 parts.append(fallback)
             parts = [features[block.name] for block in plan.blocks if not block.pooled] + parts
             features = torch.cat([part.to(parts[0].dtype) for part in parts], dim=1)
@@ -963,7 +964,9 @@ class FactorizedProjector(Projector):
         names = [name for block in blocks for name in block.params] + norm_names
         grads = PerExampleGradients(model, task, names).gradients(state, few)
         maps = [self.apply_map(block, _matrices(block, grads), seed) for block in blocks]
-        compared = [(block.name, hooked.get(block.name), m) for block, m in zip(blocks, maps)]
+        compared = [
+            (block.name, _materialised(hooked.get(block.name)), m) for block, m in zip(blocks, maps)
+        ]
         compared += [(name, norm_grads.get(name), grads[name]) for name in norm_names]
         for name, value, reference in compared:
             if name in differing:
@@ -1116,8 +1119,11 @@ class FactorizedProjector(Projector):
                     continue
                 block = by_block[call.block]
                 path, term = self._term(block, call, grad, n, seed)
-                paths[block.name].add("factorized" if path in (COLUMNS, PROJECTED) else path)
+                paths[block.name].add("factorized" if path in (COLUMNS, PROJECTED, OUTER) else path)
                 parts = sums[block.name]
+                if path == OUTER:
+                    parts.setdefault(OUTER, []).append(term)
+                    continue
                 # the first call's term as it is; a second call of the block (tied weights) adds
                 parts[path] = parts[path] + term if path in parts else term
             features = {}
@@ -1125,6 +1131,14 @@ class FactorizedProjector(Projector):
                 if block.name in bad:
                     continue
                 parts = sums[block.name]
+                outers = parts.pop(OUTER, [])
+                if len(outers) == 1 and not parts:  # mapped by the fallback a slab at a time
+                    features[block.name] = _Outer(*outers[0])
+                    block.path = "+".join(sorted(paths[block.name])) or block.path
+                    continue
+                for rows, cols in outers:  # several calls: their products summed
+                    products = rows.unsqueeze(1) * cols.unsqueeze(0)
+                    parts[COLUMNS] = parts[COLUMNS] + products if COLUMNS in parts else products
                 terms = []
                 if "factorized" in parts:
                     terms.append(self._finish(block, parts["factorized"].reshape(n, -1), seed))
@@ -1220,6 +1234,8 @@ class FactorizedProjector(Projector):
             rows, cols = u[:, 0].T.contiguous(), v[:, 0].T.contiguous()
             if block.sparse_jl and not block.pooled:
                 return PROJECTED, self._sparse_jl_of_products(block, rows, cols, seed)
+            if block.pooled:
+                return OUTER, (rows, cols)
             return COLUMNS, rows.unsqueeze(1) * cols.unsqueeze(0)
         return "factorized", torch.einsum("nsr,nsc->nrc", u, v)
 
@@ -1346,6 +1362,24 @@ def _whole_conv_gradient(
             laid_out[:, width].copy_(bias.T)
         return laid_out
     return products if bias is None else torch.cat([products, bias.unsqueeze(2)], 2)
+
+
+class _Outer:
+    """A pooled one-position block's features left as the two sides of its outer products,
+    ``rows`` ``(R, batch)`` and ``cols`` ``(C, batch)``, for the fallback's sparse JL to map a
+    slab at a time (:meth:`SparseJLProjector.project_outer`)."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor):
+        self.rows, self.cols = rows, cols
+
+    def as_features(self) -> torch.Tensor:
+        """The block's whole gradient of every example, ``(batch, R·C)`` row-major."""
+        products = self.rows.unsqueeze(1) * self.cols.unsqueeze(0)
+        return products.reshape(-1, self.rows.shape[1]).T
+
+
+def _materialised(value):
+    return value.as_features() if isinstance(value, _Outer) else value
 
 
 def _guarded(output: torch.Tensor, module: nn.Module, plan: FactorizedPlan):

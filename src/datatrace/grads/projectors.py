@@ -268,6 +268,8 @@ class SparseJLProjector(Projector):
         """``(buckets, signs)``, each ``(nnz, size)``, for parameter block ``block`` (CPU)."""
         width = self.proj_dim // self.nnz
         offsets = (torch.arange(self.nnz) * width).unsqueeze(1)
+        if size == 0:  # a placeholder block (project_outer): no coordinates
+            return torch.zeros(self.nnz, 0, dtype=torch.int64), torch.zeros(self.nnz, 0)
         buckets, signs = [], []
         for gen_block in range(-(-size // SPARSE_GENERATION_ROWS)):
             rows = min(SPARSE_GENERATION_ROWS, size - gen_block * SPARSE_GENERATION_ROWS)
@@ -294,6 +296,8 @@ class SparseJLProjector(Projector):
         )
         out = torch.zeros(flat[0].shape[0], self.proj_dim, device=device, dtype=flat[0].dtype)
         for index, (g, (buckets, signs)) in enumerate(zip(flat, tables)):
+            if g.shape[1] == 0:
+                continue
             if g.shape[1] <= CSR_MAX_COORDINATES and device.type == "cpu":
                 matrix = self._csr(seed, sizes, index, buckets, signs, g.dtype)
                 out += (matrix @ g.T).T
@@ -303,6 +307,31 @@ class SparseJLProjector(Projector):
                 torch.mul(g, signs[j], out=signed)
                 out.index_add_(1, buckets[j], signed)
         return out
+
+    def project_outer(
+        self, rows: torch.Tensor, cols: torch.Tensor, seed: int, index: int
+    ) -> torch.Tensor:
+        """What :meth:`project` adds for block ``index`` when that block's gradients are the
+        outer products ``rows[:, b] ⊗ cols[:, b]`` (``(R, batch)``, ``(C, batch)``; a
+        one-position layer's whole weight gradient), without forming them all at once
+        (:func:`outer_product_jl`): ``(batch, proj_dim)``. :meth:`project` is then called with
+        a ``(batch, 0)`` placeholder at ``index``, which keeps the other blocks' maps."""
+        size, per_slab = rows.shape[0] * cols.shape[0], slab_rows(cols.shape[0])
+        dtype = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
+        key = ("outer", seed, index, size, per_slab, str(rows.device), dtype)
+        cached = self.__dict__.setdefault("_outer_cache", {})
+        matrices = cached.get(key)
+        if matrices is None:
+            buckets, signs = self._tables(seed, index, size)
+            matrices = [
+                matrix.to(rows.device)
+                for matrix in slab_matrices(buckets, signs.to(dtype), self.proj_dim,
+                                            cols.shape[0], per_slab)
+            ]  # fmt: skip
+            if (cached and next(iter(cached))[1] != seed) or len(cached) > 64:
+                cached = self._outer_cache = {}  # one checkpoint's maps at a time
+            cached[key] = matrices
+        return outer_product_jl(rows, cols, matrices, per_slab)
 
     def _csr(self, seed, sizes, index, buckets, signs, dtype) -> torch.Tensor:
         """Block ``index``'s map as a ``(k, size)`` CSR matrix, cached beside the hash tables."""
@@ -316,6 +345,46 @@ class SparseJLProjector(Projector):
         cached[key] = matrix
         self._csr_cache = cached
         return matrix
+
+
+# Products (rows × cols of one example) per slab of a one-position outer product's sparse JL
+# (outer_product_jl): at batch 256 and float32, 4 MiB of products at a time, which stay in cache
+# for the CSR product, where a layer's whole products (30 MiB for a 128 × 229 mask) are a fresh
+# allocation per batch, paid in page faults.
+SLAB_PRODUCTS = 4096
+
+
+def slab_rows(cols: int) -> int:
+    """Rows of an outer product's ``rows × cols`` products per slab (:data:`SLAB_PRODUCTS`)."""
+    return max(1, SLAB_PRODUCTS // cols)
+
+
+def slab_matrices(
+    buckets: torch.Tensor, signs: torch.Tensor, dim: int, cols: int, rows_per_slab: int
+) -> list[torch.Tensor]:
+    """A hashed sparse JL (:func:`hashed_csr`) over row-major ``rows × cols`` products, cut into
+    the CSR matrices of ``rows_per_slab`` rows of products each (contiguous column ranges)."""
+    width = rows_per_slab * cols
+    return [
+        hashed_csr(buckets[:, lo : lo + width], signs[:, lo : lo + width], dim)
+        for lo in range(0, buckets.shape[1], width)
+    ]
+
+
+def outer_product_jl(
+    rows: torch.Tensor, cols: torch.Tensor, matrices: list[torch.Tensor], rows_per_slab: int
+) -> torch.Tensor:
+    """The sparse JL of every example's outer product ``rows[:, b] ⊗ cols[:, b]`` (``(R, batch)``
+    and ``(C, batch)``, flattened row-major), formed and mapped a slab of rows at a time with
+    :func:`slab_matrices`: ``(batch, dim)``, the sum of the slabs' CSR products, equal to the
+    map of all products up to the order of the sums."""
+    n = rows.shape[1]
+    out = rows.new_zeros(matrices[0].shape[0], n, dtype=matrices[0].dtype)
+    for index, matrix in enumerate(matrices):
+        lo = index * rows_per_slab
+        products = rows[lo : lo + rows_per_slab].unsqueeze(1) * cols.unsqueeze(0)
+        out.addmm_(matrix, products.reshape(-1, n).to(matrix.dtype))
+    return out.T
 
 
 def hashed_csr(buckets: torch.Tensor, signs: torch.Tensor, dim: int) -> torch.Tensor:
