@@ -252,7 +252,7 @@ COLUMNS = "factorized-columns"
 # _term's path for a one-position call whose products went through the block's sparse JL
 # already, a slab of rows at a time: its features (batch, dim), summed over the block's calls.
 PROJECTED = "factorized-projected"
-# _term's path for a pooled block's one-position call: the outer product's two sides, whose
+# _term's path for a pooled block's one-position call: the outer product's two sides (_Outer), whose
 # products the fallback's sparse JL maps a slab at a time (SparseJLProjector.project_outer)
 # when it is the block's only call; a second call of the block sums materialised products.
 OUTER = "outer"
@@ -1133,11 +1133,11 @@ class FactorizedProjector(Projector):
                 parts = sums[block.name]
                 outers = parts.pop(OUTER, [])
                 if len(outers) == 1 and not parts:  # mapped by the fallback a slab at a time
-                    features[block.name] = _Outer(*outers[0])
+                    features[block.name] = outers[0]
                     block.path = "+".join(sorted(paths[block.name])) or block.path
                     continue
-                for rows, cols in outers:  # several calls: their products summed
-                    products = rows.unsqueeze(1) * cols.unsqueeze(0)
+                for outer in outers:  # several calls: their products summed
+                    products = outer.products()
                     parts[COLUMNS] = parts[COLUMNS] + products if COLUMNS in parts else products
                 terms = []
                 if "factorized" in parts:
@@ -1232,11 +1232,9 @@ class FactorizedProjector(Projector):
         )
         if u.shape[1] == 1 and self._by_columns(block, grad):
             rows, cols = u[:, 0].T.contiguous(), v[:, 0].T.contiguous()
-            if block.sparse_jl and not block.pooled:
-                return PROJECTED, self._sparse_jl_of_products(block, rows, cols, seed)
-            if block.pooled:
-                return OUTER, (rows, cols)
-            return COLUMNS, rows.unsqueeze(1) * cols.unsqueeze(0)
+            if block.pooled:  # _by_columns: pooled, or mapped by its own sparse JL
+                return OUTER, _Outer(rows, cols)
+            return PROJECTED, self._sparse_jl_of_products(block, rows, cols, seed)
         return "factorized", torch.einsum("nsr,nsc->nrc", u, v)
 
     @staticmethod
@@ -1372,10 +1370,13 @@ class _Outer:
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor):
         self.rows, self.cols = rows, cols
 
+    def products(self) -> torch.Tensor:
+        """The products ``(R, C, batch)``, one example per column."""
+        return self.rows.unsqueeze(1) * self.cols.unsqueeze(0)
+
     def as_features(self) -> torch.Tensor:
         """The block's whole gradient of every example, ``(batch, R·C)`` row-major."""
-        products = self.rows.unsqueeze(1) * self.cols.unsqueeze(0)
-        return products.reshape(-1, self.rows.shape[1]).T
+        return self.products().reshape(-1, self.rows.shape[1]).T
 
 
 def _materialised(value):

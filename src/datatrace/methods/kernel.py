@@ -323,9 +323,10 @@ KEEP_UNDAMPED_BYTES = 128 << 20
 
 
 def _cholesky_in_place(kernel: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The lower Cholesky factor of the symmetric C-contiguous float64 CPU matrix ``kernel``,
-    written over it (LAPACK ``dpotrf``, the upper triangle zeroed), and LAPACK's ``info`` (0, or
-    the order of the first minor that is not positive definite).
+    """The lower Cholesky factor of the symmetric C-contiguous float64 CPU matrix ``kernel`` (the
+    copy ``Kernel._factorise`` makes in that layout), written over it (LAPACK ``dpotrf``, the
+    upper triangle zeroed), and LAPACK's ``info`` (0, or the order of the first minor that is
+    not positive definite).
 
     ``torch.linalg.cholesky_ex`` copies its input into a new matrix and returns the triangle as
     a third (``tril``): for a 2,000² kernel, 96 MiB of fresh pages, which cost more than the
@@ -334,10 +335,8 @@ def _cholesky_in_place(kernel: torch.Tensor) -> tuple[torch.Tensor, int]:
     ``L = Uᵀ`` in C order."""
     from scipy.linalg import lapack
 
-    array = kernel.numpy()
-    factor, info = lapack.dpotrf(array.T, lower=0, clean=1, overwrite_a=1)
-    if not np.shares_memory(factor, array):  # not C-contiguous: LAPACK worked on a copy
-        return torch.from_numpy(np.ascontiguousarray(factor.T)), int(info)
+    array = kernel.numpy()  # C-contiguous (the caller's copy): its transpose is Fortran-ordered
+    _, info = lapack.dpotrf(array.T, lower=0, clean=1, overwrite_a=1)
     return kernel, int(info)
 
 
