@@ -43,6 +43,7 @@ import zarr.errors
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.featurize import ChunkResult, GradientFeatures, featurize_chunk
+from datatrace.grads.heap import steady_heap
 from datatrace.methods.kernel import uses_dual
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures, Store
@@ -145,6 +146,7 @@ class ChunkWorker:
         if self._state is None or self._state[0] != job.checkpoint:
             self._state = None  # let the previous checkpoint go first
             self._state = (job.checkpoint, self.features.load(self.checkpoints[job.checkpoint]))
+        steady_heap()  # in a worker process, once
         return featurize_chunk(
             self.features, self._state[1], job.checkpoint, job.batches, job.with_gram
         )
@@ -403,6 +405,7 @@ def featurize_chunks(
         start, stop = stored[index].rows(chunk)
         return stop - start
 
+    steady_heap()
     session = open_session(backend, ChunkWorker(features, checkpoints))
     held: dict[tuple[int, int], Claim] = {}
     in_flight: dict[Any, tuple[ChunkJob, int]] = {}

@@ -18,6 +18,7 @@ from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
 from datatrace.grads.factors import full_precision
+from datatrace.grads.heap import steady_heap
 from datatrace.grads.memory import (
     ACTIVATION_FACTOR,
     FEATURE_FACTOR,
@@ -387,6 +388,7 @@ class GradientFeatures:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and weights of all of ``data`` under checkpoint ``index``, in memory (a
         factorized projector's split, if not fitted, is fitted on ``data``: :meth:`fit_split`)."""
+        steady_heap()
         examples = Examples(data)
         self.fit_split(examples, checkpoint, index)
         state = self.load(checkpoint)
@@ -452,6 +454,7 @@ class GradientFeatures:
         if shard is not None and not (0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         train = Examples(data)
+        steady_heap()
         stored = self.open_train_features(train, checkpoints, store)
         jobs = [
             (index, chunk) for index, part in enumerate(stored) for chunk in part.pending(shard)
