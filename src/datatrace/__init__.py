@@ -56,6 +56,7 @@ _EXPORTS = {
     "ModelDiff": "datatrace.applications.modeldiff",
     "Ranking": "datatrace.attributions",
     "RayBackend": "datatrace.subsets",
+    "Regression": "datatrace.tasks",
     "RepresentationSimilarity": "datatrace.methods.baselines",
     "RetainFinetuneSettings": "datatrace.applications.unlearning",
     "ScoreMatrix": "datatrace.store.scores",

@@ -24,6 +24,7 @@ from datatrace.tasks.language_model import (
     seq2seq_examples,
     token_margins,
 )
+from datatrace.tasks.regression import Regression
 from datatrace.tasks.text import TextClassification
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Classification",
     "Diffusion",
     "InputDtypeWarning",
+    "Regression",
     "Seq2SeqLM",
     "Task",
     "TextClassification",
