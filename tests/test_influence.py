@@ -339,6 +339,36 @@ def test_the_sampled_label_fisher_estimates_the_gauss_newton_matrix():
     assert np.abs(empirical - expected).max() > 10 * np.abs(sampled - expected).max()
 
 
+def test_the_sampled_fisher_of_a_regressor_is_its_gauss_newton_matrix():
+    """Targets ŷ + N(0, 1): the output-gradient factor of a linear regressor is E[ε²] = 1, where
+    the empirical one is the mean squared residual of its (far-off) training targets; with
+    several outputs and one attributed, that output's."""
+    torch.manual_seed(4)
+    x = torch.randn(4000, 4, dtype=torch.float64)
+
+    def gradient_factor(model, task, targets, fisher, seed=0):
+        estimator = InfluenceFunctions(
+            model, task, hessian="kfac", fisher=fisher, seed=seed, batch_size=500, progress=False
+        )
+        stored = estimator.fit((x, targets)).store_
+        return stored.root["influence/0/covariances/gradient_0"][...]
+
+    model = nn.Linear(4, 1).double()
+    far = torch.full((4000,), 5.0, dtype=torch.float64)
+    sampled = gradient_factor(model, dt.Regression(), far, "sampled")
+    np.testing.assert_allclose(sampled, [[1.0]], atol=0.06)
+    np.testing.assert_array_equal(gradient_factor(model, dt.Regression(), far, "sampled"), sampled)
+    with torch.no_grad():
+        residual = (model(x).squeeze(1) - far).square().mean()
+    np.testing.assert_allclose(
+        gradient_factor(model, dt.Regression(), far, "empirical"), [[residual]], rtol=1e-6
+    )
+    two = nn.Linear(4, 2).double()
+    for targets in (far, torch.stack([far, -far], 1)):
+        factor = gradient_factor(two, dt.Regression(output=1), targets, "sampled")
+        np.testing.assert_allclose(factor, [[0.0, 0.0], [0.0, 1.0]], atol=0.06)
+
+
 # -- the identity Hessian, signs ----------------------------------------------------------------
 
 

@@ -87,7 +87,8 @@ class InfluenceFunctions:
         measurement: ``"loss"`` (default) or ``"output"``: what the targets' gradient is of.
         fisher: ``"empirical"`` (default: the curvature's gradients use the training labels;
             every task) or ``"sampled"`` (labels drawn from the model's softmax, the "true"
-            Fisher of kronfluence's default; :class:`~datatrace.tasks.Classification` only,
+            Fisher of kronfluence's default; :class:`~datatrace.tasks.Classification`, and
+            :class:`~datatrace.tasks.Regression` with targets ``ŷ + N(0, 1)``,
             :mod:`datatrace.methods.influence.fisher`). The scored training gradients always use the
             training labels.
         seed: seed of the sampled labels (``fisher="sampled"``).

@@ -5,7 +5,11 @@ For a softmax classifier the true Fisher ``E_x E_{ŷ~p(·|x)}[∇loss(x, ŷ) ∇
 the Gauss–Newton matrix of the cross-entropy; with one sampled label per example and pass it is
 an unbiased Monte Carlo estimate of it. Sampling needs a predictive distribution, which a
 datatrace task does not define in general: ``"sampled"`` is offered for
-:class:`~datatrace.tasks.Classification` (batches ``(inputs, labels)``, logits from the model).
+:class:`~datatrace.tasks.Classification` (batches ``(inputs, labels)``, logits from the model)
+and :class:`~datatrace.tasks.Regression`, whose squared error ``½(ŷ − y)²`` is the negative
+log-likelihood of ``y ~ N(ŷ, 1)``: targets ``ŷ + ε``, ``ε ~ N(0, 1)``, whose Fisher is the
+Gauss–Newton matrix ``∇ŷ∇ŷᵀ`` (the attributed output's; the other outputs of a multi-output
+model are drawn too but their loss is not the task's).
 Only the curvature's passes use the sampled labels; the training gradients that are scored
 always use the true ones.
 """
@@ -22,6 +26,7 @@ from torch import nn
 from datatrace.grads.per_example import _eval_mode, module_state
 from datatrace.tasks.base import Task
 from datatrace.tasks.classification import Classification, ClassLogit
+from datatrace.tasks.regression import Regression
 
 FISHERS = ("empirical", "sampled")
 
@@ -36,16 +41,22 @@ class SampledLabels:
         seed: the seed of the draws.
 
     Raises:
-        ValueError: ``task`` is not a :class:`~datatrace.tasks.Classification` fitting task.
+        ValueError: ``task`` is not a :class:`~datatrace.tasks.Classification` fitting task or
+            a :class:`~datatrace.tasks.Regression`.
     """
 
     def __init__(self, model: nn.Module, task: Task, seed: int):
-        if not isinstance(task, Classification) or isinstance(task, ClassLogit):
+        regression = isinstance(task, Regression)
+        if not regression and (
+            not isinstance(task, Classification) or isinstance(task, ClassLogit)
+        ):
             raise ValueError(
-                f"fisher='sampled' draws labels from a classifier's softmax and needs the task "
-                f"Classification, got {type(task).__name__}: use fisher='empirical' (every task)"
+                f"fisher='sampled' draws labels from a classifier's softmax (or targets around "
+                f"a regressor's prediction) and needs the task Classification or Regression, got "
+                f"{type(task).__name__}: use fisher='empirical' (every task)"
             )
-        self.model, self.seed = model, seed
+        self.model, self.seed, self.regression = model, seed, regression
+        self.output = task.output_index if regression else None
 
     def relabel(
         self, state: Mapping[str, torch.Tensor], batch: Any, checkpoint: int, start: int
@@ -60,6 +71,19 @@ class SampledLabels:
             )
         seed = int(np.random.SeedSequence([self.seed, checkpoint, start]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
+        if self.regression:
+            return inputs, self._regression_targets(logits.detach(), labels, generator)
         probabilities = torch.softmax(logits.detach().double().cpu(), dim=-1)
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
         return inputs, sampled.to(dtype=labels.dtype, device=labels.device)
+
+    def _regression_targets(
+        self, predicted: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``ŷ + ε``, ``ε ~ N(0, 1)``, in the targets' shape: of every output for ``(n, d)``
+        targets, of the attributed one for ``(n,)`` or ``(n, 1)`` targets."""
+        predicted = predicted.reshape(len(predicted), -1).double().cpu()
+        if targets.dim() == 1 or targets.shape[1] == 1:
+            predicted = predicted[:, (self.output or 0) if predicted.shape[1] > 1 else 0]
+        noise = torch.randn(predicted.shape, generator=generator, dtype=torch.float64)
+        return (predicted + noise).reshape(targets.shape).to(targets.dtype).to(targets.device)
