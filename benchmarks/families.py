@@ -12,7 +12,8 @@ data, checkpoints, targets) and the ground truth its scores are judged by:
 Families marked ``held_out`` were added to check a rule fitted on the others; each check broke
 the rule of its time, and the final damping rule was fitted on all families (docs/trak.md tells
 the order). The two shifted-target digits families were added after the per-target damping
-factor, to check it (docs/defaults.md).
+factor, to check it (docs/defaults.md); the three regression families (``dt.Regression``)
+after both, and nothing was changed after them.
 Used by ``damping_study.py``; every builder runs on a CPU in minutes.
 """
 
