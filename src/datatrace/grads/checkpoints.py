@@ -35,7 +35,9 @@ def load_checkpoint(
     """Every parameter and buffer of ``model`` under ``checkpoint``, on ``device``.
 
     Buffers missing from the checkpoint (e.g. a state dict of parameters only) are taken from
-    the model. The model itself is not modified. A ``torch.compile``'d model or checkpoint
+    the model, and so are frozen parameters (``requires_grad=False`` in the model: a fine-tune's
+    base weights, which a checkpoint of its trainable parameters — LoRA adapters — leaves out).
+    The model itself is not modified. A ``torch.compile``'d model or checkpoint
     module stands for the module it wraps (:func:`uncompiled`), and a state dict saved from one
     (every name prefixed ``_orig_mod.``) is read without the prefix.
 
@@ -63,15 +65,22 @@ def load_checkpoint(
         and all(name.startswith(COMPILED_PREFIX) for name in state)
     ):  # saved from a torch.compile'd model: the names of the module it wraps
         state = {name[len(COMPILED_PREFIX) :]: tensor for name, tensor in state.items()}
-    parameter_names = {name for name, _ in model.named_parameters()}
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     unexpected = sorted(set(state) - set(expected))
-    missing = sorted(parameter_names - set(state))
+    missing = sorted(trainable - set(state))
     if unexpected or missing:
         hint = ""
         if unexpected and all(name.startswith("module.") for name in unexpected):
             hint = (
                 " The names start with 'module.' (a DistributedDataParallel checkpoint): "
                 "strip that prefix."
+            )
+        elif any(".lora_" in name for name in unexpected):
+            hint = (
+                " The entries look like a PEFT adapter's state dict (adapter names left out): "
+                "pass PeftModel.from_pretrained(base_model, adapter_dir) as the checkpoint, or "
+                "load the adapter into the model with peft.set_peft_model_state_dict and pass "
+                "the model's own state dict."
             )
         raise ValueError(
             "the checkpoint does not match the model: "

@@ -30,6 +30,13 @@ def select_parameters(model: nn.Module, selection: ParamSelection = None) -> lis
         chosen = set()
         for item in items:
             chosen |= _match(model, named, item)
+    if not chosen and selection is None and named:
+        raise ValueError(
+            f"every parameter of the model ({len(named)} tensors) has requires_grad=False, so "
+            "none is selected by default (a frozen model, or a PeftModel loaded without "
+            "is_trainable=True): name the parameters to attribute through with params= (e.g. "
+            "'*lora_*'), or pass the model as it was trained"
+        )
     if not chosen:
         raise ValueError("the parameter selection is empty: no parameter would be differentiated")
     return [name for name in named if name in chosen]
