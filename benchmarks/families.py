@@ -507,7 +507,7 @@ class MotifSequences:
         )
 
     @staticmethod
-    def model(seed: int) -> nn.Module:
+    def model(seed: int, outputs: int = 5) -> nn.Module:
         torch.manual_seed(seed)
         return nn.Sequential(
             nn.Conv1d(4, 16, 5, padding=2),
@@ -517,7 +517,7 @@ class MotifSequences:
             nn.ReLU(),
             nn.AdaptiveMaxPool1d(1),
             nn.Flatten(),
-            nn.Linear(32, 5),
+            nn.Linear(32, outputs),
         )
 
     def train(self, indices: np.ndarray, seed: int) -> nn.Module:
@@ -763,12 +763,7 @@ class MotifAmplitude(RegressionRecipe):
 
     @staticmethod
     def model(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Conv1d(4, 16, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(), nn.AdaptiveMaxPool1d(1),
-            nn.Flatten(), nn.Linear(32, 1),
-        )  # fmt: skip
+        return MotifSequences.model(seed, outputs=1)
 
 
 BUILDERS: dict[str, Callable[[Path], Family]] = {
