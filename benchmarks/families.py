@@ -797,7 +797,7 @@ BUILDERS: dict[str, Callable[[Path], Family]] = {
     "facts-gpt2-wide": functools.partial(
         facts_family, kind="gpt2", entities=100, width=128, name="facts-gpt2-wide", held_out=True
     ),
-    # held out from the rule and the per-target factor: the first regression family
+    # held out from the rule and the per-target factor: regression (dt.Regression)
     "friedman-regression": functools.partial(
         generated_family,
         recipe=RegressionRecipe("friedman1"),
