@@ -247,6 +247,21 @@ def test_auto_divides_a_flat_q_out_too_and_keeps_arrays_as_false_does():
             assert "no out_to_loss" in auto.out_to_loss_note_
 
 
+def test_a_signed_q_is_neither_collapsed_nor_divided_out():
+    """A regression's Q (residuals y − ŷ) changes sign: no spread, no warning, kept."""
+    kernel_a, kernel_b, flat = planted_kernels()
+    signed = flat * np.where(np.arange(len(flat)) % 3 == 0, -1.0, 1.0)
+    assert np.isnan(out_to_loss_spread(signed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = ModelDiff(n_components=2).fit(trak(kernel_a, signed), trak(kernel_b, flat))
+    kept = ModelDiff(n_components=2, divide_out_to_loss=False).fit(
+        trak(kernel_a, signed), trak(kernel_b, flat)
+    )
+    assert not auto.divided_out_to_loss_ and "signed under A" in auto.out_to_loss_note_
+    np.testing.assert_array_equal(auto.residuals_[A_VS_B], kept.residuals_[A_VS_B])
+
+
 def test_auto_does_not_divide_by_zero_q():
     kernel_a, kernel_b, flat = planted_kernels()
     with_zero = flat.copy()

@@ -164,7 +164,8 @@ def out_to_loss_spread(out_to_loss: np.ndarray) -> float:
         out_to_loss: ``(n_train,)`` weights (``Attributions.out_to_loss``).
 
     Returns:
-        The ratio; ``inf`` when the percentile is 0 or negative, NaN when ``Q`` holds NaN.
+        The ratio; ``inf`` when the percentile is 0, NaN when ``Q`` holds NaN or negative values
+        (a regression's residuals ``y − ŷ`` are signed: there is no collapse to measure).
     """
     weights = np.asarray(out_to_loss, dtype=np.float64)
     if weights.ndim != 1 or weights.size == 0:
@@ -172,7 +173,7 @@ def out_to_loss_spread(out_to_loss: np.ndarray) -> float:
             f"out_to_loss must be a non-empty (n_train,) array, got shape {weights.shape}"
         )
     low = float(np.percentile(weights, OUT_TO_LOSS_PERCENTILE))
-    if np.isnan(low):
+    if np.isnan(low) or np.any(weights < 0):
         return float("nan")
     if low <= 0:
         return float("inf")
@@ -218,6 +219,15 @@ def _out_to_loss_decision(
             f"Q not divided out (auto): {missing[0]} carries no out_to_loss weights, and Q is "
             f"divided out of both attributions or of neither; {statistic}: {measured}",
             collapsed,
+        )
+    signed = [names[key] for key, weight in weights.items() if np.any(weight < 0)]
+    if signed:
+        return (
+            False,
+            f"Q not divided out (auto): it is signed under {' and '.join(signed)} (a "
+            "regression's residuals y − ŷ), not a weight that can collapse or be divided out; "
+            "scores compared as they are",
+            False,
         )
     not_positive = {names[key]: int(np.sum(~(weight > 0))) for key, weight in weights.items()}
     if any(not_positive.values()):
