@@ -8,34 +8,35 @@ import sys
 
 import pytest
 
-# Faults of the second 20 MiB block: a fresh process maps it anew (glibc's mmap threshold starts at
-# 128 KiB and its trim threshold follows the largest freed mapping); with the settings it reuses
-# the first block's pages.
+# Page faults of a batch-like pattern (four 20 MiB blocks alive at once, then freed), in its
+# fourth round, after a fit: with the settings the heap keeps the freed pages; with glibc's own
+# (after the fit's allocations) the round usually maps and zeroes the 80 MiB again.
 SCRIPT = """
 import resource, sys
 import torch
 from datatrace.grads import heap
 
 torch.set_num_threads(1)
-if sys.argv[1] == "fit":
-    import datatrace as dt
-    from torch import nn
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 4))
-    data = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
-    dt.TRAK(model, dt.Classification(), proj_dim=16, progress=False).fit(data)
+import datatrace as dt
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 4))
+data = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+dt.TRAK(model, dt.Classification(), proj_dim=16, progress=False).fit(data)
 
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-def touch():
-    block = torch.empty(5 << 20)  # 20 MiB of float32
-    block.fill_(1.0)
-    del block
+def batch():
+    blocks = [torch.empty(5 << 20) for _ in range(4)]
+    for block in blocks:
+        block.fill_(1.0)
+    del blocks
 
-touch()
+for _ in range(3):
+    batch()
 before = faults()
-touch()
+batch()
 print(heap.tuning_active(), faults() - before)
 """
 
@@ -45,11 +46,11 @@ glibc_only = pytest.mark.skipif(
 )
 
 
-def run(mode: str, **env: str) -> tuple[bool, int]:
+def run(**env: str) -> tuple[bool, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     clean.pop("DATATRACE_MALLOC_TUNING", None)
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
+        [sys.executable, "-c", SCRIPT],
         env=clean | env,
         capture_output=True,
         text=True,
@@ -60,13 +61,12 @@ def run(mode: str, **env: str) -> tuple[bool, int]:
 
 @glibc_only
 def test_featurizing_keeps_freed_blocks_for_reuse():
-    active, faults = run("fit")
+    active, faults = run()
     assert active
-    assert faults < 500  # the second block reuses the first one's pages (5,120 of them)
-    # The same process without featurizing first pays for every page again.
-    active, faults = run("none")
-    assert active
-    assert faults > 4000
+    assert faults < 500  # the round reuses the earlier rounds' pages
+    # With glibc's own settings the round maps and zeroes its 20,480 pages again in most runs
+    # (measured: 4 of 6; in the others glibc's dynamic thresholds happened to keep them), so
+    # that is not asserted.
 
 
 @glibc_only
@@ -80,7 +80,5 @@ def test_featurizing_keeps_freed_blocks_for_reuse():
     ids=["opt-out", "user-variable", "tunable"],
 )
 def test_users_settings_are_left_alone(env):
-    active, faults = run("fit", **env)
+    active, _ = run(**env)
     assert not active
-    if "DATATRACE_MALLOC_TUNING" in env:
-        assert faults > 4000  # glibc's own behaviour: the block is mapped anew

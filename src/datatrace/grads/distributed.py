@@ -146,7 +146,7 @@ class ChunkWorker:
         if self._state is None or self._state[0] != job.checkpoint:
             self._state = None  # let the previous checkpoint go first
             self._state = (job.checkpoint, self.features.load(self.checkpoints[job.checkpoint]))
-        steady_heap()  # in a worker process, once
+        steady_heap()  # once per process: the driver's (in-process session) or a worker's
         return featurize_chunk(
             self.features, self._state[1], job.checkpoint, job.batches, job.with_gram
         )
@@ -405,7 +405,6 @@ def featurize_chunks(
         start, stop = stored[index].rows(chunk)
         return stop - start
 
-    steady_heap()
     session = open_session(backend, ChunkWorker(features, checkpoints))
     held: dict[tuple[int, int], Claim] = {}
     in_flight: dict[Any, tuple[ChunkJob, int]] = {}

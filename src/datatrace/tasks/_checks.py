@@ -310,3 +310,32 @@ def evaluation(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def call_on_inputs(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``, or ``model(*inputs)`` for a tuple or list of inputs: the inputs of
+    the ``(inputs, y)`` batches of ``Classification`` and ``Regression``."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def input_pair(batch: Any, task: str, second: str, hint: str = "") -> tuple[Any, Any]:
+    """``(inputs, y)`` of a batch that must be such a pair, or a TypeError naming what it is
+    and how to pass the data (``second`` names ``y``; ``hint``: advice for a dict)."""
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"{task} reads batches (inputs, {second}), got a dict with the columns "
+            f"{sorted(batch)}: pass the data as a tuple (X, y){hint}"
+        )
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = (
+            f"a {type(batch).__name__} of {len(batch)} columns"
+            if isinstance(batch, (tuple, list))
+            else f"a {type(batch).__name__}"
+        )
+        raise TypeError(
+            f"{task} reads batches (inputs, {second}), got {got}: pass the data as (X, y), or "
+            "((x1, x2), y) for a model called with several inputs"
+        )
+    return batch[0], batch[1]

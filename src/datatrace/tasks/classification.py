@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,9 +9,11 @@ from torch import nn
 
 from datatrace.data import batch_size_of
 from datatrace.tasks._checks import (
+    call_on_inputs,
     cast_floating,
     check_label_range,
     class_labels,
+    input_pair,
     run_on_first_example,
 )
 from datatrace.tasks._inputs import model_dtype
@@ -72,9 +73,7 @@ class Classification(Task):
     """
 
     def _logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+        return call_on_inputs(model, inputs)
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, labels = batch
@@ -99,24 +98,8 @@ class Classification(Task):
         return inputs, labels
 
     def _pair(self, batch: Any) -> tuple[Any, Any]:
-        name = type(self).__name__
-        if isinstance(batch, Mapping):
-            raise TypeError(
-                f"{name} reads batches (inputs, labels), got a dict with the columns "
-                f"{sorted(batch)}: pass the data as a tuple (X, y) (for a model called on named "
-                "columns, use TextClassification)"
-            )
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            got = (
-                f"a {type(batch).__name__} of {len(batch)} columns"
-                if isinstance(batch, (tuple, list))
-                else f"a {type(batch).__name__}"
-            )
-            raise TypeError(
-                f"{name} reads batches (inputs, labels), got {got}: pass the data as (X, y), or "
-                "((x1, x2), y) for a model called with several inputs"
-            )
-        return batch[0], batch[1]
+        hint = " (for a model called on named columns, use TextClassification)"
+        return input_pair(batch, type(self).__name__, "labels", hint)
 
     def _n_classes(self, model: nn.Module, inputs: Any) -> int:
         logits = run_on_first_example(model, self._logits, inputs, type(self).__name__)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from datatrace.data import batch_size_of
-from datatrace.tasks._checks import _position, as_tensor, cast_floating, run_on_first_example
+from datatrace.tasks._checks import (
+    _position,
+    as_tensor,
+    call_on_inputs,
+    cast_floating,
+    input_pair,
+    run_on_first_example,
+)
 from datatrace.tasks._inputs import model_dtype
 from datatrace.tasks.base import Task
 
@@ -47,12 +53,7 @@ class Regression(Task):
     def config(self) -> dict[str, Any]:
         return {"name": type(self).__name__, "output": self.output_index}
 
-    def _raw(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
-
-    def _column(self, values: torch.Tensor) -> torch.Tensor:
+    def column(self, values: torch.Tensor) -> torch.Tensor:
         """The attributed output of ``(n,)``, ``(n, 1)`` or ``(n, d)`` values, as ``(n,)``."""
         if values.dim() == 1:
             return values
@@ -62,7 +63,7 @@ class Regression(Task):
 
     def predictions(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         """The attributed prediction ``ŷ`` of each example, ``(n,)``."""
-        return self._column(self._raw(model, inputs))
+        return self.column(call_on_inputs(model, inputs))
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, _ = batch
@@ -70,14 +71,14 @@ class Regression(Task):
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, targets = batch
-        return self._column(targets) - self.predictions(model, inputs).detach()
+        return self.column(targets) - self.predictions(model, inputs).detach()
 
     def output_and_out_to_loss(
         self, model: nn.Module, batch: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
         predicted = self.predictions(model, inputs)
-        return predicted, self._column(targets) - predicted.detach()
+        return predicted, self.column(targets) - predicted.detach()
 
     def check_batch(self, model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor]:
         """``(inputs, targets)`` checked (see :meth:`Task.check_batch`): floating inputs in the
@@ -93,19 +94,10 @@ class Regression(Task):
                 inputs on which the model fails.
         """
         name = type(self).__name__
-        if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            got = f"a dict with the columns {sorted(batch)}" if isinstance(batch, Mapping) else (
-                f"a {type(batch).__name__} of {len(batch)} columns"
-                if isinstance(batch, (tuple, list))
-                else f"a {type(batch).__name__}"
-            )  # fmt: skip
-            raise TypeError(
-                f"{name} reads batches (inputs, targets), got {got}: pass the data as (X, y), "
-                "or ((x1, x2), y) for a model called with several inputs"
-            )
+        inputs, targets = input_pair(batch, name, "targets")
         dtype = model_dtype(model)
-        inputs = cast_floating(batch[0], dtype, "the inputs")
-        targets = as_tensor(batch[1], "the targets")
+        inputs = cast_floating(inputs, dtype, "the inputs")
+        targets = as_tensor(targets, "the targets")
         if targets.dtype == torch.bool or targets.is_complex():
             raise TypeError(f"the targets must be real numbers, got {targets.dtype}")
         targets = targets.to(dtype)
@@ -141,7 +133,7 @@ class Regression(Task):
         return inputs, targets
 
     def _width(self, model: nn.Module, inputs: Any) -> int:
-        predicted = run_on_first_example(model, self._raw, inputs, type(self).__name__)
+        predicted = run_on_first_example(model, call_on_inputs, inputs, type(self).__name__)
         if not torch.is_tensor(predicted) or predicted.dim() not in (1, 2):
             shape = tuple(predicted.shape) if torch.is_tensor(predicted) else None
             got = shape if shape is not None else f"a {type(predicted).__name__}"

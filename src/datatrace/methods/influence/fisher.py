@@ -55,8 +55,8 @@ class SampledLabels:
                 f"a regressor's prediction) and needs the task Classification or Regression, got "
                 f"{type(task).__name__}: use fisher='empirical' (every task)"
             )
-        self.model, self.seed, self.regression = model, seed, regression
-        self.output = task.output_index if regression else None
+        self.model, self.seed = model, seed
+        self.regression = task if regression else None
 
     def relabel(
         self, state: Mapping[str, torch.Tensor], batch: Any, checkpoint: int, start: int
@@ -71,7 +71,7 @@ class SampledLabels:
             )
         seed = int(np.random.SeedSequence([self.seed, checkpoint, start]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
-        if self.regression:
+        if self.regression is not None:
             return inputs, self._regression_targets(logits.detach(), labels, generator)
         probabilities = torch.softmax(logits.detach().double().cpu(), dim=-1)
         sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
@@ -84,6 +84,6 @@ class SampledLabels:
         targets, of the attributed one for ``(n,)`` or ``(n, 1)`` targets."""
         predicted = predicted.reshape(len(predicted), -1).double().cpu()
         if targets.dim() == 1 or targets.shape[1] == 1:
-            predicted = predicted[:, (self.output or 0) if predicted.shape[1] > 1 else 0]
+            predicted = self.regression.column(predicted)
         noise = torch.randn(predicted.shape, generator=generator, dtype=torch.float64)
         return (predicted + noise).reshape(targets.shape).to(targets.dtype).to(targets.device)
