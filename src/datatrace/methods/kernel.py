@@ -13,7 +13,7 @@ interpolation instead of to noise.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -197,6 +197,70 @@ def neighbour_statistics_of_gram(gram: np.ndarray, sample_rows: np.ndarray) -> t
     return _median_finite(cosine.max(axis=1)), _median_coupling(energy, diagonal[sample_rows])
 
 
+def normalised_weights(weights: np.ndarray, squared_norms: np.ndarray, trace: float) -> np.ndarray:
+    """``weights`` scaled so that ``Σ r_i ‖φ_i‖² = trace`` (``tr(ΦᵀRΦ) = tr(ΦᵀΦ)``), from the
+    examples' ``‖φ_i‖²``; unchanged where the weighted trace is 0."""
+    weights = np.asarray(weights, dtype=np.float64)
+    weighted = float(np.clip(squared_norms, 0.0, None) @ weights)
+    return weights * (trace / weighted) if weighted > 0 else weights
+
+
+def weighted_dual_gram(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``R^½ΦΦᵀR^½`` ``(n, n)`` float64 from the plain dual Gram ``ΦΦᵀ`` and ``diag(R)``."""
+    root = np.sqrt(np.asarray(weights, dtype=np.float64))
+    return gram * root[:, None] * root[None, :]
+
+
+def weighted_statistics_of_gram(
+    gram: np.ndarray, weights: np.ndarray, plain: KernelStatistics, seed: int = 0
+) -> KernelStatistics:
+    """The :class:`KernelStatistics` of the weighted kernel ``ΦᵀRΦ`` (``R = diag(weights)``)
+    from the plain dual Gram ``ΦΦᵀ``: its trace ``Σ r_i ‖φ_i‖²`` and coupling ``Σ_{j≠i} r_j
+    (φ_i·φ_j)² / ‖φ_i‖²`` (the Rayleigh quotient of ``ΦᵀRΦ`` less the example's own term, as
+    a target's is measured against it); ``ρ``, a cosine, is the plain kernel's (``plain``)."""
+    rows = neighbour_sample(len(gram), seed)
+    diagonal = np.clip(np.diag(gram), 0.0, None)
+    dots = np.array(gram[rows], dtype=np.float64)
+    dots[np.arange(len(rows)), rows] = 0.0
+    energy = np.square(dots) @ weights
+    trace = float(diagonal @ weights)
+    return replace(plain, trace=trace, coupling=_median_coupling(energy, diagonal[rows]))
+
+
+def weighted_gram_and_statistics(
+    train_chunks: Iterable[tuple[int, int, np.ndarray]],
+    weights: np.ndarray,
+    plain: KernelStatistics,
+    sample: np.ndarray,
+    sample_rows: np.ndarray,
+) -> tuple[np.ndarray, KernelStatistics]:
+    """``ΦᵀRΦ`` ``(k, k)`` float64 and its :class:`KernelStatistics` (as
+    :func:`weighted_statistics_of_gram`) in one pass over the training features.
+
+    Args:
+        train_chunks: ``(start, stop, features)`` row blocks of all training features.
+        weights: ``(n,)`` the diagonal of ``R``.
+        plain: the plain kernel's statistics (``ρ`` is kept).
+        sample, sample_rows: the sampled training examples' features and rows
+            (:func:`neighbour_sample`).
+    """
+    sample = np.asarray(sample, dtype=np.float64)
+    gram = np.zeros((plain.dim, plain.dim))
+    energy = np.zeros(len(sample))
+    trace = 0.0
+    for start, stop, block in train_chunks:
+        block = np.asarray(block, dtype=np.float64)
+        scale = weights[start:stop]
+        gram += (block * scale[:, None]).T @ block
+        trace += float(np.square(block).sum(axis=1) @ scale)
+        dots = sample @ block.T
+        inside = (sample_rows >= start) & (sample_rows < stop)
+        dots[np.flatnonzero(inside), sample_rows[inside] - start] = 0.0
+        energy += np.square(dots) @ scale
+    coupling = _median_coupling(energy, np.square(sample).sum(axis=1))
+    return gram, replace(plain, trace=trace, coupling=coupling)
+
+
 def target_damping_factor(target_coupling: np.ndarray, coupling: float) -> np.ndarray:
     """Each target's multiple of the checkpoint's damping under ``damping="auto"``: its own
     coupling ``‖Φφ'‖² / ‖φ'‖²`` (how much of the training kernel its direction carries) over
@@ -351,13 +415,23 @@ class Kernel:
     that needs new factors.
     Without ``coupling`` every target gets ``λ``.
 
+    Weighted (Gauss–Newton) kernels ``ΦᵀRΦ``: in the primal ``gram`` is ``ΦᵀRΦ`` itself and the
+    scores are ``Φ'(ΦᵀRΦ + λI)⁻¹Φᵀ``, nothing else changes. In the dual ``gram`` is
+    ``R^½ΦΦᵀR^½`` and ``plain_gram`` ``ΦΦᵀ``; the scores ``Φ'Φᵀ(RΦΦᵀ + λI)⁻¹`` (push-through)
+    are computed as ``(A − A R^½ (R^½ΦΦᵀR^½ + λI)⁻¹ R^½ ΦΦᵀ) / λ`` with ``A = Φ'Φᵀ``
+    (Woodbury), which needs no ``R^{-½}``: examples with ``r_i = 0`` are allowed, ``λ = 0`` is
+    not.
+
     Args:
-        gram: ``ΦᵀΦ`` ``(k, k)`` (primal) or ``ΦΦᵀ`` ``(n, n)`` (dual), float64.
+        gram: ``ΦᵀΦ`` ``(k, k)`` (primal) or ``ΦΦᵀ`` ``(n, n)`` (dual), float64; weighted as
+            above with ``weights``.
         damping: ``λ ≥ 0``.
         dual: whether ``gram`` is ``ΦΦᵀ``.
         coupling: the training features' median coupling (:class:`KernelStatistics`), or
             ``None`` for one damping for every target.
         floor: the smallest damping a target's factor may give.
+        weights: ``(n,)`` the diagonal of ``R`` (non-negative), for a weighted dual kernel.
+        plain_gram: ``ΦΦᵀ`` ``(n, n)`` float64, with ``weights`` in the dual.
 
     Raises:
         np.linalg.LinAlgError: the damped kernel is not positive definite (``λ = 0`` with
@@ -371,11 +445,25 @@ class Kernel:
         dual: bool,
         coupling: float | None = None,
         floor: float = 0.0,
+        weights: np.ndarray | None = None,
+        plain_gram: np.ndarray | None = None,
     ):
         self.dual = dual
         self.damping = damping
         self.coupling = coupling
         self.floor = floor
+        self.root_weights = self._plain = None
+        if dual and weights is not None:
+            if plain_gram is None:
+                raise ValueError("a weighted dual kernel needs plain_gram, the unweighted ΦΦᵀ")
+            if not damping > 0:
+                raise ValueError(
+                    f"a weighted kernel (kernel_weights='auto') in the dual (k > n) needs a "
+                    f"positive damping, got {damping}: use a positive damping, or "
+                    "kernel_weights=None for the plain kernel ΦᵀΦ"
+                )
+            self.root_weights = torch.as_tensor(np.sqrt(weights), dtype=torch.float64)
+            self._plain = torch.as_tensor(plain_gram, dtype=torch.float64)
         gram = torch.as_tensor(gram, dtype=torch.float64)
         self.factor = self._factorise(gram, damping)
         self._factors: dict[float, torch.Tensor] = {1.0: self.factor}
@@ -407,6 +495,12 @@ class Kernel:
             )
         return factor
 
+    def damping_for(self, value: float) -> float:
+        """The damping of the factor for ``value`` (:meth:`factor_for`): ``λ`` for 1, else
+        ``max(value · λ, floor)``."""
+        value = float(value)
+        return self.damping if value == 1.0 else max(value * self.damping, self.floor)
+
     def factor_for(self, value: float, undamped: torch.Tensor | None = None) -> torch.Tensor:
         """The Cholesky factor of the kernel damped by ``max(value · λ, floor)`` (from
         ``undamped``, :meth:`undamped`, when given)."""
@@ -415,7 +509,7 @@ class Kernel:
             return self._factors[value]
         if undamped is None:
             undamped = self.undamped()
-        factor = self._factorise(undamped, max(value * self.damping, self.floor))
+        factor = self._factorise(undamped, self.damping_for(value))
         keep = max(1, KERNEL_CACHE_BYTES // max(factor.numel() * 8, 1))
         while len(self._factors) >= keep + 1:  # the checkpoint's own factor stays
             del self._factors[next(key for key in self._factors if key != 1.0)]
@@ -429,13 +523,16 @@ class Kernel:
 
         Args:
             targets: ``(n_targets, k)`` float64 target features.
-            cross: for the dual, ``ΦΦ'ᵀ`` ``(n, n_targets)``, from which ``‖Φφ'‖²`` is read.
+            cross: for the dual, ``ΦΦ'ᵀ`` ``(n, n_targets)``, from which ``‖Φφ'‖²`` (weighted:
+                ``‖R^½Φφ'‖²``) is read.
         """
         if self.coupling is None:
             return np.ones(targets.shape[0])
         targets = torch.as_tensor(targets).to(torch.float64)
         squared = targets.pow(2).sum(dim=1)
-        if self.dual:
+        if self.dual and self.root_weights is not None:
+            energy = (cross * self.root_weights[:, None]).pow(2).sum(dim=0)
+        elif self.dual:
             energy = cross.pow(2).sum(dim=0)
         else:  # φᵀ(ΦᵀΦ)φ = ‖Lᵀφ‖² − λ‖φ‖²
             energy = (self.factor.T @ targets.T).pow(2).sum(dim=0) - self.damping * squared
@@ -483,7 +580,14 @@ class Kernel:
         for start, stop, block in train_chunks:
             cross[start:stop] = torch.as_tensor(block).to(torch.float64) @ targets.T
         factors = self.target_factors(targets, cross)
-        return self.solve(cross, factors).T.to(torch.float32).numpy()
+        if self.root_weights is None:
+            return self.solve(cross, factors).T.to(torch.float32).numpy()
+        # Woodbury: (A − A R^½ (G + λ)⁻¹ R^½ K) / λ, one column per target (class docstring)
+        root = self.root_weights[:, None]
+        solved = self.solve(cross * root, factors)
+        dampings = torch.tensor([self.damping_for(value) for value in factors], dtype=torch.float64)
+        scores = (cross - self._plain @ (root * solved)) / dampings[None, :]
+        return scores.T.to(torch.float32).numpy()
 
     def fold(self, target_features: torch.Tensor) -> torch.Tensor:
         """``K⁻¹Φ'ᵀ``, ``(k, n_targets)`` float64, for ``(n_targets, k)`` target features, each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ from datatrace.methods.kernel import (
     Kernel,
     absolute_damping,
     damping_from_features,
+    neighbour_sample,
+    normalised_weights,
     uses_dual,
+    weighted_dual_gram,
+    weighted_gram_and_statistics,
+    weighted_statistics_of_gram,
 )
 from datatrace.methods.retrieval import (
     DEFAULT_MEMORY_BUDGET,
@@ -78,6 +84,18 @@ class TRAK:
             the training examples); a number: ``λ_c`` relative to the mean diagonal entry of
             ``Φ_cᵀΦ_c`` (``λ_c = damping · tr/k``), the same for every target.
         damping_absolute: if given, the absolute ``λ`` for every checkpoint (overrides ``damping``).
+        kernel_weights: ``None`` (default): the kernel is ``Φ_cᵀΦ_c``, as in MadryLab's
+            ``traker``. ``"auto"``: where the task defines the loss's curvature in its output
+            (:meth:`Task.curvature <datatrace.tasks.Task.curvature>`: ``Q(1 − Q)`` for
+            classifiers' margins and language models), the Gauss–Newton ``Φ_cᵀR_cΦ_c`` with
+            ``R_c`` those weights of the training examples under checkpoint ``c`` — the Newton
+            step of TRAK's derivation, whose ``R`` the reference implementation drops
+            (docs/trak.md "The kernel's weights": higher LDS and MRR with one checkpoint on
+            every classifier and language model measured; not yet the default); elsewhere
+            ``Φ_cᵀΦ_c``. The weights are scaled so that
+            ``tr(Φ_cᵀR_cΦ_c) = tr(Φ_cᵀΦ_c)``: each checkpoint's scores keep the scale of the
+            plain kernel's, and the ensemble's mean weighs checkpoints alike (a checkpoint
+            whose ``Q`` collapsed would otherwise dominate it by ``1/R``).
         params: parameters to differentiate: name patterns or submodules (default: all).
         store: where features are kept: a directory (resumable, shareable), an fsspec URL, a
             :class:`~datatrace.store.Store`, or ``None`` for memory.
@@ -117,6 +135,7 @@ class TRAK:
         projector: str | Projector = "auto",
         damping: float | str = DEFAULT_DAMPING,
         damping_absolute: float | None = None,
+        kernel_weights: str | None = None,
         params: ParamSelection = None,
         store: str | Path | Store | None = None,
         seed: int = 0,
@@ -133,6 +152,7 @@ class TRAK:
         self.projector = projector
         self.damping = damping
         self.damping_absolute = damping_absolute
+        self.kernel_weights = kernel_weights
         self.params = params
         self.store = store
         self.seed = seed
@@ -289,25 +309,78 @@ class TRAK:
         self.out_to_loss_ = np.stack([part.train_out_to_loss() for part in stored])
         self.dual_ = uses_dual(self.feature_dim_, self.n_train_)
         statistics, self.kernels_ = [], []
-        for part in stored:  # one checkpoint's Gram in memory at a time
-            # the dual Gram also gives the statistics (trace, neighbour cosines) without Φ
+        for part, out_to_loss in zip(stored, self.out_to_loss_):
+            # one checkpoint's Gram in memory at a time; the dual Gram also gives the statistics
+            # (trace, neighbour cosines) without Φ
             gram = part.gram(dual=True) if self.dual_ else None
-            statistics.append(part.statistics(gram))
+            plain = part.statistics(gram)
+            weights = self._kernel_weights(out_to_loss)
+            plain_gram = None
+            if weights is None:
+                gram = part.gram() if gram is None else gram
+                statistics.append(plain)
+            elif self.dual_:
+                plain_gram = gram
+                weights = normalised_weights(weights, np.diag(plain_gram), plain.trace)
+                gram = weighted_dual_gram(gram, weights)
+                statistics.append(weighted_statistics_of_gram(plain_gram, weights, plain))
+            else:
+                rows = neighbour_sample(part.n_train)
+                sample = part.features[part.train_rows()[rows], :]
+                gram, weighted = weighted_gram_and_statistics(
+                    part.iter_chunks(), weights, plain, sample, rows
+                )
+                scale = plain.trace / weighted.trace if weighted.trace > 0 else 1.0
+                gram *= scale
+                weights = weights * scale
+                statistics.append(
+                    replace(weighted, trace=plain.trace, coupling=weighted.coupling * scale)
+                )
             damping = self._damping(statistics[-1])
             per_target = self._per_target_damping()
             self.kernels_.append(
                 Kernel(
-                    part.gram() if gram is None else gram,
+                    gram,
                     damping,
                     self.dual_,
                     coupling=statistics[-1].coupling if per_target else None,
                     floor=MIN_RELATIVE_DAMPING * statistics[-1].mean_diagonal,
+                    weights=weights,
+                    plain_gram=plain_gram,
                 )
             )
-            del gram
+            del gram, plain_gram
         self.damping_ = np.array([kernel.damping for kernel in self.kernels_])
         self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         return self
+
+    def _kernel_weights(self, out_to_loss: np.ndarray) -> np.ndarray | None:
+        """``(n_train,)`` the diagonal of ``R`` for one checkpoint's ``Q``, or ``None`` for the
+        plain kernel (``kernel_weights=None``, or a task without a curvature)."""
+        if self.kernel_weights is None:
+            return None
+        if self.kernel_weights != "auto":
+            raise ValueError(
+                f"kernel_weights must be 'auto' (the task's Gauss–Newton weights where it has "
+                f"them) or None (the plain kernel ΦᵀΦ), got {self.kernel_weights!r}"
+            )
+        weights = self.task.curvature(out_to_loss)
+        if weights is None:
+            return None
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != out_to_loss.shape or not np.all(np.isfinite(weights) & (weights >= 0)):
+            raise ValueError(
+                f"{type(self.task).__name__}.curvature must return {out_to_loss.shape} finite, "
+                "non-negative weights"
+            )
+        if not weights.any():
+            return None  # every example's loss is flat: nothing to weight by
+        return weights
+
+    def _kernel_weights_used(self) -> str:
+        """``"gauss-newton"`` or ``"none"``: which kernel the fit built (for provenance)."""
+        weighted = self._kernel_weights(self.out_to_loss_[0]) is not None
+        return "gauss-newton" if weighted else "none"
 
     def _per_target_damping(self) -> bool:
         """Whether each target gets its own multiple of ``λ_c`` (``damping="auto"`` only:
@@ -413,6 +486,7 @@ class TRAK:
             "damping_absolute": self.damping_.tolist(),
             "damping_relative": self.relative_damping_.tolist(),
             "per_target_damping": self._per_target_damping(),
+            "kernel_weights": self._kernel_weights_used(),
             "dual": self.dual_,
             "n_params": int(sum(self.features_.sizes)),
             "seed": self.seed,
@@ -570,6 +644,7 @@ class TRAK:
                 for kernel in self.kernels_
             ],
             "dual": self.dual_,
+            "kernel_weights": self._kernel_weights_used(),
             "target_task": task.config(),
             "n_targets": examples.n,
             "targets": batch_fingerprint(first),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,14 @@ class Task(ABC):
         so one task object still serves every checkpoint. The default returns ``self``.
         """
         return self
+
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray | None:
+        """The training loss's second derivative in the output, ``∂²loss/∂f²`` of each training
+        example, from its ``Q``: the Gauss–Newton weights ``R`` of TRAK's kernel ``ΦᵀRΦ``
+        (``kernel_weights="auto"``, docs/trak.md "The kernel's weights"). ``None`` (the default)
+        where the task does not define one, or where it is 1 (a squared error): the kernel is
+        then ``ΦᵀΦ``."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """Settings that identify this task in a store's provenance (JSON-serialisable)."""

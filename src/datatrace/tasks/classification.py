@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +48,13 @@ def classification_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     true_logit = logits.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
     other = logits.masked_fill(is_true, float("-inf")).logsumexp(-1)
     return true_logit - other
+
+
+def margin_curvature(out_to_loss: np.ndarray) -> np.ndarray:
+    """``Q(1 − Q)`` in float64 for ``Q = σ(−m)``: ``σ(m)σ(−m)``, the second derivative of the
+    cross-entropy ``softplus(−m)`` in the margin (0 for ``Q`` of exactly 0 or 1)."""
+    out_to_loss = np.asarray(out_to_loss, dtype=np.float64)
+    return np.clip(out_to_loss * (1.0 - out_to_loss), 0.0, None)
 
 
 def margin_out_to_loss(margins: torch.Tensor) -> torch.Tensor:
@@ -115,6 +123,10 @@ class Classification(Task):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
 
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
+        """``Q(1 − Q) = σ(m)σ(−m)``, the cross-entropy's second derivative in the margin ``m``."""
+        return margin_curvature(out_to_loss)
+
     def output_and_out_to_loss(
         self, model: nn.Module, batch: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +173,9 @@ class ClassLogit(Classification):
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         _, classes = batch
         return torch.ones(classes.shape[0], dtype=torch.float32, device=classes.device)
+
+    def curvature(self, out_to_loss: np.ndarray) -> None:
+        return None
 
 
 def per_class_targets(inputs: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ from datatrace.tasks._inputs import (
     output_field,
 )
 from datatrace.tasks.base import Task
-from datatrace.tasks.classification import classification_margin
+from datatrace.tasks.classification import classification_margin, margin_curvature
 
 IGNORE_INDEX = -100
 """Label of tokens that are not attributed (prompt and padding), as in Hugging Face ``labels``."""
@@ -191,6 +191,12 @@ class _LanguageModel(Task):
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return sequence_out_to_loss(*self.token_margins(model, batch))
+
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
+        """``Q(1 − Q)`` of the sequence's ``Q = mean_t σ(−m_t)``: the cross-entropy's curvature
+        in one token's margin, with the sequence's mean ``Q`` in place of each token's (the
+        tokens' own are not kept)."""
+        return margin_curvature(out_to_loss)
 
     def output_and_out_to_loss(
         self, model: nn.Module, batch: Any

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +27,11 @@ from datatrace.tasks._inputs import (
     output_field,
 )
 from datatrace.tasks.base import Task
-from datatrace.tasks.classification import classification_margin, margin_out_to_loss
+from datatrace.tasks.classification import (
+    classification_margin,
+    margin_curvature,
+    margin_out_to_loss,
+)
 
 
 class TextClassification(Task):
@@ -80,6 +85,10 @@ class TextClassification(Task):
 
     def out_to_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return margin_out_to_loss(self.output(model, batch))
+
+    def curvature(self, out_to_loss: np.ndarray) -> np.ndarray:
+        """``Q(1 − Q) = σ(m)σ(−m)``, the cross-entropy's second derivative in the margin ``m``."""
+        return margin_curvature(out_to_loss)
 
     def output_and_out_to_loss(
         self, model: nn.Module, batch: Any
