@@ -12,7 +12,12 @@ diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
 for every λ come from one eigendecomposition per checkpoint (``T(λ) = Φ'V (S + λ)⁻¹ VᵀΦᵀ``),
 checked on every family against :class:`datatrace.methods.kernel.Kernel`, the solver TRAK uses
 (to 1e-4 of the largest score: the eigendecomposition loses digits on ill-conditioned kernels).
-Prints one table per family and writes ``--out/study.json``.
+With ``--kernel-weights auto`` (``TRAK(kernel_weights="auto")``) the kernel of a family whose
+task has a curvature (classifiers' margins and language models: ``families.MARGIN_FAMILIES``) is
+the Gauss–Newton ``ΦᵀRΦ``, ``R = Q(1 − Q)`` scaled to the plain kernel's trace, and the grid's
+unit its mean diagonal; ``none`` (the default, as TRAK's) gives every family the plain ``ΦᵀΦ``.
+Prints one table per family and writes ``--out/study.json`` (``--out/study-auto.json`` with
+``auto``).
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ from datatrace.methods.kernel import (
     Kernel,
     KernelStatistics,
     damping_from_features,
+    neighbour_sample,
+    normalised_weights,
     target_damping_factor,
     uses_dual,
+    weighted_dual_gram,
+    weighted_gram_and_statistics,
+    weighted_statistics_of_gram,
 )
+from datatrace.tasks.classification import margin_curvature
 
 # Multiples of the mean diagonal of ΦᵀΦ (the old relative damping) on the grid.
 GRID = 10.0 ** np.arange(-5.0, 1.51, 0.25)
@@ -72,32 +83,47 @@ def features(
 
 
 class SpectralScores:
-    """``T(λ) = Φ'(ΦᵀΦ + λI)⁻¹Φᵀ`` of one checkpoint for any λ, from one eigendecomposition
-    (of ``ΦᵀΦ`` when ``k ≤ n``, of ``ΦΦᵀ`` otherwise)."""
+    """``T(λ) = Φ'(ΦᵀRΦ + λI)⁻¹Φᵀ`` of one checkpoint for any λ (``R = diag(weights)``, the
+    identity without), from one eigendecomposition: of ``ΦᵀRΦ`` when ``k ≤ n``; otherwise of
+    ``R^½ΦΦᵀR^½ = USUᵀ``, whose eigenvectors ``V = ΦᵀR^½US^{-½}`` span the kernel's range and
+    leave a null space where ``(ΦᵀRΦ + λI)⁻¹`` is ``1/λ``: ``T = Φ'V(S + λ)⁻¹VᵀΦᵀ + (Φ'Φᵀ −
+    Φ'VVᵀΦᵀ)/λ`` (the second term vanishes without weights, where ``Φᵀ`` lies in that range)."""
 
-    def __init__(self, phi: np.ndarray, target: np.ndarray):
+    def __init__(self, phi: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None):
         n, k = phi.shape
+        scale = np.ones(n) if weights is None else weights
+        self.rest = None
         if k <= n:
-            values, vectors = np.linalg.eigh(phi.T @ phi)
+            values, vectors = np.linalg.eigh(phi.T @ (phi * scale[:, None]))
             self.left, self.right = target @ vectors, (phi @ vectors).T
-        else:
+        elif weights is None:
             values, vectors = np.linalg.eigh(phi @ phi.T)
             self.left, self.right = (target @ phi.T) @ vectors, vectors.T
+        else:
+            root = np.sqrt(scale)
+            values, vectors = np.linalg.eigh(weighted_dual_gram(phi @ phi.T, scale))
+            kept = values > values.max() * 1e-13
+            values, vectors = values[kept], vectors[:, kept]
+            directions = (phi * root[:, None]).T @ vectors / np.sqrt(values)  # (k, r)
+            self.left, self.right = target @ directions, (phi @ directions).T
+            self.rest = target @ phi.T - self.left @ self.right
         self.eigenvalues = np.clip(values, 0, None)
-        self.mean_diagonal = float((phi**2).sum() / k)
+        self.mean_diagonal = float(((phi**2).sum(axis=1) @ scale) / k)
 
-        # Each target's coupling ‖Φφ'‖²/‖φ'‖², which the default rule's per-target factor reads.
+        # Each target's coupling ‖R^½Φφ'‖²/‖φ'‖², which the default rule's per-target factor
+        # reads.
         cross = target @ phi.T
         squared = (target**2).sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            self.target_coupling = (cross**2).sum(axis=1) / squared
+            self.target_coupling = (cross**2 @ scale) / squared
 
     def __call__(self, damping) -> np.ndarray:
         """Scores for one ``λ``, or one per target ``(m,)``."""
         damping = np.asarray(damping, dtype=np.float64)
         if damping.ndim == 1:
             damping = damping[:, None]
-        return (self.left / (self.eigenvalues + damping)) @ self.right
+        scores = (self.left / (self.eigenvalues + damping)) @ self.right
+        return scores if self.rest is None else scores + self.rest / damping
 
     def rule(self, statistics: KernelStatistics, count: int) -> np.ndarray:
         """The default rule's per-target ``λ``: the checkpoint's times each target's factor."""
@@ -106,14 +132,21 @@ class SpectralScores:
 
 
 def check_against_kernel(
-    spectrum: SpectralScores, part: dict[str, np.ndarray], statistics: KernelStatistics
+    spectrum: SpectralScores,
+    part: dict[str, np.ndarray],
+    statistics: KernelStatistics,
+    weights: np.ndarray | None = None,
 ) -> None:
     """The eigendecomposition's scores equal TRAK's solver at the mean diagonal, and at the
     default rule with each target's own damping."""
     phi, target = part["phi"], part["target"]
     n, k = phi.shape
     dual = uses_dual(k, n)
-    gram = phi @ phi.T if dual else phi.T @ phi
+    plain = phi @ phi.T if dual else None
+    if weights is None:
+        gram = plain if dual else phi.T @ phi
+    else:
+        gram = weighted_dual_gram(plain, weights) if dual else phi.T @ (phi * weights[:, None])
     for damping, coupling, got in (
         (spectrum.mean_diagonal, None, spectrum(spectrum.mean_diagonal)),
         (
@@ -122,7 +155,7 @@ def check_against_kernel(
             spectrum(spectrum.rule(statistics, 1)),
         ),
     ):
-        kernel = Kernel(gram, damping, dual, coupling=coupling)
+        kernel = Kernel(gram, damping, dual, coupling=coupling, weights=weights, plain_gram=plain)
         want = kernel.scores(torch.as_tensor(target), [(0, n, phi)], n)
         scale = np.abs(want).max()
         if not np.allclose(got / scale, want / scale, atol=1e-4):
@@ -165,17 +198,39 @@ def prepare(family: families.Family, out: Path) -> None:
     (out / "truth" / f"{family.name}.json").write_text(json.dumps(meta))
 
 
-def study(name: str, out: Path) -> list[dict]:
+def kernel_weights(name: str, phi: np.ndarray, q: np.ndarray, mode: str) -> np.ndarray | None:
+    """The Gauss–Newton weights TRAK's ``kernel_weights=mode`` gives family ``name``, scaled as
+    TRAK scales them (``tr(ΦᵀRΦ) = tr(ΦᵀΦ)``)."""
+    if mode == "none" or name not in families.MARGIN_FAMILIES:
+        return None
+    squared = (phi**2).sum(axis=1)
+    return normalised_weights(margin_curvature(q), squared, float(squared.sum()))
+
+
+def statistics_of(phi: np.ndarray, weights: np.ndarray | None) -> KernelStatistics:
+    """The statistics TRAK's rule reads: of ``ΦᵀRΦ`` with weights (``ρ`` from ``ΦᵀΦ``)."""
+    plain = KernelStatistics.of(phi)
+    if weights is None:
+        return plain
+    n, k = phi.shape
+    if uses_dual(k, n):
+        return weighted_statistics_of_gram(phi @ phi.T, weights, plain)
+    rows = neighbour_sample(n)
+    return weighted_gram_and_statistics([(0, n, phi)], weights, plain, phi[rows], rows)[1]
+
+
+def study(name: str, out: Path, mode: str = "auto") -> list[dict]:
     """The metric along the damping grid and at the default rule, from the cached features."""
     meta = json.loads((out / "truth" / f"{name}.json").read_text())
     metric, truth = load_truth(out / "truth" / f"{name}.npz")
     rows = []
     for proj_dim in meta["proj_dims"]:
         parts = features(None, proj_dim, out / "features" / f"{name}-k{proj_dim}.npz")
-        spectra = [SpectralScores(p["phi"], p["target"]) for p in parts]
+        weights = [kernel_weights(name, p["phi"], p["q"], mode) for p in parts]
+        spectra = [SpectralScores(p["phi"], p["target"], w) for p, w in zip(parts, weights)]
         qs = [p["q"] for p in parts]
-        statistics = [KernelStatistics.of(p["phi"]) for p in parts]
-        check_against_kernel(spectra[0], parts[0], statistics[0])
+        statistics = [statistics_of(p["phi"], w) for p, w in zip(parts, weights)]
+        check_against_kernel(spectra[0], parts[0], statistics[0], weights[0])
         for count in sorted({1, len(parts)}):
             chosen = [sp.rule(st, count) for sp, st in zip(spectra, statistics[:count])]
             curve = [
@@ -215,6 +270,7 @@ def study(name: str, out: Path) -> list[dict]:
                     "rule": rule,
                     "rule_relative": float(np.mean(relative)),
                     "target_factor": float(factor),
+                    "kernel_weights": "none" if weights[0] is None else "gauss-newton",
                 }
             )
             r = rows[-1]
@@ -256,9 +312,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--cached", action="store_true", help="only study families already cached under --out"
     )
+    parser.add_argument(
+        "--kernel-weights",
+        choices=["none", "auto"],
+        default="none",
+        help="plain kernels (TRAK's default) or Gauss–Newton ones where the task has a curvature",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results_path = args.out / "study.json"
+    suffix = "" if args.kernel_weights == "none" else f"-{args.kernel_weights}"
+    results_path = args.out / f"study{suffix}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for name in args.families:
         tick = time.perf_counter()
@@ -266,7 +329,7 @@ def main(argv=None) -> None:
             prepare(families.BUILDERS[name](args.out / "families" / name), args.out)
         elif not (args.out / "truth" / f"{name}.json").exists():
             continue
-        results[name] = study(name, args.out)
+        results[name] = study(name, args.out, args.kernel_weights)
         print(f"# {name}: {time.perf_counter() - tick:.0f} s", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))

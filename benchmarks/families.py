@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from datatrace.evaluation.lds import lds
 from datatrace.subsets import SubsetExperiment
@@ -66,6 +67,14 @@ class Family:
     proj_dims: tuple[int, ...] = (512, 2048)
     held_out: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        curved = self.task.curvature(np.full(2, 0.5)) is not None
+        if curved != (self.name in MARGIN_FAMILIES):
+            raise AssertionError(
+                f"{self.name}: its task {'has' if curved else 'has no'} curvature; "
+                "update MARGIN_FAMILIES"
+            )
 
     @property
     def n_train(self) -> int:
@@ -766,6 +775,124 @@ class MotifAmplitude(RegressionRecipe):
         return MotifSequences.model(seed, outputs=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# A binary classifier with one logit and a recurrent network (held out: built after the rule,
+# its per-target factor and the regression families, nothing changed after them)
+
+
+@dataclass(frozen=True)
+class BinaryCancer:
+    """scikit-learn's bundled breast-cancer data (30 features, malignant or benign), standardised,
+    450 + 119 rows in a fixed shuffled order; an MLP ``30 → 64 → 64 → 1`` (ReLU) with one logit,
+    trained on the binary cross-entropy with Adam; deterministic. Attributed with
+    :class:`datatrace.Classification` on the single logit (margin ``±z``)."""
+
+    n_train: int = 450
+    n_test: int = 119
+    epochs: int = 40
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from sklearn.datasets import load_breast_cancer
+
+        x, y = load_breast_cancer(return_X_y=True)
+        order = np.random.default_rng(0).permutation(len(x))
+        x, y = x[order], y[order]
+        x = (x - x[: self.n_train].mean(0)) / x[: self.n_train].std(0)
+        x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+        return x[: self.n_train], y[: self.n_train], x[self.n_train :], y[self.n_train :]
+
+    @staticmethod
+    def model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)
+        )  # fmt: skip
+
+    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
+        x, y, _, _ = self.data()
+        rows = torch.as_tensor(indices)
+        x, y = x[rows], y[rows].float()
+        model = self.model(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(self.epochs):
+            for batch in torch.randperm(len(x), generator=order).split(32):
+                optimizer.zero_grad()
+                logits = model(x[batch]).squeeze(1)
+                F.binary_cross_entropy_with_logits(logits, y[batch]).backward()
+                optimizer.step()
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> np.ndarray:
+        from datatrace.tasks import classification_margin
+
+        _, _, x, y = self.data()
+        return classification_margin(model.eval()(x), y).numpy()
+
+
+class GRUClassifier(nn.Module):
+    """A one-layer GRU over the positions of ``(batch, channels, length)`` sequences, its last
+    hidden state into a linear head."""
+
+    def __init__(self, channels: int = 4, hidden: int = 32, classes: int = 5):
+        super().__init__()
+        self.gru = nn.GRU(channels, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        _, last = self.gru(sequences.transpose(1, 2))
+        return self.head(last[0])
+
+
+@dataclass(frozen=True)
+class MotifSequencesGRU(MotifSequences):
+    """:class:`MotifSequences`' data (1,000 + 200 sequences, 24 positions) classified by a GRU
+    (:class:`GRUClassifier`), trained with Adam at 1e-2; deterministic."""
+
+    n_train: int = 1000
+    n_test: int = 200
+    epochs: int = 40
+    length: int = 24
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y, x_test, y_test = MotifSequences(
+            n_train=self.n_train, n_test=self.n_test, seed=self.seed
+        ).data()
+        # The motif sits anywhere in 48 positions; keep the 24 around it.
+        both = torch.cat([x, x_test])
+        energy = both.pow(2).sum(1).unfold(1, 6, 1).sum(2)  # (n, 43) windows
+        start = (energy.argmax(1) - (self.length - 6) // 2).clamp(0, 48 - self.length)
+        index = start[:, None] + torch.arange(self.length)
+        cropped = torch.gather(both, 2, index[:, None, :].expand(-1, both.shape[1], -1))
+        return cropped[: self.n_train], y, cropped[self.n_train :], y_test
+
+    @staticmethod
+    def model(seed: int, outputs: int = 5) -> nn.Module:
+        torch.manual_seed(seed)
+        return GRUClassifier(classes=outputs)
+
+    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
+        from datatrace.demo.data import Split
+        from datatrace.demo.training import train_classifier
+
+        x, y, _, _ = self.data()
+        rows = torch.as_tensor(indices)
+        return train_classifier(
+            self.model(seed), Split(x[rows], y[rows]), epochs=self.epochs, lr=1e-2,
+            batch_size=64, weight_decay=1e-4, seed=seed,
+        )  # fmt: skip
+
+
+# Families whose task has a curvature (Task.curvature: classifiers' margins, language models):
+# TRAK's default kernel there is the Gauss–Newton ΦᵀRΦ. Checked against each built family's task
+# in ``Family.__post_init__``.
+MARGIN_FAMILIES = {
+    "digits-mlp", "digits-mlp-rotated", "digits-mlp-noisy", "digits-cnn", "text-minilm",
+    "facts-gpt2", "facts-t5", "digits-cnn-bn", "digits-resmlp", "sequences-cnn1d",
+    "tabular-resmlp", "facts-gpt2-wide", "cancer-binary", "sequences-gru",
+}  # fmt: skip
+
 BUILDERS: dict[str, Callable[[Path], Family]] = {
     "digits-mlp": functools.partial(digits_family, model="mlp"),
     "digits-mlp-rotated": functools.partial(shifted_digits_family, shift="rotated"),
@@ -815,5 +942,18 @@ BUILDERS: dict[str, Callable[[Path], Family]] = {
         recipe=RegressionRecipe("diabetes", epochs=40),
         name="diabetes-regression",
         what="MLP regressor on scikit-learn's diabetes data",
+    ),
+    # held out from everything above: one logit, and a recurrent network
+    "cancer-binary": functools.partial(
+        generated_family,
+        recipe=BinaryCancer(),
+        name="cancer-binary",
+        what="binary MLP (one logit) on scikit-learn's breast-cancer data",
+    ),
+    "sequences-gru": functools.partial(
+        generated_family,
+        recipe=MotifSequencesGRU(),
+        name="sequences-gru",
+        what="GRU on generated sequences",
     ),
 }
