@@ -172,3 +172,11 @@ def test_bad_kernel_weights_and_an_undamped_weighted_dual_are_refused(trained_ml
     with pytest.raises(ValueError, match="positive damping"):
         dt.TRAK(models[0], dt.Classification(), projector="identity", damping_absolute=0.0,
                 kernel_weights="auto", progress=False).fit(train)  # fmt: skip
+
+
+def test_the_fit_config_passes_kernel_weights_on(tmp_path):
+    from datatrace.fit_config import FitRunConfig
+
+    config = FitRunConfig(store=str(tmp_path / "store"), kernel_weights="auto")
+    assert config.make_trak().kernel_weights == "auto"
+    assert FitRunConfig(store=str(tmp_path / "other")).make_trak().kernel_weights is None

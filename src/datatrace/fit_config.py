@@ -69,6 +69,11 @@ class FitRunConfig(JsonSettings):
         "projector name (see TRAK): auto, sparse, factgrass, dense, ...", "auto"
     )
     damping: float | str = setting("damping: 'auto' or relative to the mean diagonal", "auto")
+    kernel_weights: str | None = setting(
+        "kernel: null (ΦᵀΦ, as traker) or 'auto' (Gauss–Newton ΦᵀRΦ where the task has a "
+        "curvature; docs/trak.md)",
+        None,
+    )
     seed: int = setting("seed of the projections", 0)
     batch_size: int = setting("examples per gradient batch", 32)
     chunk_size: int = setting("training examples per stored chunk (the unit of work)", 512)
@@ -131,6 +136,7 @@ class FitRunConfig(JsonSettings):
             proj_dim=self.proj_dim,
             projector=self.projector,
             damping=self.damping,
+            kernel_weights=self.kernel_weights,
             store=self.store,
             seed=self.seed,
             batch_size=self.batch_size,
