@@ -893,6 +893,12 @@ MARGIN_FAMILIES = {
     "tabular-resmlp", "facts-gpt2-wide", "cancer-binary", "sequences-gru",
 }  # fmt: skip
 
+
+def generated(name: str, recipe: Any, what: str) -> Callable[[Path], Family]:
+    """The builder of a :func:`generated_family`."""
+    return functools.partial(generated_family, recipe=recipe, name=name, what=what)
+
+
 BUILDERS: dict[str, Callable[[Path], Family]] = {
     "digits-mlp": functools.partial(digits_family, model="mlp"),
     "digits-mlp-rotated": functools.partial(shifted_digits_family, shift="rotated"),
@@ -908,52 +914,35 @@ BUILDERS: dict[str, Callable[[Path], Family]] = {
     # added to check the first rule (loss curvature); they showed the ensemble-size term
     "digits-cnn-bn": functools.partial(digits_family, model="cnn-bn"),
     "digits-resmlp": functools.partial(digits_family, model="resmlp"),
-    "sequences-cnn1d": functools.partial(
-        generated_family,
-        recipe=MotifSequences(),
-        name="sequences-cnn1d",
-        what="1-D CNN on generated sequences",
+    "sequences-cnn1d": generated(
+        "sequences-cnn1d", MotifSequences(), "1-D CNN on generated sequences"
     ),
     # added to check the second rule (redundancy ramp over 0.5-0.85)
-    "tabular-resmlp": functools.partial(
-        generated_family,
-        recipe=TabularClasses(),
-        name="tabular-resmlp",
-        what="residual MLP on generated tabular data",
+    "tabular-resmlp": generated(
+        "tabular-resmlp", TabularClasses(), "residual MLP on generated tabular data"
     ),
     "facts-gpt2-wide": functools.partial(
         facts_family, kind="gpt2", entities=100, width=128, name="facts-gpt2-wide", held_out=True
     ),
     # held out from the rule and the per-target factor: regression (dt.Regression)
-    "friedman-regression": functools.partial(
-        generated_family,
-        recipe=RegressionRecipe("friedman1"),
-        name="friedman-regression",
-        what="MLP regressor on Friedman's first problem",
+    "friedman-regression": generated(
+        "friedman-regression",
+        RegressionRecipe("friedman1"),
+        "MLP regressor on Friedman's first problem",
     ),
-    "motif-regression": functools.partial(
-        generated_family,
-        recipe=MotifAmplitude(),
-        name="motif-regression",
-        what="1-D CNN regressor of a motif's amplitude",
+    "motif-regression": generated(
+        "motif-regression", MotifAmplitude(), "1-D CNN regressor of a motif's amplitude"
     ),
-    "diabetes-regression": functools.partial(
-        generated_family,
-        recipe=RegressionRecipe("diabetes", epochs=40),
-        name="diabetes-regression",
-        what="MLP regressor on scikit-learn's diabetes data",
+    "diabetes-regression": generated(
+        "diabetes-regression",
+        RegressionRecipe("diabetes", epochs=40),
+        "MLP regressor on scikit-learn's diabetes data",
     ),
     # held out from everything above: one logit, and a recurrent network
-    "cancer-binary": functools.partial(
-        generated_family,
-        recipe=BinaryCancer(),
-        name="cancer-binary",
-        what="binary MLP (one logit) on scikit-learn's breast-cancer data",
+    "cancer-binary": generated(
+        "cancer-binary",
+        BinaryCancer(),
+        "binary MLP (one logit) on scikit-learn's breast-cancer data",
     ),
-    "sequences-gru": functools.partial(
-        generated_family,
-        recipe=MotifSequencesGRU(),
-        name="sequences-gru",
-        what="GRU on generated sequences",
-    ),
+    "sequences-gru": generated("sequences-gru", MotifSequencesGRU(), "GRU on generated sequences"),
 }
