@@ -205,6 +205,19 @@ def normalised_weights(weights: np.ndarray, squared_norms: np.ndarray, trace: fl
     return weights * (trace / weighted) if weighted > 0 else weights
 
 
+def scaled_to_plain_trace(
+    gram: np.ndarray, weights: np.ndarray, weighted: KernelStatistics, plain: KernelStatistics
+) -> tuple[np.ndarray, np.ndarray, KernelStatistics]:
+    """A weighted kernel (``gram``, primal ``ΦᵀRΦ`` or dual ``R^½ΦΦᵀR^½``), its weights and
+    statistics scaled by ``tr(ΦᵀΦ)/tr(ΦᵀRΦ)``, so that its trace is the plain kernel's (as
+    :func:`normalised_weights`); unchanged where the weighted trace is 0."""
+    if not weighted.trace > 0:
+        return gram, weights, weighted
+    scale = plain.trace / weighted.trace
+    statistics = replace(weighted, trace=plain.trace, coupling=weighted.coupling * scale)
+    return gram * scale, weights * scale, statistics
+
+
 def weighted_dual_gram(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``R^½ΦΦᵀR^½`` ``(n, n)`` float64 from the plain dual Gram ``ΦΦᵀ`` and ``diag(R)``."""
     root = np.sqrt(np.asarray(weights, dtype=np.float64))

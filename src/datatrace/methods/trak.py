@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from datatrace.methods.kernel import (
     absolute_damping,
     damping_from_features,
     neighbour_sample,
-    normalised_weights,
+    scaled_to_plain_trace,
     uses_dual,
     weighted_dual_gram,
     weighted_gram_and_statistics,
@@ -123,6 +122,9 @@ class TRAK:
         relative_damping_: ``(n_checkpoints,)`` the same, divided by the mean diagonal of
             ``Φ_cᵀΦ_c``.
         dual_: whether the kernels are solved in the ``n × n`` dual (``k > n``).
+        kernel_weights_: ``"gauss-newton"`` (``Φ_cᵀR_cΦ_c``) or ``"none"`` (``Φ_cᵀΦ_c``): the
+            kernels built; ``"mixed"`` where some checkpoints fell back to the plain kernel
+            (every example's loss flat there).
         kernels_: per checkpoint, the :class:`~datatrace.methods.kernel.Kernel` (Cholesky factor).
     """
 
@@ -308,7 +310,7 @@ class TRAK:
         self.feature_dim_ = self.features_.dim
         self.out_to_loss_ = np.stack([part.train_out_to_loss() for part in stored])
         self.dual_ = uses_dual(self.feature_dim_, self.n_train_)
-        statistics, self.kernels_ = [], []
+        statistics, self.kernels_, weighted_kernels = [], [], []
         for part, out_to_loss in zip(stored, self.out_to_loss_):
             # one checkpoint's Gram in memory at a time; the dual Gram also gives the statistics
             # (trace, neighbour cosines) without Φ
@@ -316,26 +318,15 @@ class TRAK:
             plain = part.statistics(gram)
             weights = self._kernel_weights(out_to_loss)
             plain_gram = None
+            weighted_kernels.append(weights is not None)
             if weights is None:
                 gram = part.gram() if gram is None else gram
                 statistics.append(plain)
-            elif self.dual_:
-                plain_gram = gram
-                weights = normalised_weights(weights, np.diag(plain_gram), plain.trace)
-                gram = weighted_dual_gram(gram, weights)
-                statistics.append(weighted_statistics_of_gram(plain_gram, weights, plain))
             else:
-                rows = neighbour_sample(part.n_train)
-                sample = part.features[part.train_rows()[rows], :]
-                gram, weighted = weighted_gram_and_statistics(
-                    part.iter_chunks(), weights, plain, sample, rows
+                gram, plain_gram, weights, weighted = self._weighted_kernel(
+                    part, gram, plain, weights
                 )
-                scale = plain.trace / weighted.trace if weighted.trace > 0 else 1.0
-                gram *= scale
-                weights = weights * scale
-                statistics.append(
-                    replace(weighted, trace=plain.trace, coupling=weighted.coupling * scale)
-                )
+                statistics.append(weighted)
             damping = self._damping(statistics[-1])
             per_target = self._per_target_damping()
             self.kernels_.append(
@@ -345,11 +336,18 @@ class TRAK:
                     self.dual_,
                     coupling=statistics[-1].coupling if per_target else None,
                     floor=MIN_RELATIVE_DAMPING * statistics[-1].mean_diagonal,
-                    weights=weights,
+                    weights=weights if self.dual_ else None,
                     plain_gram=plain_gram,
                 )
             )
             del gram, plain_gram
+        self.kernel_weights_ = (
+            "gauss-newton"
+            if all(weighted_kernels)
+            else "none"
+            if not any(weighted_kernels)
+            else "mixed"
+        )
         self.damping_ = np.array([kernel.damping for kernel in self.kernels_])
         self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         return self
@@ -377,10 +375,22 @@ class TRAK:
             return None  # every example's loss is flat: nothing to weight by
         return weights
 
-    def _kernel_weights_used(self) -> str:
-        """``"gauss-newton"`` or ``"none"``: which kernel the fit built (for provenance)."""
-        weighted = self._kernel_weights(self.out_to_loss_[0]) is not None
-        return "gauss-newton" if weighted else "none"
+    def _weighted_kernel(self, part: CheckpointFeatures, dual_gram, plain, weights):
+        """``(gram, plain_gram, weights, statistics)`` of one checkpoint's Gauss–Newton kernel,
+        its weights scaled to the plain kernel's trace (:func:`scaled_to_plain_trace`): in the
+        dual from the plain ``ΦΦᵀ`` (kept as ``plain_gram``), in the primal from one pass over
+        ``Φ`` (``plain_gram`` ``None``)."""
+        if self.dual_:
+            weighted = weighted_statistics_of_gram(dual_gram, weights, plain)
+            gram = weighted_dual_gram(dual_gram, weights)
+        else:
+            rows = neighbour_sample(part.n_train)
+            sample = part.features[part.train_rows()[rows], :]
+            gram, weighted = weighted_gram_and_statistics(
+                part.iter_chunks(), weights, plain, sample, rows
+            )
+        gram, weights, weighted = scaled_to_plain_trace(gram, weights, weighted, plain)
+        return gram, dual_gram, weights, weighted
 
     def _per_target_damping(self) -> bool:
         """Whether each target gets its own multiple of ``λ_c`` (``damping="auto"`` only:
@@ -486,7 +496,7 @@ class TRAK:
             "damping_absolute": self.damping_.tolist(),
             "damping_relative": self.relative_damping_.tolist(),
             "per_target_damping": self._per_target_damping(),
-            "kernel_weights": self._kernel_weights_used(),
+            "kernel_weights": self.kernel_weights_,
             "dual": self.dual_,
             "n_params": int(sum(self.features_.sizes)),
             "seed": self.seed,
@@ -644,7 +654,7 @@ class TRAK:
                 for kernel in self.kernels_
             ],
             "dual": self.dual_,
-            "kernel_weights": self._kernel_weights_used(),
+            "kernel_weights": self.kernel_weights_,
             "target_task": task.config(),
             "n_targets": examples.n,
             "targets": batch_fingerprint(first),
