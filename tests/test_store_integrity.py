@@ -8,6 +8,7 @@ reports the damage; and after ``repair=True`` the same run gives results identic
 undamaged store's. Nothing earlier is lost.
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -108,7 +109,17 @@ def flip_bit(file: Path) -> None:
     file.write_bytes(bytes(data))
 
 
-DAMAGE = {"deleted": delete, "truncated": truncate, "bit-flipped": flip_bit}
+def empty_object(file: Path) -> None:
+    """Valid JSON that is not zarr metadata."""
+    file.write_text("{}")
+
+
+DAMAGE = {
+    "deleted": delete,
+    "truncated": truncate,
+    "bit-flipped": flip_bit,
+    "emptied": empty_object,
+}
 
 # (array, chunk, the use that reads it) for every kind of stored array.
 ARRAYS = [
@@ -131,7 +142,7 @@ def chunk_file(store: Path, array: str, chunk: tuple[int, ...]) -> Path:
     return store / array / "c" / Path(*map(str, chunk))
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "bit-flipped"])
 @pytest.mark.parametrize(("array", "chunk", "use"), ARRAYS, ids=[a for a, _, _ in ARRAYS])
 def test_a_damaged_chunk_is_named_nothing_is_lost_and_repair_recomputes_it(
     pristine, tmp_path, array, chunk, use, damage
@@ -271,7 +282,7 @@ METADATA = [
 ]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "emptied"])
 @pytest.mark.parametrize(("node", "use"), METADATA, ids=[node for node, _ in METADATA])
 def test_lost_or_damaged_metadata_is_named_and_nothing_is_written(
     pristine, tmp_path, node, use, damage
@@ -287,6 +298,30 @@ def test_lost_or_damaged_metadata_is_named_and_nothing_is_written(
     assert raised.value.array == node
     assert "restore the file from a copy" in str(raised.value)
     assert objects(path) == before, "a use of a store with damaged metadata wrote to it"
+
+
+@pytest.mark.parametrize("reopen", [True, False], ids=["from_store", "fit"])
+def test_a_section_whose_provenance_was_dropped_is_refused_not_taken_for_empty(
+    pristine, tmp_path, reopen
+):
+    """``features/zarr.json`` rewritten as valid group metadata without its attributes: the
+    checkpoints under it stay, so the store is damaged, not a store that holds no features."""
+    source, _ = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    metadata = path / "features/zarr.json"
+    document = json.loads(metadata.read_text())
+    document["attributes"] = {}
+    metadata.write_text(json.dumps(document))
+    before = objects(path)
+    train, _ = make_data()
+    with pytest.raises(StoreCorruptionError, match="lost its provenance") as raised:
+        if reopen:
+            dt.TRAK.from_store(path, make_model(), dt.Classification())
+        else:
+            trak(path).fit(train)
+    assert raised.value.array == "features"
+    assert objects(path) == before
 
 
 def test_swapped_partial_grams_are_refused_when_the_kernel_is_built(tmp_path):

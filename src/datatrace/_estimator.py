@@ -253,10 +253,11 @@ def reopen_features(
         FileNotFoundError: no store at ``store``.
         StoreMismatchError: the model, parameters, task, projection or a checkpoint differ from
             what the store was fitted with, or more checkpoints are given than it holds.
+        StoreCorruptionError: the store holds features but has lost their provenance.
         ValueError: the store holds no features, or not all of them yet.
     """
     opened = open_existing_store(store)
-    recorded = opened.provenance("features")
+    recorded = opened.recorded_provenance("features")
     if recorded is None:
         raise ValueError(
             f"the store at {opened.where} holds no features: fit an estimator with store=... first"

@@ -56,6 +56,8 @@ import numpy as np
 import zarr
 import zarr.errors
 import zarr.storage
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 
 from datatrace.methods.kernel import KernelStatistics, neighbour_sample, neighbour_statistics
@@ -146,6 +148,12 @@ def check_store_directory(path: Path, read_only: bool) -> None:
         # A group without attributes yet is a store another process is creating this moment.
         if root.get("node_type") == "group" and (ours or entries == [ZARR_METADATA]):
             return
+        if sections:  # parses, but is not (or no longer) a datatrace store's root group
+            problem = metadata_problem(root) or "it lacks the datatrace attributes"
+            raise StoreCorruptionError(
+                str(path), "/", None, f"has damaged root metadata ({problem})",
+                ZARR_METADATA, METADATA_ADVICE,
+            )  # fmt: skip
     elif sections:
         raise StoreCorruptionError(
             str(path), "/", None,
@@ -177,11 +185,35 @@ def check_metadata(path: Path) -> None:
         node = "/" if relative == "." else relative
         key = ZARR_METADATA if node == "/" else f"{node}/{ZARR_METADATA}"
         try:
-            json.loads((Path(directory) / ZARR_METADATA).read_bytes())
+            metadata = json.loads((Path(directory) / ZARR_METADATA).read_bytes())
         except ValueError as error:
             raise StoreCorruptionError(
                 str(path), node, None, f"has damaged metadata ({error})", key, METADATA_ADVICE
             ) from None
+        problem = metadata_problem(metadata)
+        if problem is not None:
+            raise StoreCorruptionError(
+                str(path), node, None, f"has damaged metadata ({problem})", key, METADATA_ADVICE
+            )
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    """What makes a parsed ``zarr.json`` unreadable as zarr v3 group or array metadata (zarr
+    itself would raise a bare validation error on the first read), or ``None``."""
+    if not isinstance(metadata, dict):
+        return f"a JSON {type(metadata).__name__}, not an object"
+    node_type = metadata.get("node_type")
+    if metadata.get("zarr_format") != 3 or node_type not in ("group", "array"):
+        return (
+            f"zarr_format {metadata.get('zarr_format')!r} and node_type {node_type!r}, "
+            "where zarr v3 metadata has 3 and 'group' or 'array'"
+        )
+    parse = GroupMetadata.from_dict if node_type == "group" else ArrayV3Metadata.from_dict
+    try:
+        parse(dict(metadata))
+    except Exception as error:  # zarr raises KeyError, TypeError, ValueError and its own
+        return f"not valid {node_type} metadata: {type(error).__name__}: {error}"
+    return None
 
 
 class Store:
@@ -269,6 +301,24 @@ class Store:
             return None
         return self.root[section].attrs.get("provenance")
 
+    def recorded_provenance(self, section: str) -> dict[str, Any] | None:
+        """The provenance recorded for ``section``, or ``None`` where the section was never
+        written.
+
+        Raises:
+            StoreCorruptionError: the section holds results (or objects without metadata) but
+                no provenance: its ``zarr.json`` was damaged or replaced.
+        """
+        recorded = self.provenance(section)
+        if recorded is None and (
+            self.lost_metadata(section) or (section in self.root and self.groups(section))
+        ):
+            raise StoreCorruptionError(
+                self.where, section, None, "holds results but has lost its provenance",
+                f"{section}/{ZARR_METADATA}", METADATA_ADVICE,
+            )  # fmt: skip
+        return recorded
+
     def check_provenance(
         self, section: str, provenance: dict[str, Any], adopt: Iterable[str] = ()
     ) -> dict[str, Any]:
@@ -290,14 +340,7 @@ class Store:
             StoreMismatchError: a key differs from what is recorded; nothing is written.
         """
         provenance = json_normalise(provenance)
-        recorded = self.provenance(section)
-        if recorded is None and (
-            self.lost_metadata(section) or (section in self.root and self.groups(section))
-        ):
-            raise StoreCorruptionError(
-                self.where, section, None, "holds results but has lost its provenance",
-                f"{section}/{ZARR_METADATA}", METADATA_ADVICE,
-            )  # fmt: skip
+        recorded = self.recorded_provenance(section)
         if recorded is None:
             try:
                 group = self.root.require_group(section)
