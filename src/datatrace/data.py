@@ -19,7 +19,8 @@ DataLike = Any
 """A torch ``Dataset``, a ``DataLoader`` without shuffling, a tuple of tensors or arrays
 ``(X, y, ...)`` with equal first dimensions, or a mapping of such columns (e.g. tokenizer output
 with labels); in a tuple, a column may itself be a mapping or tuple of arrays (``({"ids": ...,
-"mask": ...}, labels)`` for a model that takes a dict)."""
+"mask": ...}, labels)`` for a model that takes a dict), and a tuple of Python lists is read as
+columns too (``(X.tolist(), y.tolist())``)."""
 
 
 def _column(name: int | str, value: Any) -> torch.Tensor:
@@ -80,6 +81,8 @@ class Examples:
             self._init_columns(list(data))
         elif isinstance(data, tuple) and data and all(_is_columns(c) for c in data):
             self._init_columns(list(data))  # e.g. ({"ids": ..., "mask": ...}, labels)
+        elif isinstance(data, tuple) and data and all(isinstance(c, list) for c in data):
+            self._init_columns(list(data))  # (X.tolist(), labels): Python lists as columns
         elif isinstance(data, Dataset) or (
             hasattr(data, "__getitem__") and hasattr(data, "__len__")
         ):

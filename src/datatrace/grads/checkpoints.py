@@ -42,14 +42,14 @@ def load_checkpoint(
     (every name prefixed ``_orig_mod.``) is read without the prefix.
 
     Raises:
-        ValueError: a parameter is missing, unknown names are present, or shapes differ.
+        FileNotFoundError: a checkpoint path that is not a file.
+        ValueError: a file that does not hold a state dict, a parameter missing, unknown names,
+            shapes that differ, or parameters that are NaN or infinite.
     """
     if isinstance(checkpoint, nn.Module):
         state = uncompiled(checkpoint).state_dict()
     elif isinstance(checkpoint, (str, Path)):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{checkpoint} does not hold a state dict")
+        state = _read_checkpoint_file(Path(checkpoint))
     elif isinstance(checkpoint, Mapping):
         state = checkpoint
     else:
@@ -97,7 +97,50 @@ def load_checkpoint(
                 f"{tuple(reference.shape)}"
             )
         loaded[name] = tensor.detach().to(device)
+    parameters = {name for name, _ in model.named_parameters()}
+    not_finite = [
+        name
+        for name in expected
+        if name in parameters
+        and loaded[name].is_floating_point()
+        and not bool(torch.isfinite(loaded[name]).all())
+    ]
+    if not_finite:
+        source = (
+            f"the checkpoint {checkpoint}"
+            if isinstance(checkpoint, (str, Path))
+            else ("the checkpoint")
+        )
+        raise ValueError(
+            f"{source} holds NaN or infinite values in the parameters {_abbreviate(not_finite)}: "
+            "its training diverged or the file was damaged; attribute through a checkpoint "
+            "saved before that happened"
+        )
     return loaded
+
+
+def _read_checkpoint_file(path: Path) -> Mapping[str, torch.Tensor]:
+    """The state dict saved at ``path``, refused with what is wrong when it is not one."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the checkpoint file {path} does not exist"
+            + (" (it is a directory)" if path.is_dir() else "")
+            + ": pass the path of a file saved with torch.save(model.state_dict(), path)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and weights-only errors of damaged or foreign files
+        raise ValueError(
+            f"the checkpoint file {path} cannot be read as a torch.save'd state dict "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+            "it is damaged, of another format, or holds objects other than tensors"
+        ) from error
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"the checkpoint file {path} holds a {type(state).__name__}, not a state dict: "
+            "save model.state_dict()"
+        )
+    return state
 
 
 def _abbreviate(names: Sequence[str], limit: int = 6) -> str:

@@ -29,7 +29,7 @@ from datatrace.grads.memory import (
     default_budget,
 )
 from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
-from datatrace.grads.projectors import Projector, derive_seed
+from datatrace.grads.projectors import Projector, derive_seed, positive_integer
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError
@@ -166,10 +166,11 @@ class GradientFeatures:
         memory_budget: int | None = None,
         precision: str | None = None,
     ):
-        if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+        if batch_size != "auto" and (
+            isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1)
+        ):
             raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+        chunk_rows = positive_integer("chunk_size", chunk_rows)
         if memory_budget is not None and not memory_budget > 0:
             raise ValueError(f"memory_budget must be a positive byte count, got {memory_budget}")
         model = uncompiled(model)
@@ -185,6 +186,12 @@ class GradientFeatures:
         self.precision = precision
         self.chunk_rows = chunk_rows
         self.device = torch.device(device) if device is not None else default_device(model)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {str(self.device)!r} was asked for, but this torch sees no CUDA device "
+                f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda or 'no'}): "
+                "pass device='cpu', or install a CUDA build of torch on a machine with a GPU"
+            )
         self.progress = progress
         self.param_names = select_parameters(model, params)
         self._gradients = PerExampleGradients(model, task, self.param_names)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -425,6 +426,18 @@ FACTORIZED_NAMES = {
 AUTO_PROJECTOR = "factgrass"
 
 
+def positive_integer(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is a positive integer (a Python or NumPy integer, not a
+    bool, a float or a string).
+
+    Raises:
+        ValueError: naming the setting and the value given.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:
     """A projector named ``"auto"`` (:data:`AUTO_PROJECTOR`), ``"sparse"``, ``"dense"``,
     ``"rademacher"``, ``"identity"``, ``"factorized"`` (or ``"logra"``: per-layer Gaussian
@@ -432,7 +445,8 @@ def make_projector(projector: str | Projector, proj_dim: int | None) -> Projecto
     TensorSketch), or as given.
 
     Raises:
-        ValueError: unknown name, or ``proj_dim`` missing for a random projection.
+        ValueError: unknown name, or ``proj_dim`` missing (or not a positive integer) for a
+            random projection.
     """
     if isinstance(projector, Projector):
         return projector
@@ -448,6 +462,7 @@ def make_projector(projector: str | Projector, proj_dim: int | None) -> Projecto
         )
     if proj_dim is None:
         raise ValueError(f"the {projector!r} projector needs proj_dim")
+    proj_dim = positive_integer("proj_dim", proj_dim)
     if projector in FACTORIZED_NAMES:
         from datatrace.grads.factorized import FactorizedProjector  # imports this module
 

@@ -1,0 +1,110 @@
+"""Settings and checkpoints that cannot work are refused before anything is computed or stored,
+with a message that names the setting (or the checkpoint entry) and what it must be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import datatrace as dt
+
+N_TRAIN, N_FEATURES, N_CLASSES = 24, 5, 3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(N_FEATURES, 8), nn.ReLU(), nn.Linear(8, N_CLASSES))
+
+
+def make_data(n: int = N_TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(n, N_FEATURES, generator=generator)
+    return X, torch.randint(0, N_CLASSES, (n,), generator=generator)
+
+
+def trak(**settings) -> dt.TRAK:
+    return dt.TRAK(make_model(), dt.Classification(), progress=False, **settings)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("proj_dim", 2.5),
+        ("proj_dim", True),
+        ("proj_dim", "512"),
+        ("proj_dim", 0),
+        ("chunk_size", 2.5),
+        ("chunk_size", 0),
+        ("batch_size", True),
+        ("batch_size", 0),
+    ],
+)
+def test_a_setting_that_is_not_a_positive_integer_is_named_and_no_store_is_made(
+    setting, value, tmp_path
+):
+    path = tmp_path / "store"
+    with pytest.raises(ValueError, match=f"{setting} must be a positive integer") as raised:
+        trak(store=path, **{setting: value}).fit(make_data())
+    assert repr(value) in str(raised.value)
+    assert not path.exists()
+
+
+def test_numpy_integers_are_taken_as_the_integers_they_are():
+    fitted = trak(proj_dim=np.int64(16), chunk_size=np.int32(8)).fit(make_data())
+    reference = trak(proj_dim=16, chunk_size=8).fit(make_data())
+    targets = make_data(4)
+    np.testing.assert_array_equal(fitted.score(targets).scores, reference.score(targets).scores)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_cuda_device_on_a_machine_without_one_says_so():
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        trak(device="cuda").fit(make_data())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_parameters_is_refused_naming_them(value, tmp_path):
+    model = make_model()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["2.weight"][1, 3] = value
+    path = tmp_path / "store"
+    with pytest.raises(ValueError, match=r"NaN or infinite values in the parameters 2\.weight"):
+        trak(store=path).fit(make_data(), checkpoints=[model.state_dict(), state])
+    # The first checkpoint was sound and may be stored; nothing of the second is.
+    if path.exists():
+        assert not (path / "features" / "1").exists()
+
+
+def test_a_missing_checkpoint_file_is_named(tmp_path):
+    missing = tmp_path / "model_3.pt"
+    with pytest.raises(FileNotFoundError, match=r"model_3\.pt does not exist"):
+        trak().fit(make_data(), checkpoints=[missing])
+    with pytest.raises(FileNotFoundError, match="it is a directory"):
+        trak().fit(make_data(), checkpoints=[tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not a torch file", "cannot be read as a torch.save'd state dict"),
+        (None, "holds a list, not a state dict"),
+    ],
+)
+def test_a_checkpoint_file_that_is_not_a_state_dict_is_named(content, message, tmp_path):
+    path = tmp_path / "model.pt"
+    if content is None:
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        trak().fit(make_data(), checkpoints=[path])
+
+
+def test_a_tuple_of_python_lists_scores_as_the_tensors_it_holds():
+    X, y = make_data()
+    targets = make_data(4)
+    from_lists = trak(proj_dim=16).fit((X.tolist(), y.tolist())).score(targets).scores
+    from_tensors = trak(proj_dim=16).fit((X, y)).score(targets).scores
+    np.testing.assert_allclose(from_lists, from_tensors, rtol=1e-6, atol=1e-9)
