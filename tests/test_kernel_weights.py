@@ -45,8 +45,13 @@ def plain_closed_form(models, train, targets, relative_damping):
     return closed_form(models, train, targets, relative_damping)
 
 
-@pytest.mark.parametrize("n_train", [300, 1300])  # p = 1210: the dual, then the primal
-def test_gauss_newton_scores_equal_closed_form_in_the_dual_and_the_primal(trained_mlps, n_train):
+# p = 1210: the dual, then the primal; the Gauss–Newton kernel is the default, and "auto" names it
+@pytest.mark.parametrize(
+    ("n_train", "setting"), [(300, {}), (1300, {}), (300, {"kernel_weights": "auto"})]
+)
+def test_gauss_newton_scores_equal_closed_form_in_the_dual_and_the_primal(
+    trained_mlps, n_train, setting
+):
     models, X, y = trained_mlps
     models = models[:2]
     train, targets = (X[:n_train], y[:n_train]), (X[1500:1520], y[1500:1520])
@@ -55,10 +60,10 @@ def test_gauss_newton_scores_equal_closed_form_in_the_dual_and_the_primal(traine
         dt.Classification(),
         projector="identity",
         damping=0.05,
-        kernel_weights="auto",
         batch_size=128,
         chunk_size=512,
         progress=False,
+        **setting,
     )
     trak.fit(train, checkpoints=[m.state_dict() for m in models])
     assert trak.dual_ == (n_train < 1210)
@@ -177,6 +182,6 @@ def test_bad_kernel_weights_and_an_undamped_weighted_dual_are_refused(trained_ml
 def test_the_fit_config_passes_kernel_weights_on(tmp_path):
     from datatrace.fit_config import FitRunConfig
 
-    config = FitRunConfig(store=str(tmp_path / "store"), kernel_weights="auto")
-    assert config.make_trak().kernel_weights == "auto"
-    assert FitRunConfig(store=str(tmp_path / "other")).make_trak().kernel_weights is None
+    config = FitRunConfig(store=str(tmp_path / "store"), kernel_weights=None)
+    assert config.make_trak().kernel_weights is None
+    assert FitRunConfig(store=str(tmp_path / "other")).make_trak().kernel_weights == "auto"

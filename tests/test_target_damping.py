@@ -133,7 +133,7 @@ def test_trak_auto_damping_scores_each_target_with_its_own_factor(trained_mlps):
     for damping in ("auto", 0.5):
         fitted[damping] = dt.TRAK(
             models[0], dt.Classification(), projector="identity", damping=damping,
-            batch_size=64, progress=False,
+            kernel_weights=None, batch_size=64, progress=False,
         ).fit(train)  # fmt: skip
     phi, q = autograd_features(models[0], *train)
     phi_t, _ = autograd_features(models[0], *targets)

@@ -57,6 +57,7 @@ def test_identity_projection_equals_closed_form(trained_mlps, n_checkpoints):
         dt.Classification(),
         projector="identity",
         damping=0.05,
+        kernel_weights=None,  # the plain kernel's closed form; the default's: test_kernel_weights
         batch_size=64,
         chunk_size=128,
         progress=False,
@@ -267,7 +268,7 @@ def test_per_class_logit_targets_equal_closed_form(trained_mlps, n_checkpoints):
     models = models[:n_checkpoints]
     train, points = (X[:300], y[:300]), X[1000:1004]
     trak = dt.TRAK(models[0], dt.Classification(), projector="identity", damping=0.05,
-                   batch_size=64, progress=False)  # fmt: skip
+                   kernel_weights=None, batch_size=64, progress=False)  # fmt: skip
     trak.fit(train, checkpoints=[m.state_dict() for m in models])
     margin_targets = (points, y[1000:1004])
     before = trak.score(margin_targets).scores
@@ -332,7 +333,7 @@ def test_trak_with_k_above_n_equals_closed_form_and_zero_damping_works(trained_m
     for damping in (0.0, 5.0):
         trak = dt.TRAK(
             models[0], dt.Classification(), projector="identity", damping_absolute=damping,
-            progress=False,
+            kernel_weights=None, progress=False,
         ).fit(train)  # fmt: skip
         assert trak.dual_ and trak.feature_dim_ > 60
         got = trak.score(targets).scores

@@ -71,8 +71,8 @@ class FitRunConfig(JsonSettings):
     damping: float | str = setting("damping: 'auto' or relative to the mean diagonal", "auto")
     kernel_weights: str | None = setting(
         "kernel: null (ΦᵀΦ, as traker) or 'auto' (Gauss–Newton ΦᵀRΦ where the task has a "
-        "curvature; docs/trak.md)",
-        None,
+        "curvature, the default; docs/trak.md)",
+        "auto",
     )
     seed: int = setting("seed of the projections", 0)
     batch_size: int = setting("examples per gradient batch", 32)

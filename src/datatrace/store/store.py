@@ -186,6 +186,8 @@ def check_metadata(path: Path) -> None:
         key = ZARR_METADATA if node == "/" else f"{node}/{ZARR_METADATA}"
         try:
             metadata = json.loads((Path(directory) / ZARR_METADATA).read_bytes())
+        except FileNotFoundError:  # another process replacing this node at this moment
+            continue
         except ValueError as error:
             raise StoreCorruptionError(
                 str(path), node, None, f"has damaged metadata ({error})", key, METADATA_ADVICE
