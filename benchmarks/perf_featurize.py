@@ -17,6 +17,8 @@ examples, batch size ``B`` and ``k``:
   gradients discarded: a reference, not an attribution;
 * ``sparse``, ``dense``, ``tensorsketch``, ``factgrass``, ``factorized``:
   ``datatrace.TRAK(model, task, projector=..., proj_dim=k, batch_size=B, progress=False).fit``
+  with TRAK's default kernel (Gauss–Newton ``ΦᵀRΦ`` for these tasks; ``factgrass-plain``: the
+  same fit with ``kernel_weights=None``, the plain ``ΦᵀΦ``),
   on one checkpoint (the model as it is) with an in-memory store: the features and the kernel.
   ``sparse`` and ``dense`` project per-example gradients; the other three are the per-layer
   factorised projections of ``datatrace.grads.factorized``. ``dense`` is
@@ -65,8 +67,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ROWS = ("epoch", "grads", "sparse", "dense", "tensorsketch", "factgrass", "factorized", "traker")
-DATATRACE_PROJECTORS = ("sparse", "dense", "tensorsketch", "factgrass", "factorized")
+ROWS = (
+    "epoch", "grads", "sparse", "dense", "tensorsketch", "factgrass", "factgrass-plain",
+    "factorized", "traker",
+)  # fmt: skip
+DATATRACE_PROJECTORS = (
+    "sparse", "dense", "tensorsketch", "factgrass", "factgrass-plain", "factorized",
+)  # fmt: skip
 ROW_LABEL = {
     "epoch": "epoch (limit)",
     "grads": "per-example grads (vmap)",
@@ -74,6 +81,7 @@ ROW_LABEL = {
     "dense": "TRAK dense",
     "tensorsketch": "TRAK tensorsketch",
     "factgrass": "TRAK factgrass",
+    "factgrass-plain": "TRAK factgrass, plain kernel",
     "factorized": "TRAK factorized",
     "traker": "traker 0.3.2 BasicProjector",
 }
@@ -266,6 +274,10 @@ def make_row(name: str, spec: ModelSpec, model: nn.Module, proj_dim: int) -> Cal
         from datatrace.grads.featurize import GradientFeatures
 
         projector = DenseProjector(proj_dim, regenerate=True) if name == "dense" else name
+        # TRAK's default kernel (Gauss–Newton for these classification and LM tasks), or ΦᵀΦ
+        kernel_weights = "auto"
+        if name == "factgrass-plain":
+            projector, kernel_weights = "factgrass", None
         featurize_train = GradientFeatures.featurize_train
 
         def timed_featurize_train(self, *args, **kwargs):
@@ -282,7 +294,7 @@ def make_row(name: str, spec: ModelSpec, model: nn.Module, proj_dim: int) -> Cal
                 warnings.simplefilter("ignore")
                 dt.TRAK(
                     model, task, proj_dim=proj_dim, projector=projector,
-                    batch_size=batch_size, progress=False,
+                    kernel_weights=kernel_weights, batch_size=batch_size, progress=False,
                 ).fit(examples)  # fmt: skip
 
         return fit
