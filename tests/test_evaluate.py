@@ -152,3 +152,12 @@ def test_input_errors():
     with pytest.raises(TypeError, match="must be numbers"):
         lds(np.full(broken.shape, "x"), masks, outputs)
     assert isinstance(lds(scores, masks, outputs), LDSResult)
+
+
+def test_outputs_constant_for_every_target_warn_and_give_nan():
+    rng = np.random.default_rng(0)
+    masks = rng.random((12, 8)) < 0.5
+    outputs = np.tile(rng.normal(size=(1, 3)), (12, 1))  # one model's outputs, repeated
+    with pytest.warns(RuntimeWarning, match="same on all 12 subsets"):
+        result = lds(rng.normal(size=(3, 8)), masks, outputs, bootstrap=0)
+    assert np.isnan(result.mean) and result.n_undefined == 3

@@ -17,6 +17,7 @@ the result.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +267,14 @@ def lds(
     per_target[constant_predictions & varying_outputs] = 0.0
     defined = per_target[~np.isnan(per_target)]
     mean = float(defined.mean()) if defined.size else float("nan")
+    if not defined.size:
+        warnings.warn(
+            f"every target's outputs are the same on all {mask_array.shape[0]} subsets, so no "
+            "rank correlation is defined and the LDS is NaN: check that the outputs are of "
+            "models trained on these subsets (not one model's outputs repeated)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     ci = bootstrap_mean_ci(defined, draws=bootstrap, confidence=confidence, seed=seed)
     return LDSResult(mean, per_target, ci, confidence, mask_array.shape[0], protocol, drop_fraction)
 
