@@ -63,6 +63,12 @@ GROUND_TRUTH_ALPHA = 0.5
 MISCLASSIFIED_SHARE = 1 / 3
 # Examples per gradient batch: the MLP's per-example gradients of 256 examples take ~27 MB.
 BATCH_SIZE = 256
+# How the report names TRAK.kernel_weights_.
+KERNEL_LABELS = {
+    "gauss-newton": "Gauss–Newton ΦᵀRΦ, R = Q(1 − Q)",
+    "none": "ΦᵀΦ",
+    "mixed": "Gauss–Newton where Q allowed, ΦᵀΦ elsewhere",
+}
 
 
 class OutputMismatchError(ValueError):
@@ -515,6 +521,7 @@ def _summary(
         "checkpoints": f"{info['n_checkpoints']} ({config.epochs} epochs each)",
         "proj_dim": info["feature_dim"],
         "projector": info["projector"]["name"],
+        "kernel": KERNEL_LABELS.get(trak.kernel_weights_, trak.kernel_weights_),
         "damping": f"{info['damping']}: λ = {np.mean(trak.relative_damping_):.3g} × mean diag "
         f"of ΦᵀΦ (λ ≈ {np.mean(trak.damping_):.3g})",
         "n_train": attributions.n_train,
