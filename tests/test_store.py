@@ -41,7 +41,10 @@ KILL_AFTER = (1, 6, 12, 20)
 def test_killed_featurization_resumes_to_identical_scores(tmp_path, monkeypatch, kill_after):
     store = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, str(TESTS / "_featurize_worker.py"), str(store), "0.004"], cwd=TESTS
+        # 10 ms per example, 0.16 s per chunk: the kill after chunk 20 has four chunks (0.6 s)
+        # of margin on a loaded machine (at 4 ms it once finished every chunk first)
+        [sys.executable, str(TESTS / "_featurize_worker.py"), str(store), "0.01"],
+        cwd=TESTS,
     )
     total = 2 * worker.N_TRAIN // worker.CHUNK
     deadline = time.time() + 120
