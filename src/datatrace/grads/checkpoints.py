@@ -106,13 +106,10 @@ def load_checkpoint(
         and not bool(torch.isfinite(loaded[name]).all())
     ]
     if not_finite:
-        source = (
-            f"the checkpoint {checkpoint}"
-            if isinstance(checkpoint, (str, Path))
-            else ("the checkpoint")
-        )
+        source = f" {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
         raise ValueError(
-            f"{source} holds NaN or infinite values in the parameters {_abbreviate(not_finite)}: "
+            f"the checkpoint{source} holds NaN or infinite values in the parameters "
+            f"{_abbreviate(not_finite)}: "
             "its training diverged or the file was damaged; attribute through a checkpoint "
             "saved before that happened"
         )

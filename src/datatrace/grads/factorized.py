@@ -171,6 +171,7 @@ from datatrace.grads.projectors import (
     derive_seed,
     hashed_csr,
     outer_product_jl,
+    positive_integer,
     slab_matrices,
     slab_rows,
 )
@@ -348,10 +349,11 @@ class FactorizedProjector(Projector):
         layer_maps: Mapping[str, str] | None = None,
     ):
         super().__init__(max_cache_bytes)
-        if proj_dim < 1 or nnz < 1 or check_examples < 0:
+        proj_dim = positive_integer("proj_dim", proj_dim)
+        if nnz < 1 or check_examples < 0:
             raise ValueError(
-                f"proj_dim and nnz must be positive and check_examples non-negative, got "
-                f"{proj_dim}, {nnz} and {check_examples}"
+                f"nnz must be positive and check_examples non-negative, got {nnz} and "
+                f"{check_examples}"
             )
         if variant not in VARIANTS:
             raise ValueError(

@@ -166,10 +166,8 @@ class GradientFeatures:
         memory_budget: int | None = None,
         precision: str | None = None,
     ):
-        if batch_size != "auto" and (
-            isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1)
-        ):
-            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        if batch_size != "auto":
+            batch_size = positive_integer("batch_size", batch_size, " or 'auto'")
         chunk_rows = positive_integer("chunk_size", chunk_rows)
         if memory_budget is not None and not memory_budget > 0:
             raise ValueError(f"memory_budget must be a positive byte count, got {memory_budget}")

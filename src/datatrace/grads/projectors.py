@@ -157,8 +157,7 @@ class DenseProjector(Projector):
         regenerate: bool = False,
     ):
         super().__init__(max_cache_bytes)
-        if proj_dim < 1:
-            raise ValueError(f"proj_dim must be a positive integer, got {proj_dim}")
+        proj_dim = positive_integer("proj_dim", proj_dim)
         if distribution not in ("gaussian", "rademacher"):
             raise ValueError(
                 f"unknown distribution {distribution!r}: use 'gaussian' or 'rademacher'"
@@ -247,8 +246,9 @@ class SparseJLProjector(Projector):
 
     def __init__(self, proj_dim: int, nnz: int = 4, max_cache_bytes: int = 1 << 30):
         super().__init__(max_cache_bytes)
-        if proj_dim < 1 or nnz < 1:
-            raise ValueError(f"proj_dim and nnz must be positive, got {proj_dim} and {nnz}")
+        proj_dim = positive_integer("proj_dim", proj_dim)
+        if nnz < 1:
+            raise ValueError(f"nnz must be positive, got {nnz}")
         if proj_dim % nnz:
             raise ValueError(
                 f"proj_dim={proj_dim} is not a multiple of nnz={nnz}: each input coordinate is "
@@ -426,15 +426,16 @@ FACTORIZED_NAMES = {
 AUTO_PROJECTOR = "factgrass"
 
 
-def positive_integer(name: str, value: Any) -> int:
+def positive_integer(name: str, value: Any, alternative: str = "") -> int:
     """``value`` as an ``int`` if it is a positive integer (a Python or NumPy integer, not a
     bool, a float or a string).
 
     Raises:
-        ValueError: naming the setting and the value given.
+        ValueError: naming the setting, the value given and ``alternative`` (e.g. ``" or
+            'auto'"``: what else the setting takes).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
     return int(value)
 
 

@@ -17,6 +17,7 @@ from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, default_device
 from datatrace.grads.per_example import task_for_checkpoint
+from datatrace.grads.projectors import positive_integer
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.methods.influence.curvature import (
     DEFAULT_DAMPING,
@@ -276,8 +277,7 @@ class InfluenceFunctions:
                 "refine_steps needs a preconditioner: use hessian='ekfac', 'kfac' or "
                 "'diagonal' with it (the identity has no curvature to refine)"
             )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        positive_integer("batch_size", self.batch_size)
         if self.gradients not in GRADIENTS:
             raise ValueError(
                 f"gradients must be one of {GRADIENTS} (layer hooks where they apply, or vmap "
