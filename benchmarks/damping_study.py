@@ -12,12 +12,15 @@ diagonal of ``ΦᵀΦ`` — the old default was 1.0 — and for the λ that
 for every λ come from one eigendecomposition per checkpoint (``T(λ) = Φ'V (S + λ)⁻¹ VᵀΦᵀ``),
 checked on every family against :class:`datatrace.methods.kernel.Kernel`, the solver TRAK uses
 (to 1e-4 of the largest score: the eigendecomposition loses digits on ill-conditioned kernels).
-With ``--kernel-weights auto`` (``TRAK(kernel_weights="auto")``) the kernel of a family whose
+With ``--kernel-weights auto`` (``TRAK(kernel_weights="auto")``, TRAK's default since
+2026-12-03) the kernel of a family whose
 task has a curvature (classifiers' margins and language models: ``families.MARGIN_FAMILIES``) is
 the Gauss–Newton ``ΦᵀRΦ``, ``R = Q(1 − Q)`` scaled to the plain kernel's trace, and the grid's
-unit its mean diagonal; ``none`` (the default, as TRAK's) gives every family the plain ``ΦᵀΦ``.
-Prints one table per family and writes ``--out/study.json`` (``--out/study-auto.json`` with
-``auto``).
+unit its mean diagonal; ``none`` (this script's default, as ``kernel_weights=None``: the damping
+table of docs/defaults.md) gives every family the plain ``ΦᵀΦ``. Each row also holds the metric
+at multiples of the rule's per-target λ (``RULE_SCALES``), which
+``benchmarks/damping_rule_fit.py`` reads to refit the rule's constant. Prints one table per
+family and writes ``--out/study.json`` (``--out/study-auto.json`` with ``auto``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ from datatrace.tasks.classification import margin_curvature
 
 # Multiples of the mean diagonal of ΦᵀΦ (the old relative damping) on the grid.
 GRID = 10.0 ** np.arange(-5.0, 1.51, 0.25)
+
+# Multiples of the default rule's per-target λ, for refitting the rule's constant: the metric
+# at each, with every target's own factor kept (the grid above damps every target alike).
+RULE_SCALES = 2.0 ** np.arange(-4.0, 2.01, 0.5)
 
 
 def features(
@@ -242,6 +249,12 @@ def study(name: str, out: Path, mode: str = "auto") -> list[dict]:
                 for r in GRID
             ]
             rule = families.evaluate(metric, truth, ensemble(spectra[:count], qs[:count], chosen))
+            rule_curve = [
+                families.evaluate(
+                    metric, truth, ensemble(spectra[:count], qs[:count], [c * s for c in chosen])
+                )
+                for s in RULE_SCALES
+            ]
             best = int(np.nanargmax(curve))
             old = int(np.argmin(np.abs(GRID - 1.0)))
             # the checkpoint's λ over its mean diagonal, and the targets' median factor
@@ -269,6 +282,8 @@ def study(name: str, out: Path, mode: str = "auto") -> list[dict]:
                     "old_default": curve[old],
                     "rule": rule,
                     "rule_relative": float(np.mean(relative)),
+                    "rule_scales": RULE_SCALES.tolist(),
+                    "rule_curve": rule_curve,
                     "target_factor": float(factor),
                     "kernel_weights": "none" if weights[0] is None else "gauss-newton",
                 }
