@@ -108,3 +108,18 @@ def test_a_tuple_of_python_lists_scores_as_the_tensors_it_holds():
     from_lists = trak(proj_dim=16).fit((X.tolist(), y.tolist())).score(targets).scores
     from_tensors = trak(proj_dim=16).fit((X, y)).score(targets).scores
     np.testing.assert_allclose(from_lists, from_tensors, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2.5, True, 0, "3"])
+def test_a_top_k_that_is_not_a_positive_integer_is_named(k):
+    fitted = trak(proj_dim=16).fit(make_data())
+    targets = make_data(3)
+    for call in (
+        lambda: fitted.top_k(targets, k),
+        lambda: fitted.score(targets).proponents(0, k),
+        lambda: fitted.score(targets).opponents(0, k),
+    ):
+        with pytest.raises(ValueError, match="k must be a positive integer") as raised:
+            call()
+        assert repr(k) in str(raised.value)
+    assert fitted.top_k(targets, np.int64(2)).proponents.indices.shape == (3, 2)

@@ -309,6 +309,15 @@ def test_errors():
         Datamodels(selection="aic", progress=False).fit(masks, outputs)
     with pytest.raises(ValueError, match="cv_folds"):
         Datamodels(cv_folds=20, progress=False).fit(masks, outputs)
+    with pytest.raises(ValueError, match="cv_folds must be at least 2"):
+        Datamodels(cv_folds=1, progress=False).fit(masks, outputs)
+    for setting, value in [("cv_folds", 2.5), ("max_iter", 0), ("l1_path_steps", True)]:
+        with pytest.raises(ValueError, match=f"{setting} must be a positive integer"):
+            Datamodels(progress=False, **{setting: value}).fit(masks, outputs)
+    with pytest.raises(ValueError, match="masks are all the same"):
+        Datamodels(progress=False).fit(np.ones_like(masks), outputs)
+    with pytest.raises(ValueError, match="tol must be positive"):
+        Datamodels(tol=0.0, progress=False).fit(masks, outputs)
 
 
 def test_contribution_of_a_group_of_small_effects():

@@ -84,8 +84,27 @@ def test_removing_checks_its_indices(tmp_path):
         trak.remove_examples([96])
     with pytest.raises(ValueError, match="more than once"):
         trak.remove_examples([1, 1])
+    with pytest.raises(ValueError, match="integer positions"):
+        trak.remove_examples([2.5])
     trak.remove_examples([0])
     assert trak.n_train_ == 95
+    scores = trak.score(targets()).scores
+    # Removing every example is refused before the store changes.
+    with pytest.raises(ValueError, match="all 95 training examples"):
+        trak.remove_examples(np.arange(95))
+    with pytest.raises(ValueError, match="one entry per training example"):
+        trak.remove_examples(np.ones(96, bool))
+    assert trak.n_train_ == 95
+    np.testing.assert_array_equal(trak.score(targets()).scores, scores)
+    # A boolean mask removes the positions where it is True, as their indices do.
+    mask = np.zeros(95, bool)
+    mask[[4, 40]] = True
+    rows = trak.train_rows_
+    trak.remove_examples(mask)
+    assert trak.train_rows_.tolist() == np.delete(rows, [4, 40]).tolist()
+    by_index = toy.make_trak(tmp_path / "by-index").fit(toy.train_data(), toy.checkpoints()[:1])
+    by_index.remove_examples([0]).remove_examples([4, 40])
+    np.testing.assert_array_equal(trak.score(targets()).scores, by_index.score(targets()).scores)
 
 
 def test_an_interrupted_addition_resumes(tmp_path, monkeypatch):

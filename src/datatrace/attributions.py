@@ -152,6 +152,6 @@ class Attributions:
         return self.scores[target]
 
     def _check_k(self, k: int) -> int:
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        return min(k, self.n_train)
+        from datatrace.grads.projectors import positive_integer
+
+        return min(positive_integer("k", k), self.n_train)

@@ -12,6 +12,7 @@ from datatrace._estimator import NotFittedError
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
 from datatrace.evaluation.lds import column_spearman
+from datatrace.grads.projectors import positive_integer
 from datatrace.methods.lasso import (
     CentredDesign,
     lambda_max,
@@ -172,16 +173,12 @@ class Datamodels:
 
     def _check_settings(self, n_rows: int) -> int:
         """Validate the settings; return the number of validation rows."""
-        if self.l1_path_steps < 1:
-            raise ValueError(f"l1_path_steps must be at least 1, got {self.l1_path_steps}")
-        if self.early_stop_patience < 1:
-            raise ValueError(
-                f"early_stop_patience must be at least 1, got {self.early_stop_patience}"
-            )
-        if self.max_iter < 1 or self.tol <= 0:
-            raise ValueError(f"need max_iter ≥ 1 and tol > 0, got {self.max_iter} and {self.tol}")
-        if self.batch_targets is not None and self.batch_targets < 1:
-            raise ValueError(f"batch_targets must be positive, got {self.batch_targets}")
+        for name in ("l1_path_steps", "early_stop_patience", "max_iter", "cv_folds"):
+            positive_integer(name, getattr(self, name))
+        if self.batch_targets is not None:
+            positive_integer("batch_targets", self.batch_targets, " or None")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be positive, got {self.tol!r}")
         if not 0 <= self.relax <= 1:
             raise ValueError(f"relax must be in [0, 1], got {self.relax}")
         if self.selection not in SELECTIONS:
@@ -191,7 +188,12 @@ class Datamodels:
                 raise ValueError(
                     f"target_shrinkage must be non-negative, got {self.target_shrinkage}"
                 )
-            if self.cv_folds < 2 or n_rows < 2 * self.cv_folds:
+            if self.cv_folds < 2:
+                raise ValueError(
+                    f"cv_folds must be at least 2 (one fold to fit, one to score), got "
+                    f"{self.cv_folds}; or selection='validation' for one held-out share"
+                )
+            if n_rows < 2 * self.cv_folds:
                 raise ValueError(
                     f"{n_rows} subsets are too few for cv_folds={self.cv_folds}: need at least 2 "
                     "folds of at least 2 subsets each"
@@ -218,11 +220,21 @@ class Datamodels:
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: bad settings, masks and outputs that do not match, or masks that are
+                all the same.
         """
         masks, outputs = subset_data(masks, outputs)
         n_rows, n_train = masks.shape
         n_targets = outputs.shape[1]
         n_val = self._check_settings(n_rows)
+        if (masks == masks[:1]).all():
+            raise ValueError(
+                f"the {n_rows} masks are all the same, so no training example's effect can be "
+                "estimated: the masks must say which examples each model was trained on (True "
+                "where included), and the subsets must differ (e.g. random halves)"
+            )
         device = torch.device(self.device) if self.device is not None else torch.device("cpu")
 
         standardised = torch.as_tensor(masks, device=device).to(self.dtype)

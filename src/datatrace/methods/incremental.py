@@ -110,21 +110,47 @@ def add_examples(
     )
 
 
+def removal_positions(indices: Any, n_train: int) -> np.ndarray:
+    """``indices`` as ``(r,)`` int64 positions: integers as given, a boolean mask of length
+    ``n_train`` as the positions where it is True.
+
+    Raises:
+        ValueError: a boolean mask of another length, or values that are not integers.
+    """
+    values = np.asarray(indices)
+    if values.dtype == bool:
+        if values.ndim != 1 or values.size != n_train:
+            raise ValueError(
+                f"a boolean mask of the examples to remove must have one entry per training "
+                f"example ({n_train}), got shape {values.shape}"
+            )
+        return np.flatnonzero(values)
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
+            raise ValueError(
+                f"indices must be integer positions in the training set (or a boolean mask), "
+                f"got {values.dtype} values such as {values.ravel()[:3].tolist()}"
+            )
+    return values.astype(np.int64).ravel()
+
+
 def remove_examples(stored: Sequence[CheckpointFeatures], indices: Any) -> np.ndarray:
     """Remove training examples from the stored features of every checkpoint.
 
     Args:
         stored: the complete stored features of each checkpoint.
-        indices: positions in the current training set (score columns), ``(r,)`` integers.
+        indices: positions in the current training set (score columns), ``(r,)`` integers,
+            or a boolean mask ``(n_train,)`` (True where the example is removed).
 
     Returns:
         ``(r,)`` the stored rows removed.
 
     Raises:
-        ValueError: an index is out of range or repeated.
+        ValueError: an index is out of range, repeated or not an integer, a mask's length is
+            not ``n_train``, or every training example would be removed.
     """
-    indices = np.asarray(indices, dtype=np.int64).ravel()
     n_train = stored[0].n_train
+    indices = removal_positions(indices, n_train)
     if indices.size and (indices.min() < 0 or indices.max() >= n_train):
         raise ValueError(
             f"indices must be positions in the training set, in [0, {n_train}), got "
@@ -132,6 +158,11 @@ def remove_examples(stored: Sequence[CheckpointFeatures], indices: Any) -> np.nd
         )
     if np.unique(indices).size != indices.size:
         raise ValueError("indices holds an example more than once")
+    if indices.size == n_train:
+        raise ValueError(
+            f"indices removes all {n_train} training examples, which would leave nothing to "
+            "attribute to: keep at least one (or fit anew on other data)"
+        )
     rows = stored[0].train_rows()[indices]
     for part in stored:
         part.remove_rows(rows)

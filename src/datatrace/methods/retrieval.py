@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from datatrace.attributions import Ranking
+from datatrace.grads.projectors import positive_integer
 from datatrace.methods.kernel import Kernel
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures
@@ -116,9 +117,7 @@ class RunningTopK:
     """
 
     def __init__(self, k: int, largest: bool = True):
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        self.k = k
+        self.k = positive_integer("k", k)
         self.largest = largest
         self.keys: torch.Tensor | None = None
 

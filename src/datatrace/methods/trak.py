@@ -21,7 +21,7 @@ from datatrace.attributions import Attributions
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
-from datatrace.grads.projectors import Projector
+from datatrace.grads.projectors import Projector, positive_integer
 from datatrace.grads.selection import ParamSelection
 from datatrace.methods.faiss_index import FaissIndex, faiss_top_k
 from datatrace.methods.kernel import (
@@ -288,7 +288,8 @@ class TRAK:
         ``train_rows_`` maps each column to its stored row.
 
         Args:
-            indices: ``(r,)`` positions in the current training set (score columns).
+            indices: ``(r,)`` positions in the current training set (score columns), or a
+                boolean mask ``(n_train_,)``, True where the example is removed.
 
         Returns:
             ``self``, refitted.
@@ -544,8 +545,7 @@ class TRAK:
             ValueError: ``k < 1``, or the budget is too small for one target.
         """
         check_fitted(self, "store_")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+        k = positive_integer("k", k)
         examples, featurize, _ = self._target_featurizer(targets, task)
         scores = self._ensemble()
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
