@@ -112,6 +112,15 @@ def test_a_missing_store_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_demo_output_that_is_a_file_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "report.txt"
+    path.write_text("kept")
+    result = invoke("demo", "--quick", "--out", path, "--no-progress")
+    assert result.exit_code == 1
+    assert "is a file: choose a directory" in result.output
+    assert path.read_text() == "kept"
+
+
 def test_a_store_of_another_run_is_refused(quick_demo):
     out, _ = quick_demo
     saved = (out / "config.json").read_text()

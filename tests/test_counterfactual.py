@@ -98,6 +98,24 @@ def test_removal_rejects_bad_arguments():
         counterfactual_removal(WEIGHTS.T, [0], model.train, model.evaluate, k=(N_TRAIN,))
     with pytest.raises(ValueError, match="targets must be"):
         counterfactual_removal(WEIGHTS.T, [N_TARGETS], model.train, model.evaluate)
+    with pytest.raises(ValueError, match=r"k must be a positive integer, got 2\.5"):
+        counterfactual_removal(WEIGHTS.T, [0], model.train, model.evaluate, k=(2.5,))
+    with pytest.raises(ValueError, match="targets must be integer positions"):
+        counterfactual_removal(WEIGHTS.T, [0.5], model.train, model.evaluate)
+    with pytest.raises(ValueError, match="sizes must be a positive integer"):
+        brittleness(WEIGHTS.T, [0], model.train, model.evaluate, sizes=[1, 2.5])
+
+
+def test_removal_takes_one_k_as_a_number():
+    model = Additive()
+    one = counterfactual_removal(
+        WEIGHTS.T, [1], model.train, model.evaluate, k=5, random_baseline=False, progress=False
+    )
+    listed = counterfactual_removal(
+        WEIGHTS.T, [1], model.train, model.evaluate, k=(5,), random_baseline=False, progress=False
+    )
+    assert one.ks.tolist() == [5]
+    np.testing.assert_array_equal(one.drop_top, listed.drop_top)
 
 
 # -- a k-nearest-neighbour vote: removing same-class neighbours flips it ------------------------

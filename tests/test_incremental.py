@@ -92,7 +92,7 @@ def test_removing_checks_its_indices(tmp_path):
     # Removing every example is refused before the store changes.
     with pytest.raises(ValueError, match="all 95 training examples"):
         trak.remove_examples(np.arange(95))
-    with pytest.raises(ValueError, match="one entry per training example"):
+    with pytest.raises(ValueError, match="one entry per example"):
         trak.remove_examples(np.ones(96, bool))
     assert trak.n_train_ == 95
     np.testing.assert_array_equal(trak.score(targets()).scores, scores)

@@ -56,7 +56,7 @@ EXCEPTIONS = {
 # featurizers and stores), the fit command's configuration the CLI's; the rest sit below every
 # layer and import none of them.
 TOP_LEVEL = {"_estimator": "methods", "fit_config": "cli"}
-BELOW_EVERY_LAYER = {"_moved", "_settings", "_subset_data", "data", "progress"}
+BELOW_EVERY_LAYER = {"_arguments", "_moved", "_settings", "_subset_data", "data", "progress"}
 
 
 def _layer(module: str) -> int | None:

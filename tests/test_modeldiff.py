@@ -118,6 +118,9 @@ def test_validation_and_not_fitted():
         ModelDiff().fit(np.full((5, 10), np.nan), np.ones((5, 10)))
     with pytest.raises(ValueError, match="n_components"):
         ModelDiff(n_components=0).fit(np.ones((5, 10)), np.ones((5, 10)))
+    for setting in ("n_components", "top_k"):
+        with pytest.raises(ValueError, match=f"{setting} must be a positive integer, got 2.5"):
+            ModelDiff(**{setting: 2.5}).fit(np.ones((5, 10)), np.ones((5, 10)))
     with pytest.raises(ValueError, match="rank_by"):
         ModelDiff(rank_by="other").fit(np.ones((5, 10)), np.ones((5, 10)))
     with pytest.raises(ValueError, match="out_to_loss"):

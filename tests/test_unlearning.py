@@ -58,6 +58,13 @@ def test_klom_of_identical_samples_is_zero_and_of_same_distribution_small():
     assert klom(big_a, big_b).max() < 2e-3
 
 
+@pytest.mark.parametrize("bins", [0, 2.5, True])
+def test_klom_bins_that_are_not_a_positive_integer_are_named(bins):
+    margins = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(ValueError, match=f"bins must be a positive integer, got {bins!r}"):
+        klom(margins, margins, bins=bins)
+
+
 def test_klom_of_shifted_gaussians_matches_histogram_and_analytic_values():
     rng = np.random.default_rng(1)
     shifts = np.array([0.25, 0.5, 1.0, 2.0])

@@ -709,3 +709,20 @@ def test_unlearn_takes_whole_number_float_labels_as_their_classes(unlearn_files,
         margins[name] = np.load(run / "out" / "margins.npy")
     assert all(torch.equal(states["int"][key], states["float"][key]) for key in states["int"])
     np.testing.assert_array_equal(margins["float"], margins["int"])
+
+
+def test_positions_take_indices_whole_floats_and_boolean_masks_and_refuse_the_rest():
+    from datatrace._arguments import positions
+
+    mask = np.zeros(6, bool)
+    mask[[1, 4]] = True
+    assert positions(mask, 6, "indices").tolist() == [1, 4]
+    assert positions([[3], [0]], 6, "indices").tolist() == [3, 0]
+    assert positions(np.array([2.0, 5.0]), 6, "indices").tolist() == [2, 5]
+    assert positions([], 6, "indices").tolist() == []
+    with pytest.raises(ValueError, match="forget_indices must be integer positions"):
+        positions([2.5], 6, "forget_indices")
+    with pytest.raises(ValueError, match="integer positions"):
+        positions(["a"], 6, "indices")
+    with pytest.raises(ValueError, match=r"one entry per example \(6\)"):
+        positions(mask[:5], 6, "indices")

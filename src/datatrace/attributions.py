@@ -152,6 +152,6 @@ class Attributions:
         return self.scores[target]
 
     def _check_k(self, k: int) -> int:
-        from datatrace.grads.projectors import positive_integer
+        from datatrace._arguments import positive_integer
 
         return min(positive_integer("k", k), self.n_train)

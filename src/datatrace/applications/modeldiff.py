@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datatrace._arguments import positions, positive_integer
 from datatrace._estimator import NotFittedError
 from datatrace.attributions import Attributions
 from datatrace.store import Store
@@ -398,11 +399,8 @@ class ModelDiff:
         Returns:
             ``self``.
         """
-        if self.n_components < 1 or self.top_k < 1:
-            raise ValueError(
-                f"n_components and top_k must be at least 1, got {self.n_components} and "
-                f"{self.top_k}"
-            )
+        positive_integer("n_components", self.n_components)
+        positive_integer("top_k", self.top_k)
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         setting = self.divide_out_to_loss
@@ -672,7 +670,7 @@ def verify_direction(
     if train_indices is None:
         mask[:] = True
     else:
-        indices = np.asarray(train_indices, dtype=np.int64)
+        indices = positions(train_indices, n_train, "train_indices")
         if indices.size == 0 or indices.min() < 0 or indices.max() >= n_train:
             raise ValueError(f"train_indices must be non-empty indices in [0, {n_train})")
         mask[0, indices] = True

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import positions, positive_integer
 from datatrace._settings import Settings, setting
 from datatrace.attributions import Attributions
 
@@ -124,7 +125,7 @@ def _tensors(train_data: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _indices(indices: Sequence[int] | np.ndarray, n: int, what: str) -> np.ndarray:
-    indices = np.asarray(indices, dtype=np.int64).ravel()
+    indices = positions(indices, n, what)
     if indices.size == 0:
         raise ValueError(f"{what} is empty")
     if indices.min() < 0 or indices.max() >= n:
@@ -568,8 +569,9 @@ def klom(
             f"unlearned_margins have {unlearned.shape[1]} points, oracle_margins "
             f"{oracle.shape[1]}: both are (n_models, n_points) over the same points"
         )
-    if bins < 1 or clip <= 0 or not 0 < floor < 1:
-        raise ValueError(f"need bins ≥ 1, clip > 0 and 0 < floor < 1; got {bins}, {clip}, {floor}")
+    positive_integer("bins", bins)
+    if not (clip > 0 and 0 < floor < 1):
+        raise ValueError(f"need clip > 0 and 0 < floor < 1; got {clip} and {floor}")
     unlearned = np.clip(unlearned, -clip, clip)
     oracle = np.clip(oracle, -clip, clip)
     low = np.minimum(unlearned.min(axis=0), oracle.min(axis=0))

@@ -192,6 +192,10 @@ def run_demo(config: DemoConfig | None = None, console: Console | None = None) -
 
 def _run(config: DemoConfig, console: Console) -> DemoResult:
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(
+            f"the demo's output {out} is a file: choose a directory (it is created if missing)"
+        )
     timings: dict[str, float] = {}
 
     @contextmanager

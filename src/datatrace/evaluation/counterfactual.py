@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from datatrace._arguments import positions, positive_integer
 from datatrace.attributions import Attributions
 from datatrace.grads.projectors import derive_seed
 from datatrace.store import Store
@@ -47,7 +48,7 @@ def _scores(attributions: Attributions | np.ndarray) -> np.ndarray:
 
 
 def _targets(targets: Sequence[int], n_targets: int) -> np.ndarray:
-    targets = np.asarray(targets, dtype=np.int64).ravel()
+    targets = positions(targets, n_targets, "targets")
     if targets.size == 0:
         raise ValueError("targets is empty: give the indices of the targets to test")
     if targets.min() < 0 or targets.max() >= n_targets:
@@ -211,7 +212,7 @@ def counterfactual_removal(
             vector ``evaluate`` returns.
         train: ``train(train_indices, seed) -> model`` (see :class:`SubsetExperiment`).
         evaluate: ``evaluate(model) -> (n_targets,)`` outputs of every target.
-        k: numbers of training examples to remove.
+        k: numbers of training examples to remove (one number, or several).
         n_seeds: models trained per subset.
         random_baseline: also remove ``k`` random examples.
         store: where the retrained models' outputs are kept (a directory makes the test
@@ -228,7 +229,8 @@ def counterfactual_removal(
     scores = _scores(attributions)
     n_targets, n_train = scores.shape
     targets = _targets(targets, n_targets)
-    ks = np.asarray(sorted(set(int(value) for value in k)), dtype=np.int64)
+    k = [k] if np.ndim(k) == 0 else k  # one k as a number
+    ks = np.asarray(sorted({positive_integer("k", value) for value in k}), dtype=np.int64)
     if ks.size == 0 or ks[0] < 1 or ks[-1] >= n_train:
         raise ValueError(f"k must be between 1 and n_train - 1 = {n_train - 1}, got {list(k)}")
     cache = RetrainCache(
@@ -385,7 +387,7 @@ def brittleness(
         if max_size is None:
             max_size = max(1, int(DEFAULT_MAX_REMOVED_FRACTION * n_train))
         sizes = geometric_sizes(max_size)
-    sizes = sorted(set(int(size) for size in sizes))
+    sizes = sorted({positive_integer("sizes", size) for size in sizes})
     if not sizes or sizes[0] < 1 or sizes[-1] >= n_train:
         raise ValueError(f"sizes must be between 1 and n_train - 1 = {n_train - 1}, got {sizes}")
     cache = RetrainCache(

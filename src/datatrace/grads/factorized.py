@@ -147,6 +147,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from datatrace._arguments import positive_integer
 from datatrace.data import batch_size_of, map_tensors
 from datatrace.grads.factors import CountSketch, Factor, full_precision, without_autocast
 from datatrace.grads.layer_plan import (
@@ -171,7 +172,6 @@ from datatrace.grads.projectors import (
     derive_seed,
     hashed_csr,
     outer_product_jl,
-    positive_integer,
     slab_matrices,
     slab_rows,
 )

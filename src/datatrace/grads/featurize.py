@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import positive_integer
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
@@ -29,7 +30,7 @@ from datatrace.grads.memory import (
     default_budget,
 )
 from datatrace.grads.per_example import PerExampleGradients, task_for_checkpoint
-from datatrace.grads.projectors import Projector, derive_seed, positive_integer
+from datatrace.grads.projectors import Projector, derive_seed
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures, Store, StoreMismatchError

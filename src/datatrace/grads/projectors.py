@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+from datatrace._arguments import positive_integer
 
 # Rows of P generated from one seeded generator. Part of the definition of each matrix: changing
 # it changes every projection (and invalidates stored features), so it is fixed, not a setting.
@@ -424,19 +425,6 @@ FACTORIZED_NAMES = {
 # sparse JL on every family measured, and faster on all but the smallest (benchmarks/
 # projector_study.py, perf_featurize.py; docs/trak.md "Projections").
 AUTO_PROJECTOR = "factgrass"
-
-
-def positive_integer(name: str, value: Any, alternative: str = "") -> int:
-    """``value`` as an ``int`` if it is a positive integer (a Python or NumPy integer, not a
-    bool, a float or a string).
-
-    Raises:
-        ValueError: naming the setting, the value given and ``alternative`` (e.g. ``" or
-            'auto'"``: what else the setting takes).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
-    return int(value)
 
 
 def make_projector(projector: str | Projector, proj_dim: int | None) -> Projector:

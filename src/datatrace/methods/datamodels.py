@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from datatrace._arguments import positions, positive_integer
 from datatrace._estimator import NotFittedError
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
 from datatrace.evaluation.lds import column_spearman
-from datatrace.grads.projectors import positive_integer
 from datatrace.methods.lasso import (
     CentredDesign,
     lambda_max,
@@ -566,7 +566,7 @@ class Datamodels:
         if estimate not in ("auto", "group", "sum"):
             raise ValueError(f"estimate must be 'auto', 'group' or 'sum', got {estimate!r}")
         n_train = self.weights_.shape[1]
-        chosen = np.unique(np.asarray(indices, dtype=np.int64).reshape(-1))
+        chosen = np.unique(positions(indices, n_train, "indices"))
         if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= n_train:
             raise ValueError(
                 f"indices must be a non-empty list of training indices in [0, {n_train}), got "

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from datatrace._arguments import positions
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.grads.distributed import FeaturizeStats, featurize_chunks
@@ -110,30 +111,6 @@ def add_examples(
     )
 
 
-def removal_positions(indices: Any, n_train: int) -> np.ndarray:
-    """``indices`` as ``(r,)`` int64 positions: integers as given, a boolean mask of length
-    ``n_train`` as the positions where it is True.
-
-    Raises:
-        ValueError: a boolean mask of another length, or values that are not integers.
-    """
-    values = np.asarray(indices)
-    if values.dtype == bool:
-        if values.ndim != 1 or values.size != n_train:
-            raise ValueError(
-                f"a boolean mask of the examples to remove must have one entry per training "
-                f"example ({n_train}), got shape {values.shape}"
-            )
-        return np.flatnonzero(values)
-    if values.size and not np.issubdtype(values.dtype, np.integer):
-        if not (np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values))):
-            raise ValueError(
-                f"indices must be integer positions in the training set (or a boolean mask), "
-                f"got {values.dtype} values such as {values.ravel()[:3].tolist()}"
-            )
-    return values.astype(np.int64).ravel()
-
-
 def remove_examples(stored: Sequence[CheckpointFeatures], indices: Any) -> np.ndarray:
     """Remove training examples from the stored features of every checkpoint.
 
@@ -150,7 +127,7 @@ def remove_examples(stored: Sequence[CheckpointFeatures], indices: Any) -> np.nd
             not ``n_train``, or every training example would be removed.
     """
     n_train = stored[0].n_train
-    indices = removal_positions(indices, n_train)
+    indices = positions(indices, n_train, "indices")
     if indices.size and (indices.min() < 0 or indices.max() >= n_train):
         raise ValueError(
             f"indices must be positions in the training set, in [0, {n_train}), got "

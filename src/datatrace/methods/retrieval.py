@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from datatrace._arguments import positive_integer
 from datatrace.attributions import Ranking
-from datatrace.grads.projectors import positive_integer
 from datatrace.methods.kernel import Kernel
 from datatrace.progress import progress_bar
 from datatrace.store import CheckpointFeatures

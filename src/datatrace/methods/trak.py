@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import positive_integer
 from datatrace._estimator import (
     check_fitted,
     checked_examples,
@@ -21,7 +22,7 @@ from datatrace.attributions import Attributions
 from datatrace.data import Examples
 from datatrace.grads.checkpoints import Checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, GradientFeatures
-from datatrace.grads.projectors import Projector, positive_integer
+from datatrace.grads.projectors import Projector
 from datatrace.grads.selection import ParamSelection
 from datatrace.methods.faiss_index import FaissIndex, faiss_top_k
 from datatrace.methods.kernel import (

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from datatrace._arguments import positions
 from datatrace.progress import progress_bar
 from datatrace.subsets.backends import Backend, RowJob, as_output_vector, resolve_backend
 from datatrace.subsets.claims import Claim, Renewer
@@ -56,7 +57,7 @@ def requested_rows(rows: Any, n_rows: int) -> np.ndarray:
         return np.arange(n_rows)
     if isinstance(rows, slice):
         return np.arange(n_rows)[rows]
-    array = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+    array = np.unique(positions(rows, n_rows, "rows"))
     if array.size and (array[0] < 0 or array[-1] >= n_rows):
         raise ValueError(f"rows must be in [0, {n_rows}), got {array[0]} … {array[-1]}")
     return array

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import positive_integer
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.featurize import FINGERPRINT_EXAMPLES, default_device
 from datatrace.grads.per_example import task_for_checkpoint
-from datatrace.grads.projectors import positive_integer
 from datatrace.grads.selection import ParamSelection, select_parameters
 from datatrace.methods.influence.curvature import (
     DEFAULT_DAMPING,

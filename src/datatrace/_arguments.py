@@ -1,0 +1,49 @@
+"""Checks of the arguments users give: positive integers, and positions (integer indices or a
+boolean mask)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def positions(values: Any, n: int, what: str) -> np.ndarray:
+    """``values`` as ``(r,)`` int64 positions among ``n``: integers (or floats that are whole
+    numbers) as given, flattened; a boolean mask of length ``n`` as the positions where it is
+    True. Range, repeats and emptiness are the caller's to check.
+
+    Raises:
+        ValueError: a boolean mask of another length, or values that are not integers (2.5, or
+            strings), naming ``what``.
+    """
+    array = np.asarray(values)
+    if array.dtype == bool:
+        if array.ndim != 1 or array.size != n:
+            raise ValueError(
+                f"{what} as a boolean mask must have one entry per example ({n}), got shape "
+                f"{array.shape}"
+            )
+        return np.flatnonzero(array)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        whole = np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array))
+        if not whole:
+            raise ValueError(
+                f"{what} must be integer positions (or a boolean mask of length {n}), got "
+                f"{array.dtype} values such as {array.ravel()[:3].tolist()}"
+            )
+    return array.astype(np.int64).ravel()
+
+
+def positive_integer(name: str, value: Any, alternative: str = "") -> int:
+    """``value`` as an ``int`` if it is a positive integer (a Python or NumPy integer, not a
+    bool, a float or a string).
+
+    Raises:
+        ValueError: naming the setting, the value given and ``alternative`` (e.g. ``" or
+            'auto'"``: what else the setting takes).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
+    return int(value)
