@@ -3,6 +3,8 @@ with a message that names the setting (or the checkpoint entry) and what it must
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,48 @@ def test_a_top_k_that_is_not_a_positive_integer_is_named(k):
             call()
         assert repr(k) in str(raised.value)
     assert fitted.top_k(targets, np.int64(2)).proponents.indices.shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"damping": -1.0}, "damping must be 'auto' or a finite non-negative number"),
+        ({"damping": "big"}, "damping must be 'auto' or a finite non-negative number"),
+        ({"damping": True}, "damping must be 'auto' or a finite non-negative number"),
+        ({"damping": float("nan")}, "damping must be 'auto' or a finite non-negative number"),
+        ({"damping_absolute": -0.1}, "damping_absolute must be None or a finite non-negative"),
+        ({"kernel_weights": "gauss-newton"}, "kernel_weights must be 'auto'"),
+        ({"device": "tpu"}, "device must be a torch device"),
+    ],
+)
+def test_a_kernel_setting_that_cannot_work_is_refused_before_anything_is_featurized(
+    settings, message, tmp_path, monkeypatch
+):
+    from datatrace.grads.featurize import GradientFeatures
+
+    def featurized(*args, **kwargs):
+        raise AssertionError("featurized before the settings were checked")
+
+    monkeypatch.setattr(GradientFeatures, "featurize_train", featurized)
+    path = tmp_path / "store"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trak(store=path, proj_dim=16, **settings).fit(make_data())
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("proj_dim", "abc", "proj_dim must be a positive integer, got 'abc'"),
+        ("chunk_size", 2.5, "chunk_size must be a positive integer, got 2.5"),
+        ("threads", -1, "threads must be a non-negative integer"),
+        ("lease_s", 0, "lease_s must be a positive number, got 0"),
+        ("ray_num_gpus", -1.0, "ray_num_gpus must be a non-negative number"),
+    ],
+)
+def test_a_fit_config_entry_that_cannot_work_is_named(entry, value, message):
+    from datatrace.fit_config import FitRunConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FitRunConfig(**{entry: value}).check()
+    assert FitRunConfig().check() is not None

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datatrace._arguments import positive_integer
 from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.config import BACKENDS, load_object
@@ -95,8 +96,18 @@ class FitRunConfig(JsonSettings):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("proj_dim", "batch_size", "chunk_size", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            positive_integer(name, getattr(self, name))
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(
+                f"threads must be a non-negative integer (0: leave torch's setting), got "
+                f"{self.threads!r}"
+            )
+        for name, least in (("lease_s", "positive"), ("ray_num_cpus", "non-negative"),
+                            ("ray_num_gpus", "non-negative")):  # fmt: skip
+            value = getattr(self, name)
+            number = not isinstance(value, bool) and isinstance(value, int | float)
+            if not (number and (value > 0 if least == "positive" else value >= 0)):
+                raise ValueError(f"{name} must be a {least} number, got {value!r}")
         return self
 
     def make_backend(self) -> Backend | None:

@@ -85,6 +85,16 @@ def check_finite(
     )
 
 
+def named_device(device: torch.device | str) -> torch.device:
+    """``torch.device(device)``, with a ValueError that names the setting for a bad name."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+        ) from error
+
+
 def default_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     for param in model.parameters():
@@ -184,7 +194,7 @@ class GradientFeatures:
             raise ValueError(f"precision must be None, 'bfloat16' or 'float16', got {precision!r}")
         self.precision = precision
         self.chunk_rows = chunk_rows
-        self.device = torch.device(device) if device is not None else default_device(model)
+        self.device = named_device(device) if device is not None else default_device(model)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
                 f"device {str(self.device)!r} was asked for, but this torch sees no CUDA device "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,7 @@ class TRAK:
                 (:meth:`Task.check_batch <datatrace.tasks.Task.check_batch>`); raised before
                 the store is opened, so nothing is written.
         """
+        self._check_kernel_settings()
         features = gradient_features(self)
         train = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
         checkpoints = checkpoint_list(self.model, checkpoints)
@@ -256,6 +259,7 @@ class TRAK:
             ValueError: the store holds no features, or not every row chunk of them.
         """
         estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
+        estimator._check_kernel_settings()
         return estimator._build_kernels(stored)
 
     def add_examples(self, train_data: Any, *, backend: str | Backend | None = None) -> TRAK:
@@ -356,6 +360,27 @@ class TRAK:
         self.damping_ = np.array([kernel.damping for kernel in self.kernels_])
         self.relative_damping_ = self.damping_ / [stats.mean_diagonal for stats in statistics]
         return self
+
+    def _check_kernel_settings(self) -> None:
+        """Refuse a damping or kernel setting that cannot work before anything is featurized
+        (the kernels are built after every feature is stored)."""
+        if self.kernel_weights is not None and self.kernel_weights != "auto":
+            raise ValueError(
+                f"kernel_weights must be 'auto' (the task's Gauss–Newton weights where it has "
+                f"them) or None (the plain kernel ΦᵀΦ), got {self.kernel_weights!r}"
+            )
+        for name in ("damping", "damping_absolute"):
+            value = getattr(self, name)
+            if value is None or (name == "damping" and value == "auto"):
+                continue
+            number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+            if not (number and math.isfinite(value) and value >= 0):
+                what = (
+                    "'auto' or a finite non-negative number (relative to the mean diagonal of ΦᵀΦ)"
+                    if name == "damping"
+                    else "None or a finite non-negative number"
+                )
+                raise ValueError(f"{name} must be {what}, got {value!r}")
 
     def _kernel_weights(self, out_to_loss: np.ndarray) -> np.ndarray | None:
         """``(n_train,)`` the diagonal of ``R`` for one checkpoint's ``Q``, or ``None`` for the
