@@ -170,3 +170,31 @@ def test_a_fit_config_entry_that_cannot_work_is_named(entry, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         FitRunConfig(**{entry: value}).check()
     assert FitRunConfig().check() is not None
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("n_masks", "abc", "n_masks must be a positive integer, got 'abc'"),
+        ("n_masks", 2.5, "n_masks must be a positive integer, got 2.5"),
+        ("alpha", "x", "alpha must be a non-negative number, got 'x'"),
+        ("alpha", 1.5, "alpha is the fraction of training examples kept, in [0, 1]; got 1.5"),
+        ("threads", -1, "threads must be a non-negative integer"),
+        ("lease_s", -1, "lease_s must be a positive number, got -1"),
+    ],
+)
+def test_a_subset_config_entry_that_cannot_work_is_named(entry, value, message):
+    from datatrace.subsets.config import SubsetRunConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SubsetRunConfig(**{entry: value}).check()
+    assert SubsetRunConfig().check() is not None
+
+
+def test_a_subset_config_whose_sizes_contradict_its_experiment_is_refused():
+    from datatrace.subsets.config import SubsetRunConfig, resolve_functions
+
+    experiment = "datatrace.demo.subsets:DigitsSubsets"
+    with pytest.raises(ValueError, match=r"the config's n_train is 5 but .* has 1500"):
+        resolve_functions(SubsetRunConfig(experiment=experiment, n_train=5))
+    assert resolve_functions(SubsetRunConfig(experiment=experiment, n_train=1500)).n_train == 1500

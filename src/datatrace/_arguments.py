@@ -3,6 +3,7 @@ boolean mask)."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -46,4 +47,30 @@ def positive_integer(name: str, value: Any, alternative: str = "") -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
+    return int(value)
+
+
+def real_number(name: str, value: Any, least: str = "non-negative") -> float:
+    """``value`` as a ``float`` if it is a finite real number (not a bool or a string) that is
+    ``least``: ``"non-negative"`` (≥ 0) or ``"positive"`` (> 0).
+
+    Raises:
+        ValueError: naming the setting and the value given.
+    """
+    number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if not (number and math.isfinite(value) and (value > 0 if least == "positive" else value >= 0)):
+        raise ValueError(f"{name} must be a {least} number, got {value!r}")
+    return float(value)
+
+
+def thread_count(value: Any) -> int:
+    """A ``threads`` setting: a non-negative integer, 0 leaving torch's own setting.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(
+            f"threads must be a non-negative integer (0: leave torch's setting), got {value!r}"
+        )
     return int(value)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datatrace._arguments import positive_integer
+from datatrace._arguments import positive_integer, real_number, thread_count
 from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.config import BACKENDS, load_object
@@ -97,17 +97,10 @@ class FitRunConfig(JsonSettings):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         for name in ("proj_dim", "batch_size", "chunk_size", "processes"):
             positive_integer(name, getattr(self, name))
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(
-                f"threads must be a non-negative integer (0: leave torch's setting), got "
-                f"{self.threads!r}"
-            )
-        for name, least in (("lease_s", "positive"), ("ray_num_cpus", "non-negative"),
-                            ("ray_num_gpus", "non-negative")):  # fmt: skip
-            value = getattr(self, name)
-            number = not isinstance(value, bool) and isinstance(value, int | float)
-            if not (number and (value > 0 if least == "positive" else value >= 0)):
-                raise ValueError(f"{name} must be a {least} number, got {value!r}")
+        thread_count(self.threads)
+        real_number("lease_s", self.lease_s, "positive")
+        real_number("ray_num_cpus", self.ray_num_cpus)
+        real_number("ray_num_gpus", self.ray_num_gpus)
         return self
 
     def make_backend(self) -> Backend | None:

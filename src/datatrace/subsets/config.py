@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datatrace._arguments import positive_integer, real_number, thread_count
 from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.experiment import DEFAULT_LEASE_S, SubsetExperiment
@@ -91,8 +92,9 @@ class SubsetRunConfig(JsonSettings):
             raise ValueError(
                 f"seed_policy must be one of {SEED_POLICIES} or null, got {self.seed_policy!r}"
             )
-        if self.protocol == "small-drop" and not 0.0 < self.drop_fraction < 1.0:
-            raise ValueError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
+        if self.protocol == "small-drop":
+            if not 0.0 < real_number("drop_fraction", self.drop_fraction) < 1.0:
+                raise ValueError(f"drop_fraction must be in (0, 1), got {self.drop_fraction}")
         pair = (self.train, self.evaluate)
         if self.experiment is None and None in pair:
             raise ValueError("give experiment (a factory) or both train and evaluate")
@@ -101,8 +103,19 @@ class SubsetRunConfig(JsonSettings):
         if self.experiment is None and (self.n_train is None or self.n_outputs is None):
             raise ValueError("with train/evaluate, give n_train and n_outputs too")
         for name in ("n_masks", "n_seeds", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            positive_integer(name, getattr(self, name))
+        for name in ("n_train", "n_outputs"):
+            if getattr(self, name) is not None:
+                positive_integer(name, getattr(self, name), " or null")
+        alpha = real_number("alpha", self.alpha)
+        if alpha > 1:
+            raise ValueError(
+                f"alpha is the fraction of training examples kept, in [0, 1]; got {alpha}"
+            )
+        thread_count(self.threads)
+        real_number("lease_s", self.lease_s, "positive")
+        real_number("ray_num_cpus", self.ray_num_cpus)
+        real_number("ray_num_gpus", self.ray_num_gpus)
         return self
 
     def resolved_seed_policy(self) -> str:
@@ -168,6 +181,13 @@ def resolve_functions(config: SubsetRunConfig) -> ResolvedFunctions:
                 f"{config.experiment} returned {type(made).__name__}, which has no "
                 f"{' or '.join(missing)} method"
             )
+        for name in ("n_train", "n_outputs"):
+            given, says = getattr(config, name), getattr(made, name, None)
+            if given is not None and says is not None and given != says:
+                raise ValueError(
+                    f"the config's {name} is {given} but {config.experiment} has {says}: set "
+                    f"{name} to null to take the experiment's (or fix one of them)"
+                )
         n_train = config.n_train if config.n_train is not None else getattr(made, "n_train", None)
         n_outputs = (
             config.n_outputs if config.n_outputs is not None else getattr(made, "n_outputs", None)
