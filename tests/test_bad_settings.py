@@ -198,3 +198,20 @@ def test_a_subset_config_whose_sizes_contradict_its_experiment_is_refused():
     with pytest.raises(ValueError, match=r"the config's n_train is 5 but .* has 1500"):
         resolve_functions(SubsetRunConfig(experiment=experiment, n_train=5))
     assert resolve_functions(SubsetRunConfig(experiment=experiment, n_train=1500)).n_train == 1500
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("proj_dim", "512", "proj_dim must be a positive integer, got '512'"),
+        ("epochs", 2.5, "epochs must be a positive integer, got 2.5"),
+        ("threads", -2, "threads must be a non-negative integer"),
+        ("lds_models", 1.5, "lds_models must be 0 (no LDS) or a positive integer, got 1.5"),
+    ],
+)
+def test_a_demo_config_entry_that_cannot_work_is_named(entry, value, message):
+    from datatrace.demo.run import DemoConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DemoConfig(quick=True, **{entry: value}).resolved()
+    assert DemoConfig(quick=True, lds_models=0).resolved().lds_models == 0

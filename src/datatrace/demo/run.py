@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace._arguments import positive_integer, thread_count
 from datatrace._settings import JsonSettings, setting
 from datatrace.attributions import Attributions
 from datatrace.demo.data import Split, digits_split
@@ -119,14 +120,19 @@ class DemoConfig(JsonSettings):
         )
         if config.model not in MODELS:
             raise ValueError(f"unknown model {config.model!r}: choose from {sorted(MODELS)}")
-        if config.threads < 0:
-            raise ValueError(f"threads must be 0 (torch's default) or more, got {config.threads}")
-        if config.lds_models is not None and config.lds_models < 0:
-            raise ValueError(f"lds_models must be 0 (no LDS) or more, got {config.lds_models}")
+        thread_count(config.threads)
+        if config.lds_models is not None and (
+            isinstance(config.lds_models, bool)
+            or not isinstance(config.lds_models, int)
+            or config.lds_models < 0
+        ):
+            raise ValueError(
+                f"lds_models must be 0 (no LDS) or a positive integer, got {config.lds_models!r}"
+            )
         for name in ("n_models", "epochs", "proj_dim", "n_train", "n_targets", "k"):
             value = getattr(config, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if value is not None:
+                positive_integer(name, value)
         return config
 
 
