@@ -215,3 +215,11 @@ def test_a_demo_config_entry_that_cannot_work_is_named(entry, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         DemoConfig(quick=True, **{entry: value}).resolved()
     assert DemoConfig(quick=True, lds_models=0).resolved().lds_models == 0
+
+
+@pytest.mark.parametrize("estimator", ["InfluenceFunctions", "GradientDot"])
+def test_a_device_name_torch_does_not_know_is_named_by_every_estimator(estimator):
+    with pytest.raises(ValueError, match=r"device must be a torch device .* got 'tpu'"):
+        getattr(dt, estimator)(make_model(), dt.Classification(), device="tpu", progress=False).fit(
+            make_data()
+        )

@@ -314,6 +314,11 @@ def test_errors():
     for setting, value in [("cv_folds", 2.5), ("max_iter", 0), ("l1_path_steps", True)]:
         with pytest.raises(ValueError, match=f"{setting} must be a positive integer"):
             Datamodels(progress=False, **{setting: value}).fit(masks, outputs)
+    for eps in (-1.0, 0.0, 2.0):
+        with pytest.raises(ValueError, match=r"eps is the smallest λ of the path"):
+            Datamodels(eps=eps, progress=False).fit(masks, outputs)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        Datamodels(device="tpu", progress=False).fit(masks, outputs)
     with pytest.raises(ValueError, match="masks are all the same"):
         Datamodels(progress=False).fit(np.ones_like(masks), outputs)
     with pytest.raises(ValueError, match="tol must be positive"):

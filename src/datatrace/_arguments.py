@@ -74,3 +74,15 @@ def thread_count(value: Any) -> int:
             f"threads must be a non-negative integer (0: leave torch's setting), got {value!r}"
         )
     return int(value)
+
+
+def named_device(device: Any) -> Any:
+    """``torch.device(device)``, with a ValueError that names the setting for a bad name."""
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+        ) from error

@@ -11,6 +11,7 @@ import torch
 import typer
 from rich.markup import escape
 
+from datatrace._arguments import thread_count
 from datatrace.cli.app import app, console, error_console, open_store, user_errors
 from datatrace.evaluation.lds import lds as linear_datamodeling_score
 from datatrace.methods.datamodels import Datamodels
@@ -62,8 +63,7 @@ def subsets_protocol(store: Store, name: str) -> dict[str, Any]:
 
 
 def _set_threads(threads: int) -> None:
-    if threads < 0:
-        raise ValueError(f"threads must be 0 (torch's default) or more, got {threads}")
+    thread_count(threads)
     if threads:
         torch.set_num_threads(threads)
 

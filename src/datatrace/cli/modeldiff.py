@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace._arguments import thread_count
 from datatrace.applications.modeldiff import (
     A_VS_B,
     B_VS_A,
@@ -121,8 +122,7 @@ def modeldiff_command(
     aligned with it, and the explained variance of A's and B's attributions along it.
     """
     with user_errors(context):
-        if threads < 0:
-            raise ValueError(f"threads must be 0 (torch's default) or more, got {threads}")
+        thread_count(threads)
         if threads:
             torch.set_num_threads(threads)
         if divide_out_to_loss not in DIVIDE_OUT_TO_LOSS_CHOICES:

@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from datatrace._arguments import thread_count
 from datatrace.applications.unlearning import (
     KLOM_BINS,
     KLOM_CLIP,
@@ -164,8 +165,7 @@ def unlearn_command(
     baselines need neither. The config is written to OUT with the suffix .json.
     """
     with user_errors(context):
-        if threads < 0:
-            raise ValueError(f"threads must be 0 (torch's default) or more, got {threads}")
+        thread_count(threads)
         if threads:
             torch.set_num_threads(threads)
         settings = method_settings(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import positive_integer
+from datatrace._arguments import named_device, positive_integer
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
@@ -83,16 +83,6 @@ def check_finite(
         "stored. Fix the model or those examples (e.g. an overflow in float16, a log of 0, a "
         "division by zero in the task) and run again: what is already stored is kept."
     )
-
-
-def named_device(device: torch.device | str) -> torch.device:
-    """``torch.device(device)``, with a ValueError that names the setting for a bad name."""
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
-        ) from error
 
 
 def default_device(model: nn.Module) -> torch.device:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import named_device
 from datatrace._estimator import (
     check_fitted,
     checked_examples,
@@ -229,7 +230,7 @@ class RepresentationSimilarity:
 
     @torch.no_grad()
     def _representations(self, data: Any, checkpoint: Checkpoint) -> torch.Tensor:
-        device = torch.device(self.device) if self.device else default_device(self.model)
+        device = named_device(self.device) if self.device else default_device(self.model)
         state = load_checkpoint(checkpoint, self.model, device)
         runner = PerExampleGradients(self.model, self.task, [])
         layer = self._layer()

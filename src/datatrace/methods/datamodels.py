@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datatrace._arguments import positions, positive_integer
+from datatrace._arguments import named_device, positions, positive_integer
 from datatrace._estimator import NotFittedError
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
@@ -179,6 +179,11 @@ class Datamodels:
             positive_integer("batch_targets", self.batch_targets, " or None")
         if not self.tol > 0:
             raise ValueError(f"tol must be positive, got {self.tol!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(
+                f"eps is the smallest λ of the path as a fraction of λ_max, in (0, 1); got "
+                f"{self.eps!r}"
+            )
         if not 0 <= self.relax <= 1:
             raise ValueError(f"relax must be in [0, 1], got {self.relax}")
         if self.selection not in SELECTIONS:
@@ -235,7 +240,7 @@ class Datamodels:
                 "estimated: the masks must say which examples each model was trained on (True "
                 "where included), and the subsets must differ (e.g. random halves)"
             )
-        device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        device = named_device(self.device) if self.device is not None else torch.device("cpu")
 
         standardised = torch.as_tensor(masks, device=device).to(self.dtype)
         mean = standardised.mean(0)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._arguments import named_device
 from datatrace.applications.diffusion.data import DEFAULT_TARGET_DRAWS, DiffusionTargets
 from datatrace.applications.diffusion.sampling import Trajectory
 from datatrace.attributions import Attributions
@@ -175,7 +176,7 @@ def trajectory_outputs(
     Returns:
         ``(n_steps, n_generated)`` float64.
     """
-    device = torch.device(device) if device is not None else default_device(model)
+    device = named_device(device) if device is not None else default_device(model)
     outputs = np.zeros((len(steps), trajectory.n_samples))
     with _eval_mode(model), progress_bar(len(steps), "outputs", progress) as advance:
         for row, step in enumerate(steps):

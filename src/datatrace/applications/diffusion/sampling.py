@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace._arguments import named_device
 from datatrace.applications.diffusion.data import check_condition
 from datatrace.grads.featurize import default_device
 from datatrace.grads.projectors import derive_seed
@@ -179,7 +180,7 @@ def sample_with_trajectory(
         raise ValueError(f"n must be at least 1, got {n}")
     shape = tuple(shape) if shape is not None else _sample_shape(model)
     condition = check_condition(condition, n)
-    device = torch.device(device) if device is not None else default_device(model)
+    device = named_device(device) if device is not None else default_device(model)
     scheduler = _copy(scheduler)
     steps = num_inference_steps or int(scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(steps, device=device)

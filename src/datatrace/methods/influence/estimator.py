@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import positive_integer
+from datatrace._arguments import named_device, positive_integer
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
@@ -195,7 +195,7 @@ class InfluenceFunctions:
         checkpoints = checkpoint_list(self.model, checkpoints)
         param_names = select_parameters(self.model, self.params)
         layout = kronecker_layout(self.model, param_names)
-        device = torch.device(self.device) if self.device else default_device(self.model)
+        device = named_device(self.device) if self.device else default_device(self.model)
         store = self.store if isinstance(self.store, Store) else Store(self.store)
         store.check_provenance(SECTION, self._provenance(train, param_names, layout))
         curvatures, hooked, rotated = [], [], []
