@@ -65,6 +65,12 @@ def test_klom_bins_that_are_not_a_positive_integer_are_named(bins):
         klom(margins, margins, bins=bins)
 
 
+def test_klom_margins_that_are_not_numbers_are_named():
+    margins = np.random.default_rng(0).standard_normal((4, 2))
+    with pytest.raises(ValueError, match="unlearned_margins must be numbers"):
+        klom(np.array([["a", "b"]] * 4), margins)
+
+
 def test_klom_of_shifted_gaussians_matches_histogram_and_analytic_values():
     rng = np.random.default_rng(1)
     shifts = np.array([0.25, 0.5, 1.0, 2.0])

@@ -591,7 +591,10 @@ def klom(
 def _margins(values: Any, what: str) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
+        raise ValueError(f"{what} must be numbers (margins), got dtype {values.dtype}")
+    values = values.astype(np.float64)
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or values.shape[0] < 1:
