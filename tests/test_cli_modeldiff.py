@@ -70,6 +70,27 @@ def test_modeldiff_command_reports_user_errors(tmp_path):
     assert result.exit_code == 1 and "no train images file" in result.output
 
 
+def test_a_bad_texts_file_is_named_before_any_work(tmp_path, monkeypatch):
+    location, *_ = planted_store(tmp_path)
+    (tmp_path / "texts.json").write_text("[1, 2")
+    monkeypatch.setattr(
+        ModelDiff, "fit", lambda *args, **kwargs: pytest.fail("fitted before reading the texts")
+    )
+    result = invoke("modeldiff", location, "--a", "a", "--b", "b", "--report",
+                    tmp_path / "r.html", "--train-texts", tmp_path / "texts.json")  # fmt: skip
+    assert result.exit_code == 1
+    assert "texts.json is not valid JSON" in result.output
+
+
+def test_the_same_attributions_twice_give_a_report_that_says_there_are_no_directions(tmp_path):
+    location, *_ = planted_store(tmp_path)
+    with pytest.warns(RuntimeWarning, match="no directions for a_vs_b and b_vs_a"):
+        result = invoke("modeldiff", location, "--a", "a", "--b", "a", "--report",
+                        tmp_path / "r.html")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "No directions" in (tmp_path / "r.html").read_text()
+
+
 def test_modeldiff_command_divides_a_collapsed_q_out_by_default_and_says_so(tmp_path):
     location, scores_a, scores_b = planted_store(tmp_path)
     q_wide = np.full(40, 1e-3)

@@ -455,6 +455,15 @@ class ModelDiff:
             A_VS_B: self._directions("A", self.residuals_[A_VS_B], normalised_a, normalised_b),
             B_VS_A: self._directions("B", self.residuals_[B_VS_A], normalised_a, normalised_b),
         }
+        empty = [which for which, found in self.directions_.items() if not found]
+        if empty:
+            warnings.warn(
+                f"no directions for {' and '.join(empty)}: what is left of one algorithm's "
+                "attributions after removing the other's is zero, so nothing distinguishes "
+                "them there (are A and B the same attributions?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self
 
     def _directions(

@@ -58,7 +58,13 @@ def read_texts(path: Path | None) -> list[str] | None:
     if not path.is_file():
         raise FileNotFoundError(f"no texts file at {path}")
     if path.suffix == ".json":
-        texts = json.loads(path.read_text())
+        try:
+            texts = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}): write a JSON list of strings, "
+                "or use a .txt file with one example per line"
+            ) from None
         if not isinstance(texts, list):
             raise ValueError(f"{path} must hold a JSON list of strings, one per example")
         return [str(text) for text in texts]
@@ -130,6 +136,15 @@ def modeldiff_command(
                 f"--divide-out-to-loss must be {', '.join(DIVIDE_OUT_TO_LOSS_CHOICES)}, got "
                 f"{divide_out_to_loss!r}"
             )
+        # The report's inputs are read first: a bad file is named before any work.
+        shown = {
+            "train_images": read_array(train_images, "train images"),
+            "target_images": read_array(target_images, "target images"),
+            "train_texts": read_texts(train_texts),
+            "target_texts": read_texts(target_texts),
+            "train_labels": read_array(train_labels, "train labels"),
+            "target_labels": read_array(target_labels, "target labels"),
+        }
         opened = open_store(store)
         attributions_a = opened.load_attributions(a)
         attributions_b = opened.load_attributions(b)
@@ -167,12 +182,7 @@ def modeldiff_command(
             written = write_modeldiff_report(
                 report,
                 diff,
-                train_images=read_array(train_images, "train images"),
-                target_images=read_array(target_images, "target images"),
-                train_texts=read_texts(train_texts),
-                target_texts=read_texts(target_texts),
-                train_labels=read_array(train_labels, "train labels"),
-                target_labels=read_array(target_labels, "target labels"),
+                **shown,
                 names=(name_a, name_b),
                 n_directions=n_components,
                 summary={"store": opened.where, "A scores": a, "B scores": b},

@@ -188,7 +188,7 @@ def write_modeldiff_report(
         + (" (auto)" if diff.divide_out_to_loss == "auto" else ""),
         **(summary or {}),
     }
-    k = max(len(d.train_positive) for group in directions.values() for d in group)
+    k = max((len(d.train_positive) for group in directions.values() for d in group), default=1)
     context = {
         "title": title,
         "name_a": name_a,
