@@ -135,6 +135,24 @@ def test_unlearn_command_matches_the_library(tmp_path):
     assert same_state(torch.load(tmp_path / "dmm.pt", weights_only=True), expected.state_dict())
 
 
+def test_a_forget_mask_file_forgets_the_examples_it_marks(tmp_path):
+    digits_files(tmp_path)
+    mask = np.zeros(80, bool)
+    mask[:10] = True
+    np.save(tmp_path / "mask.npy", mask)
+    runs = {}
+    for name in ("forget", "mask"):
+        result = invoke(
+            "unlearn", "gradient-ascent", tmp_path / "model.pt", "--inputs", tmp_path / "x.npy",
+            "--labels", tmp_path / "y.npy", "--forget", tmp_path / f"{name}.npy",
+            "--out", tmp_path / f"{name}.pt", "--epochs", 1, "--seed", 3,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "forgot 10 examples" in result.output
+        runs[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    assert same_state(runs["forget"], runs["mask"])
+
+
 def test_unlearn_command_checks_its_inputs(tmp_path):
     digits_files(tmp_path, n=40)
     common = (

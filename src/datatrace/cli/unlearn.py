@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace._arguments import thread_count
+from datatrace._arguments import positions, thread_count
 from datatrace.applications.unlearning import (
     KLOM_BINS,
     KLOM_CLIP,
@@ -185,8 +185,11 @@ def unlearn_command(
             torch.as_tensor(read_array(inputs, "inputs")),
             torch.as_tensor(read_array(labels, "labels")),
         )
-        forget_indices = read_array(forget, "forget indices")
+        n_train = len(train_data[0])
+        forget_indices = positions(read_array(forget, "forget indices"), n_train, "--forget")
         point_indices = read_array(points, "points")
+        if point_indices is not None:
+            point_indices = positions(point_indices, n_train, "--points")
         trained = load_model(model, model_kwargs, checkpoint)
         # Labels of the wrong shape, range or type get a clear error before any training.
         with examples_from(0):
