@@ -140,6 +140,9 @@ def test_input_errors():
         lds(scores[0], masks, outputs)
     with pytest.raises(ValueError, match="confidence"):
         lds(scores, masks, outputs, confidence=95)
+    for draws in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="bootstrap must be a non-negative integer"):
+            lds(scores, masks, outputs, bootstrap=draws)
     # NaN scores used to rank as values and give a plausible LDS; they name their targets
     broken = np.array(scores, dtype=np.float64)
     broken[[3, 7], 0] = [np.nan, np.inf]

@@ -62,3 +62,9 @@ def test_unfitted_estimator_is_fitted_first_and_bad_grids_refused(problem):
         select_damping(trak, train, targets, masks, outputs, grid=())
     with pytest.raises(ValueError, match="grid"):
         select_damping(trak, train, targets, masks, outputs, grid=(-1.0,))
+    with pytest.raises(ValueError, match="grid must be a non-empty list"):
+        select_damping(trak, train, targets, masks, outputs, grid=("a",))
+    unfitted = dt.TRAK(model, dt.Classification(), **settings)
+    with pytest.raises(ValueError, match="bootstrap must be a non-negative integer"):
+        select_damping(unfitted, train, targets, masks, outputs, bootstrap=2.5)
+    assert not hasattr(unfitted, "store_")  # refused before fitting

@@ -17,6 +17,7 @@ the result.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,14 @@ def column_spearman(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.clip(correlation, -1.0, 1.0)
 
 
+def check_bootstrap(bootstrap: Any) -> None:
+    """Refuse a number of bootstrap draws that is not a non-negative integer."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
+        raise ValueError(
+            f"bootstrap must be a non-negative integer (0: no interval), got {bootstrap!r}"
+        )
+
+
 def bootstrap_mean_ci(
     values: np.ndarray, *, draws: int, confidence: float, seed: int
 ) -> tuple[float, float]:
@@ -245,6 +254,7 @@ def lds(
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    check_bootstrap(bootstrap)
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS} or None, got {protocol!r}")
     mask_array, output_array = subset_data(masks, outputs)

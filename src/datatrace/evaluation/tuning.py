@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from datatrace._subset_data import subset_data
-from datatrace.evaluation.lds import LDSResult, lds
+from datatrace.evaluation.lds import LDSResult, check_bootstrap, lds
 from datatrace.grads.checkpoints import Checkpoint
 from datatrace.methods.kernel import SingularKernelWarning
 from datatrace.methods.trak import TRAK
@@ -84,7 +84,11 @@ def select_damping(
         :class:`DampingSelection`; ``trak`` itself is not changed (except fitted, if it was not).
     """
     mask_array, output_array = subset_data(masks, outputs)
-    grid_array = np.asarray(grid, dtype=np.float64)
+    check_bootstrap(bootstrap)
+    try:
+        grid_array = np.asarray(grid, dtype=np.float64)
+    except (TypeError, ValueError):
+        grid_array = np.array([np.nan])  # refused below, naming the grid
     if grid_array.ndim != 1 or grid_array.size == 0 or not (grid_array >= 0).all():
         raise ValueError(f"grid must be a non-empty list of non-negative dampings, got {grid}")
     if not hasattr(trak, "store_"):
