@@ -1,5 +1,7 @@
-"""Checks of the arguments users give: positive integers, and positions (integer indices or a
-boolean mask)."""
+"""Checks of the arguments users give, shared by the estimators, the applications and the CLI's
+configs: positions (integer indices or a boolean mask), positive integers, non-negative or
+positive numbers, thread counts and device names. Each refuses a bad value with a ValueError
+that names the setting and the value given."""
 
 from __future__ import annotations
 
