@@ -250,6 +250,20 @@ def test_empty_causal_prompt_is_refused():
         causal_lm_examples([[5, 6], []], [[8], [9, 10]], PAD)
 
 
+@pytest.mark.parametrize("make", [causal_lm_examples, seq2seq_examples])
+def test_example_lists_that_cannot_make_a_batch_are_refused(make):
+    with pytest.raises(ValueError, match="are empty: give at least one example"):
+        make([], [], PAD)
+    with pytest.raises(ValueError, match=r"continuation 0 holds \['a'\]: token ids must be"):
+        make([[5]], [["a"]], PAD)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        make([[]], [[8]], PAD)
+    # token ids as tensors or arrays make the same batch as lists
+    listed = make([[5, 6]], [[8, 9]], PAD)
+    tensors = make([torch.tensor([5, 6])], [np.array([8, 9])], PAD)
+    assert all(torch.equal(listed[key], tensors[key]) for key in listed)
+
+
 @pytest.fixture(scope="module")
 def causal_trak():
     train = causal_lm_examples(token_lists(6, 1, 3, 20), token_lists(6, 1, 3, 21), PAD)

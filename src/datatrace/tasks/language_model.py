@@ -280,6 +280,33 @@ class Seq2SeqLM(_LanguageModel):
         return torch.where(shifted == self.ignore_index, torch.full_like(shifted, pad), shifted)
 
 
+def _token_lists(
+    prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and continuations as lists of Python ints (from lists, tensors or arrays).
+
+    Raises:
+        ValueError: different counts, none, or token ids that are not integers.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError("prompts and continuations must have the same length")
+    if not len(prompts):
+        raise ValueError("prompts and continuations are empty: give at least one example")
+    converted = []
+    for what, lists in (("prompt", prompts), ("continuation", continuations)):
+        rows = []
+        for row, ids in enumerate(lists):
+            ids = ids.tolist() if torch.is_tensor(ids) or isinstance(ids, np.ndarray) else list(ids)
+            if not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids):
+                raise ValueError(
+                    f"{what} {row} holds {ids[:5]}: token ids must be integers (encode texts "
+                    "with the tokenizer first)"
+                )
+            rows.append([int(i) for i in ids])
+        converted.append(rows)
+    return converted[0], converted[1]
+
+
 def causal_lm_examples(
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
@@ -305,8 +332,7 @@ def causal_lm_examples(
     Raises:
         ValueError: the lengths differ, or a prompt or continuation is empty.
     """
-    if len(prompts) != len(continuations):
-        raise ValueError("prompts and continuations must have the same length")
+    prompts, continuations = _token_lists(prompts, continuations)
     for row, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {row} is empty: {_EMPTY_PROMPT_FIX}")
@@ -337,8 +363,13 @@ def seq2seq_examples(
         ``{"input_ids", "attention_mask"}`` ``(n, max_prompt_len)`` and ``labels``
         ``(n, max_continuation_len)`` padded with ``ignore_index``.
     """
-    if len(prompts) != len(continuations):
-        raise ValueError("prompts and continuations must have the same length")
+    prompts, continuations = _token_lists(prompts, continuations)
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(
+                f"prompt {row} is empty: the encoder needs at least one token (e.g. the "
+                "tokenizer's EOS token)"
+            )
     n = len(prompts)
     prompt_width = max(len(p) for p in prompts)
     label_width = max(len(c) for c in continuations)
