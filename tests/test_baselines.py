@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import datatrace as dt
 from datatrace.grads.featurize import GradientFeatures
@@ -77,3 +78,16 @@ def test_score_before_fit_is_a_clear_error(setting):
     models, _, targets = setting
     with pytest.raises(RuntimeError, match="not fitted yet"):
         dt.GradientDot(models[0], dt.Classification()).score(targets)
+
+
+def test_representation_similarity_refuses_a_foreign_layer_and_a_zero_batch():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = (torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    with pytest.raises(ValueError, match="is not a module of the model"):
+        dt.RepresentationSimilarity(
+            model, dt.Classification(), layer=nn.Linear(8, 3), progress=False
+        ).fit(data)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        dt.RepresentationSimilarity(model, dt.Classification(), batch_size=0, progress=False).fit(
+            data
+        )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import named_device
+from datatrace._arguments import named_device, positive_integer
 from datatrace._estimator import (
     check_fitted,
     checked_examples,
@@ -222,6 +222,11 @@ class RepresentationSimilarity:
 
     def _layer(self) -> nn.Module:
         if self.layer is not None:
+            if not any(module is self.layer for module in self.model.modules()):
+                raise ValueError(
+                    f"layer {type(self.layer).__name__} is not a module of the model: pass one "
+                    "of model.modules() (the representation is that layer's input)"
+                )
             return self.layer
         linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
         if not linear:
@@ -257,6 +262,8 @@ class RepresentationSimilarity:
         self, train_data: Any, checkpoints: Sequence[Checkpoint] | Checkpoint | None = None
     ) -> RepresentationSimilarity:
         """Compute the training set's normalised representations under each checkpoint."""
+        positive_integer("batch_size", self.batch_size)
+        self._layer()
         train_data = checked_examples(train_data, "train", self.task, self.model, self.batch_size)
         self.checkpoints_ = checkpoint_list(self.model, checkpoints)
         self.train_representations_ = [

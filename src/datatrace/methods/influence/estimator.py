@@ -3,6 +3,8 @@ EK-FAC), diagonal or identity curvature, ensembled over checkpoints."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import named_device, positive_integer
+from datatrace._arguments import named_device, positive_integer, real_number
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
@@ -259,15 +261,14 @@ class InfluenceFunctions:
                 f"measurement must be one of {MEASUREMENTS} (what a target's gradient is of), "
                 f"got {self.measurement!r}"
             )
-        if isinstance(self.damping, str) or not self.damping >= 0:
+        number = not isinstance(self.damping, bool) and isinstance(self.damping, numbers.Real)
+        if not (number and math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(
                 f"damping must be a non-negative number (relative to each block's mean "
                 f"eigenvalue), got {self.damping!r}"
             )
-        if self.damping_absolute is not None and not self.damping_absolute >= 0:
-            raise ValueError(
-                f"damping_absolute must be non-negative, got {self.damping_absolute!r}"
-            )
+        if self.damping_absolute is not None:
+            real_number("damping_absolute", self.damping_absolute)
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise ValueError(
                 f"refine_steps must be a non-negative integer, got {self.refine_steps!r}"
