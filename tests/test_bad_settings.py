@@ -155,40 +155,29 @@ def test_a_kernel_setting_that_cannot_work_is_refused_before_anything_is_featuri
 
 
 @pytest.mark.parametrize(
-    ("entry", "value", "message"),
+    ("config", "entry", "value", "message"),
     [
-        ("proj_dim", "abc", "proj_dim must be a positive integer, got 'abc'"),
-        ("chunk_size", 2.5, "chunk_size must be a positive integer, got 2.5"),
-        ("threads", -1, "threads must be a non-negative integer"),
-        ("lease_s", 0, "lease_s must be a positive number, got 0"),
-        ("ray_num_gpus", -1.0, "ray_num_gpus must be a non-negative number"),
+        ("fit", "proj_dim", "abc", "proj_dim must be a positive integer, got 'abc'"),
+        ("fit", "chunk_size", 2.5, "chunk_size must be a positive integer, got 2.5"),
+        ("fit", "threads", -1, "threads must be a non-negative integer"),
+        ("fit", "lease_s", 0, "lease_s must be a positive number, got 0"),
+        ("fit", "ray_num_gpus", -1.0, "ray_num_gpus must be a non-negative number"),
+        ("subsets", "n_masks", "abc", "n_masks must be a positive integer, got 'abc'"),
+        ("subsets", "n_masks", 2.5, "n_masks must be a positive integer, got 2.5"),
+        ("subsets", "alpha", "x", "alpha must be a non-negative number, got 'x'"),
+        ("subsets", "alpha", 1.5, "alpha is the fraction of training examples kept, in [0, 1]"),
+        ("subsets", "threads", -1, "threads must be a non-negative integer"),
+        ("subsets", "lease_s", -1, "lease_s must be a positive number, got -1"),
     ],
 )
-def test_a_fit_config_entry_that_cannot_work_is_named(entry, value, message):
+def test_a_run_config_entry_that_cannot_work_is_named(config, entry, value, message):
     from datatrace.fit_config import FitRunConfig
-
-    with pytest.raises(ValueError, match=re.escape(message)):
-        FitRunConfig(**{entry: value}).check()
-    assert FitRunConfig().check() is not None
-
-
-@pytest.mark.parametrize(
-    ("entry", "value", "message"),
-    [
-        ("n_masks", "abc", "n_masks must be a positive integer, got 'abc'"),
-        ("n_masks", 2.5, "n_masks must be a positive integer, got 2.5"),
-        ("alpha", "x", "alpha must be a non-negative number, got 'x'"),
-        ("alpha", 1.5, "alpha is the fraction of training examples kept, in [0, 1]; got 1.5"),
-        ("threads", -1, "threads must be a non-negative integer"),
-        ("lease_s", -1, "lease_s must be a positive number, got -1"),
-    ],
-)
-def test_a_subset_config_entry_that_cannot_work_is_named(entry, value, message):
     from datatrace.subsets.config import SubsetRunConfig
 
+    kind = {"fit": FitRunConfig, "subsets": SubsetRunConfig}[config]
     with pytest.raises(ValueError, match=re.escape(message)):
-        SubsetRunConfig(**{entry: value}).check()
-    assert SubsetRunConfig().check() is not None
+        kind(**{entry: value}).check()
+    assert kind().check() is not None
 
 
 def test_a_subset_config_whose_sizes_contradict_its_experiment_is_refused():
