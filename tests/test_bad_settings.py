@@ -127,14 +127,31 @@ def test_a_top_k_that_is_not_a_positive_integer_is_named(k):
     assert fitted.top_k(targets, np.int64(2)).proponents.indices.shape == (3, 2)
 
 
+RELATIVE_DAMPING = (
+    "damping must be a non-negative number (relative to the mean diagonal of ΦᵀΦ) or 'auto'"
+)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"damping": -1.0}, "damping must be 'auto' or a finite non-negative number"),
-        ({"damping": "big"}, "damping must be 'auto' or a finite non-negative number"),
-        ({"damping": True}, "damping must be 'auto' or a finite non-negative number"),
-        ({"damping": float("nan")}, "damping must be 'auto' or a finite non-negative number"),
-        ({"damping_absolute": -0.1}, "damping_absolute must be None or a finite non-negative"),
+        (
+            {"damping": -1.0},
+            RELATIVE_DAMPING,
+        ),
+        (
+            {"damping": "big"},
+            RELATIVE_DAMPING,
+        ),
+        (
+            {"damping": True},
+            RELATIVE_DAMPING,
+        ),
+        (
+            {"damping": float("nan")},
+            RELATIVE_DAMPING,
+        ),
+        ({"damping_absolute": -0.1}, "damping_absolute must be a non-negative number or None"),
         ({"kernel_weights": "gauss-newton"}, "kernel_weights must be 'auto'"),
         ({"device": "tpu"}, "device must be a torch device"),
     ],
@@ -195,7 +212,7 @@ def test_a_subset_config_whose_sizes_contradict_its_experiment_is_refused():
         ("proj_dim", "512", "proj_dim must be a positive integer, got '512'"),
         ("epochs", 2.5, "epochs must be a positive integer, got 2.5"),
         ("threads", -2, "threads must be a non-negative integer"),
-        ("lds_models", 1.5, "lds_models must be 0 (no LDS) or a positive integer, got 1.5"),
+        ("lds_models", 1.5, "lds_models must be a non-negative integer (0: no LDS), got 1.5"),
     ],
 )
 def test_a_demo_config_entry_that_cannot_work_is_named(entry, value, message):

@@ -52,16 +52,32 @@ def positive_integer(name: str, value: Any, alternative: str = "") -> int:
     return int(value)
 
 
-def real_number(name: str, value: Any, least: str = "non-negative") -> float:
+def non_negative_integer(name: str, value: Any, note: str = "") -> int:
+    """``value`` as an ``int`` if it is a non-negative integer (not a bool, a float or a
+    string).
+
+    Raises:
+        ValueError: naming the setting, ``note`` (e.g. ``" (0: no interval)"``) and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer{note}, got {value!r}")
+    return int(value)
+
+
+def real_number(
+    name: str, value: Any, least: str = "non-negative", note: str = "", alternative: str = ""
+) -> float:
     """``value`` as a ``float`` if it is a finite real number (not a bool or a string) that is
     ``least``: ``"non-negative"`` (≥ 0) or ``"positive"`` (> 0).
 
     Raises:
-        ValueError: naming the setting and the value given.
+        ValueError: naming the setting, ``note`` (what the number means, e.g. ``" (relative to
+            the mean diagonal of ΦᵀΦ)"``), ``alternative`` (what else it takes, e.g. ``" or
+            'auto'"``) and the value given.
     """
     number = not isinstance(value, bool) and isinstance(value, numbers.Real)
     if not (number and math.isfinite(value) and (value > 0 if least == "positive" else value >= 0)):
-        raise ValueError(f"{name} must be a {least} number, got {value!r}")
+        raise ValueError(f"{name} must be a {least} number{note}{alternative}, got {value!r}")
     return float(value)
 
 
@@ -71,11 +87,7 @@ def thread_count(value: Any) -> int:
     Raises:
         ValueError: anything else.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(
-            f"threads must be a non-negative integer (0: leave torch's setting), got {value!r}"
-        )
-    return int(value)
+    return non_negative_integer("threads", value, " (0: leave torch's setting)")
 
 
 def named_device(device: Any) -> Any:

@@ -592,7 +592,7 @@ def _margins(values: Any, what: str) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     values = np.asarray(values)
-    if not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
+    if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{what} must be numbers (margins), got dtype {values.dtype}")
     values = values.astype(np.float64)
     if values.ndim == 1:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from datatrace._arguments import positive_integer, thread_count
+from datatrace._arguments import non_negative_integer, positive_integer, thread_count
 from datatrace._settings import JsonSettings, setting
 from datatrace.attributions import Attributions
 from datatrace.demo.data import Split, digits_split
@@ -121,14 +121,8 @@ class DemoConfig(JsonSettings):
         if config.model not in MODELS:
             raise ValueError(f"unknown model {config.model!r}: choose from {sorted(MODELS)}")
         thread_count(config.threads)
-        if config.lds_models is not None and (
-            isinstance(config.lds_models, bool)
-            or not isinstance(config.lds_models, int)
-            or config.lds_models < 0
-        ):
-            raise ValueError(
-                f"lds_models must be 0 (no LDS) or a positive integer, got {config.lds_models!r}"
-            )
+        if config.lds_models is not None:
+            non_negative_integer("lds_models", config.lds_models, " (0: no LDS)")
         for name in ("n_models", "epochs", "proj_dim", "n_train", "n_targets", "k"):
             value = getattr(config, name)
             if value is not None:

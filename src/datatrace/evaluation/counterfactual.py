@@ -231,7 +231,7 @@ def counterfactual_removal(
     targets = _targets(targets, n_targets)
     k = [k] if np.ndim(k) == 0 else k  # one k as a number
     ks = np.asarray(sorted({positive_integer("k", value) for value in k}), dtype=np.int64)
-    if ks.size == 0 or ks[0] < 1 or ks[-1] >= n_train:
+    if ks.size == 0 or ks[-1] >= n_train:
         raise ValueError(f"k must be between 1 and n_train - 1 = {n_train - 1}, got {list(k)}")
     cache = RetrainCache(
         store,
@@ -388,7 +388,7 @@ def brittleness(
             max_size = max(1, int(DEFAULT_MAX_REMOVED_FRACTION * n_train))
         sizes = geometric_sizes(max_size)
     sizes = sorted({positive_integer("sizes", size) for size in sizes})
-    if not sizes or sizes[0] < 1 or sizes[-1] >= n_train:
+    if not sizes or sizes[-1] >= n_train:
         raise ValueError(f"sizes must be between 1 and n_train - 1 = {n_train - 1}, got {sizes}")
     cache = RetrainCache(
         store,

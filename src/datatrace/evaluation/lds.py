@@ -17,13 +17,13 @@ the result.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from datatrace._arguments import non_negative_integer
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
 
@@ -181,10 +181,7 @@ def column_spearman(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 def check_bootstrap(bootstrap: Any) -> None:
     """Refuse a number of bootstrap draws that is not a non-negative integer."""
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
-        raise ValueError(
-            f"bootstrap must be a non-negative integer (0: no interval), got {bootstrap!r}"
-        )
+    non_negative_integer("bootstrap", bootstrap, " (0: no interval)")
 
 
 def bootstrap_mean_ci(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import positive_integer
+from datatrace._arguments import positive_integer, real_number
 from datatrace._estimator import (
     check_fitted,
     checked_examples,
@@ -259,7 +257,6 @@ class TRAK:
             ValueError: the store holds no features, or not every row chunk of them.
         """
         estimator, stored = reopen_features(cls, store, model, task, checkpoints, settings)
-        estimator._check_kernel_settings()
         return estimator._build_kernels(stored)
 
     def add_examples(self, train_data: Any, *, backend: str | Backend | None = None) -> TRAK:
@@ -314,6 +311,7 @@ class TRAK:
 
     def _build_kernels(self, stored: list[CheckpointFeatures]) -> TRAK:
         """Fitted state from the complete stored features of every checkpoint."""
+        self._check_kernel_settings()
         self._stored = stored
         self.n_train_ = stored[0].n_train  # less removed examples (add/remove_examples)
         self.feature_dim_ = self.features_.dim
@@ -369,29 +367,17 @@ class TRAK:
                 f"kernel_weights must be 'auto' (the task's Gauss–Newton weights where it has "
                 f"them) or None (the plain kernel ΦᵀΦ), got {self.kernel_weights!r}"
             )
-        for name in ("damping", "damping_absolute"):
-            value = getattr(self, name)
-            if value is None or (name == "damping" and value == "auto"):
-                continue
-            number = not isinstance(value, bool) and isinstance(value, numbers.Real)
-            if not (number and math.isfinite(value) and value >= 0):
-                what = (
-                    "'auto' or a finite non-negative number (relative to the mean diagonal of ΦᵀΦ)"
-                    if name == "damping"
-                    else "None or a finite non-negative number"
-                )
-                raise ValueError(f"{name} must be {what}, got {value!r}")
+        if self.damping != "auto":
+            relative = " (relative to the mean diagonal of ΦᵀΦ)"
+            real_number("damping", self.damping, note=relative, alternative=" or 'auto'")
+        if self.damping_absolute is not None:
+            real_number("damping_absolute", self.damping_absolute, alternative=" or None")
 
     def _kernel_weights(self, out_to_loss: np.ndarray) -> np.ndarray | None:
         """``(n_train,)`` the diagonal of ``R`` for one checkpoint's ``Q``, or ``None`` for the
         plain kernel (``kernel_weights=None``, or a task without a curvature)."""
         if self.kernel_weights is None:
             return None
-        if self.kernel_weights != "auto":
-            raise ValueError(
-                f"kernel_weights must be 'auto' (the task's Gauss–Newton weights where it has "
-                f"them) or None (the plain kernel ΦᵀΦ), got {self.kernel_weights!r}"
-            )
         weights = self.task.curvature(out_to_loss)
         if weights is None:
             return None
@@ -433,17 +419,8 @@ class TRAK:
 
     def _damping(self, statistics) -> float:
         if self.damping_absolute is not None:
-            if not self.damping_absolute >= 0:
-                raise ValueError(
-                    f"damping_absolute must be non-negative, got {self.damping_absolute}"
-                )
             return float(self.damping_absolute)
-        if isinstance(self.damping, str):
-            if self.damping != "auto":
-                raise ValueError(
-                    f"damping must be 'auto' or a number (relative to the mean diagonal of ΦᵀΦ), "
-                    f"got {self.damping!r}"
-                )
+        if self.damping == "auto":
             return damping_from_features(statistics, len(self.checkpoints_))
         return absolute_damping(statistics, float(self.damping))
 

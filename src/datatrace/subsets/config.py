@@ -18,7 +18,7 @@ from datatrace._arguments import positive_integer, real_number, thread_count
 from datatrace._settings import JsonSettings, setting
 from datatrace.subsets.backends import Backend, LocalBackend, RayBackend
 from datatrace.subsets.experiment import DEFAULT_LEASE_S, SubsetExperiment
-from datatrace.subsets.masks import DEFAULT_DROP_FRACTION, SEED_POLICIES
+from datatrace.subsets.masks import DEFAULT_DROP_FRACTION, SEED_POLICIES, check_alpha
 
 DIGITS_FACTORY = "datatrace.demo.subsets:DigitsSubsets"
 BACKENDS = ("local", "processes", "ray")
@@ -107,11 +107,7 @@ class SubsetRunConfig(JsonSettings):
         for name in ("n_train", "n_outputs"):
             if getattr(self, name) is not None:
                 positive_integer(name, getattr(self, name), " or null")
-        alpha = real_number("alpha", self.alpha)
-        if alpha > 1:
-            raise ValueError(
-                f"alpha is the fraction of training examples kept, in [0, 1]; got {alpha}"
-            )
+        check_alpha(self.alpha)
         thread_count(self.threads)
         real_number("lease_s", self.lease_s, "positive")
         real_number("ray_num_cpus", self.ray_num_cpus)

@@ -35,6 +35,7 @@ from datatrace.store.verify import CheckedArray, create_array
 from datatrace.subsets.backends import Backend, EvaluateFn, TrainFn
 from datatrace.subsets.claims import RowClaims
 from datatrace.subsets.masks import (
+    check_alpha,
     check_masks,
     check_seed_policy,
     kept_fraction,
@@ -153,10 +154,8 @@ class SubsetExperiment:
         explicit = None if masks is None else check_masks(masks, n_train)
         self.source = "random" if explicit is None else "explicit"
         self.alpha = alpha if explicit is None else None
-        if explicit is None and not 0.0 <= alpha <= 1.0:
-            raise ValueError(
-                f"alpha is the fraction of training examples kept, in [0, 1]; got {alpha}"
-            )
+        if explicit is None:
+            check_alpha(alpha)
         self.description = description or {}
         exists = self.store.provenance(self.path) is not None
         if explicit is None and n_masks is None and not exists:

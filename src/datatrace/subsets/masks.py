@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from datatrace._arguments import real_number
 from datatrace.grads.projectors import derive_seed
 
 # Seeds handed to the user's train() are reduced to 31 bits: every RNG API takes them (torch,
@@ -18,6 +19,18 @@ TRAIN_SEED_BITS = 31
 SEED_POLICIES = ("per-row", "fixed")
 # The small-drop protocol's default: each subset leaves out 1% of the training set.
 DEFAULT_DROP_FRACTION = 0.01
+
+
+def check_alpha(alpha: object) -> float:
+    """``alpha``, the fraction of training examples each random subset keeps, checked.
+
+    Raises:
+        ValueError: not a number in ``[0, 1]``.
+    """
+    value = real_number("alpha", alpha)
+    if value > 1:
+        raise ValueError(f"alpha is the fraction of training examples kept, in [0, 1]; got {alpha}")
+    return value
 
 
 def random_masks(
@@ -43,8 +56,7 @@ def random_masks(
         raise ValueError(f"n_train must be at least 1, got {n_train}")
     if n_masks < 0 or start < 0:
         raise ValueError(f"n_masks and start must be non-negative, got {n_masks} and {start}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha is the fraction of training examples kept, in [0, 1]; got {alpha}")
+    check_alpha(alpha)
     size = subset_size(n_train, alpha)
     masks = np.zeros((n_masks, n_train), dtype=bool)
     for row in range(n_masks):

@@ -3,8 +3,6 @@ EK-FAC), diagonal or identity curvature, ensembled over checkpoints."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -261,12 +259,7 @@ class InfluenceFunctions:
                 f"measurement must be one of {MEASUREMENTS} (what a target's gradient is of), "
                 f"got {self.measurement!r}"
             )
-        number = not isinstance(self.damping, bool) and isinstance(self.damping, numbers.Real)
-        if not (number and math.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(
-                f"damping must be a non-negative number (relative to each block's mean "
-                f"eigenvalue), got {self.damping!r}"
-            )
+        real_number("damping", self.damping, note=" (relative to each block's mean eigenvalue)")
         if self.damping_absolute is not None:
             real_number("damping_absolute", self.damping_absolute)
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
