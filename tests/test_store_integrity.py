@@ -268,6 +268,63 @@ def test_verify_reports_non_finite_features_in_a_finished_chunk(pristine, tmp_pa
     ]
 
 
+def flip_digit(metadata: Path, key: str) -> None:
+    """One bit flipped in the first digit of the value of ``key`` in a ``zarr.json``: the low
+    bit of an ASCII digit, so it stays a digit and the file stays valid JSON."""
+    text = metadata.read_bytes()
+    start = text.index(f'"{key}":'.encode()) + len(key) + 3
+    digit = next(i for i in range(start, len(text)) if chr(text[i]).isdigit())
+    metadata.write_bytes(text[:digit] + bytes([text[digit] ^ 0x01]) + text[digit + 1 :])
+
+
+@pytest.mark.parametrize("key", ["neighbour_cosine", "trace", "coupling", "gram_chunks"])
+def test_an_altered_digit_of_the_kernels_attributes_is_refused_and_repaired(
+    pristine, tmp_path, key
+):
+    """The statistics the damping rule reads and the chunks the stored gram covers live in the
+    checkpoint group's zarr.json, which no chunk checksum covers: a flipped digit there still
+    parses (ρ 0.67 read as 0.66 or 0.47 changes the damping; a gram taken to cover fewer chunks
+    than it does would have one chunk added twice). Their seal refuses it; verify names it and
+    repair drops them, rebuilt by the next fit to the same scores."""
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    metadata = path / "features/0/zarr.json"
+    flip_digit(metadata, key)
+    json.loads(metadata.read_text())  # still valid JSON
+    damaged = objects(path)
+    with pytest.raises(StoreCorruptionError, match="fail their checksum") as raised:
+        use_features(path)
+    assert raised.value.array == "features/0" and "datatrace verify" in str(raised.value)
+    with pytest.raises(StoreCorruptionError, match="fail their checksum"):
+        dt.TRAK.from_store(path, make_model(), dt.Classification())
+    assert objects(path) == damaged, "a use of a damaged store wrote to it"
+    report = verify_store(path)
+    assert [(p.array, p.chunk) for p in report.problems] == [("features/0", None)]
+    verify_store(path, repair=True)
+    attributes = json.loads(metadata.read_text())["attributes"]
+    assert set(attributes) == {"identity"}  # derived attributes and their seal dropped
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    assert verify_store(path).clean
+
+
+def test_derived_attributes_without_a_seal_are_read_as_before(pristine, tmp_path):
+    """A store written before seals: its derived attributes are read unchecked, and the next
+    change of them seals them."""
+    from datatrace.store.verify import SEAL_ATTRIBUTE
+
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    metadata = path / "features/0/zarr.json"
+    document = json.loads(metadata.read_text())
+    assert SEAL_ATTRIBUTE in document["attributes"]
+    del document["attributes"][SEAL_ATTRIBUTE]
+    metadata.write_text(json.dumps(document))
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    assert verify_store(path).clean
+
+
 # Metadata of every kind of node: the root, a section, a checkpoint's group, arrays, saved
 # scores, a subset experiment's table.
 METADATA = [

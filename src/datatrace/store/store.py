@@ -22,6 +22,8 @@ Layout::
         dual_gram    (n, n)          float64 ΦΦᵀ of the kept rows, instead, when k > n and
                                      k > 4,096 (below, computed from Φ when needed)
                                      attrs["statistics"]: what the damping rule reads
+                                     attrs["derived_crc32"]: seal of the attributes computed
+                                     from the rows (statistics, gram_*), checked on reads
       scores/<name>/                 saved Attributions (see attributions.py)
 
 Partial Grams. ``ΦᵀΦ = Σ_chunks Φ_chunkᵀΦ_chunk``, so the primal kernel is assembled by adding the
@@ -63,7 +65,9 @@ from zarr.core.sync import sync
 from datatrace.methods.kernel import KernelStatistics, neighbour_sample, neighbour_statistics
 from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
+    ALTERED_ATTRIBUTES,
     DIGEST_COLUMNS,
+    FEATURE_DERIVED_ATTRS,
     METADATA_ADVICE,
     MISPLACED,
     MISSING,
@@ -73,6 +77,8 @@ from datatrace.store.verify import (
     create_array,
     digest_rows,
     digest_values,
+    resealed,
+    seal_holds,
 )
 
 if TYPE_CHECKING:
@@ -784,7 +790,7 @@ class CheckpointFeatures:
         deleted. The dual reads ``Φ``.
         """
         name = "dual_gram" if dual else "gram"
-        attrs = self.group.attrs
+        attrs = self.attributes()
         cached, first = None, 0
         if name in self.group and attrs.get(f"{name}_complete"):
             cached = self.store.checked(self.group[name])[:]
@@ -817,7 +823,7 @@ class CheckpointFeatures:
             sync(self.store.zarr_store.delete(self.partial_gram.key((chunk, 0, 0))))
 
     def _write_gram(self, name: str, gram: np.ndarray) -> None:
-        self.group.attrs[f"{name}_complete"] = False
+        self.update_attributes({f"{name}_complete": False})
         side = len(gram)
         array = create_array(
             self.group,
@@ -832,20 +838,45 @@ class CheckpointFeatures:
         update = {f"{name}_complete": True}
         if name == "gram":
             update["gram_chunks"] = self.n_chunks
-        self.group.attrs.update(update)
+        self.update_attributes(update)
+
+    def attributes(self) -> dict[str, Any]:
+        """The group's attributes, its derived ones (statistics, which kernels are built and
+        what they cover) checked against their seal.
+
+        Raises:
+            StoreCorruptionError: they fail it (the group's ``zarr.json`` was altered).
+        """
+        attrs = self.group.attrs.asdict()
+        if not seal_holds(attrs, FEATURE_DERIVED_ATTRS):
+            names = ", ".join(name for name in FEATURE_DERIVED_ATTRS if name in attrs)
+            raise StoreCorruptionError(
+                self.store.where, self.group.path, None, ALTERED_ATTRIBUTES.format(names=names),
+                f"{self.group.path}/{ZARR_METADATA}",
+            )  # fmt: skip
+        return attrs
+
+    def update_attributes(self, values: dict[str, Any], drop: Iterable[str] = ()) -> None:
+        """Set ``values`` and delete ``drop`` among the group's attributes, resealed, in one
+        metadata write (so that a crash leaves the old attributes or the new, each sealed)."""
+        attrs = self.attributes()
+        attrs.update(values)
+        for name in drop:
+            attrs.pop(name, None)
+        self.group.attrs.put(resealed(attrs, FEATURE_DERIVED_ATTRS))
 
     def statistics(self, dual_gram: np.ndarray | None = None) -> KernelStatistics:
         """The :class:`~datatrace.methods.kernel.KernelStatistics` (trace, neighbour cosine,
         coupling) the damping rules read, of the kept rows (recorded ones missing a field, from
         an earlier version, are recomputed); from ``dual_gram`` (:meth:`gram` with ``dual``)
         when given, without reading ``Φ``."""
-        recorded = self.group.attrs.get("statistics")
+        recorded = self.attributes().get("statistics")
         if recorded is not None and set(recorded) == set(KernelStatistics.__dataclass_fields__):
             return KernelStatistics(**recorded)
         self._require_complete("choosing the damping")
         if dual_gram is not None:
             statistics = KernelStatistics.of_dual_gram(dual_gram, self.features.shape[1])
-            self.group.attrs["statistics"] = asdict(statistics)
+            self.update_attributes({"statistics": asdict(statistics)})
             return statistics
         rows = neighbour_sample(self.n_train)
         sample = self.features[self.train_rows()[rows], :]
@@ -860,7 +891,7 @@ class CheckpointFeatures:
         # One read of Φ for both statistics.
         cosine, coupling = neighbour_statistics(sample, rows, chunks_adding_to_the_trace())
         statistics = KernelStatistics(self.n_train, self.features.shape[1], trace, cosine, coupling)
-        self.group.attrs["statistics"] = asdict(statistics)
+        self.update_attributes({"statistics": asdict(statistics)})
         return statistics
 
     # -- incremental changes ---------------------------------------------------------------
@@ -868,9 +899,7 @@ class CheckpointFeatures:
     def _forget_derived(self) -> None:
         """Drop what the training set's change invalidates: the statistics and the dual gram
         (rebuilt from ``Φ``); the primal gram is updated, not dropped."""
-        for key in ("statistics", "dual_gram_complete"):
-            if key in self.group.attrs:
-                del self.group.attrs[key]
+        self.update_attributes({}, drop=("statistics", "dual_gram_complete"))
 
     def extend(self, n_new: int) -> int:
         """Make room for ``n_new`` more rows, in new row chunks; returns the first new row.
@@ -886,8 +915,9 @@ class CheckpointFeatures:
             raise ValueError(f"n_new must be positive, got {n_new}")
         first = self.n_chunks * self.chunk_rows
         n_rows = first + n_new
-        if "gram_complete" in self.group.attrs and "gram_chunks" not in self.group.attrs:
-            self.group.attrs["gram_chunks"] = self.n_chunks  # a gram written before the key
+        attrs = self.attributes()
+        if "gram_complete" in attrs and "gram_chunks" not in attrs:
+            self.update_attributes({"gram_chunks": self.n_chunks})  # a gram written before it
         padding = first - self.n_rows
         if padding and self.removed is None:
             self.removed = self._array("removed", (self.n_rows,), (self.chunk_rows,), "uint8")
@@ -928,9 +958,9 @@ class CheckpointFeatures:
             raise ValueError(f"stored rows {rows[~kept[rows]].tolist()} are already removed")
         self._require_complete("removing examples")
         gram = None
-        if self.group.attrs.get("gram_complete"):
+        if self.attributes().get("gram_complete"):
             gram = self.gram() - partial_gram(self.features[rows, :])
-            self.group.attrs["gram_complete"] = False  # until the downdated one is written
+            self.update_attributes({"gram_complete": False})  # until the downdated one is written
         if self.removed is None:
             self.removed = self._array("removed", (self.n_rows,), (self.chunk_rows,), "uint8")
         mask = (~kept).astype(np.uint8)

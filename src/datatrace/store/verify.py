@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,6 +358,9 @@ class MarkedLayout:
     rerun: str
 
 
+# The attributes of a checkpoint's features group computed from its rows (sealed: SEAL_ATTRIBUTE).
+FEATURE_DERIVED_ATTRS = ("gram_complete", "gram_chunks", "dual_gram_complete", "statistics")
+
 # The layouts of store.py (features) and subsets/experiment.py (subset tables).
 MARKED_LAYOUTS = (
     MarkedLayout(
@@ -366,7 +370,7 @@ MARKED_LAYOUTS = (
         required=("features", "out_to_loss", "example_hash"),
         finite=("features", "out_to_loss", "partial_gram"),
         derived=("gram", "dual_gram"),
-        derived_attrs=("gram_complete", "gram_chunks", "dual_gram_complete", "statistics"),
+        derived_attrs=FEATURE_DERIVED_ATTRS,
         rerun="the next fit recomputes it",
     ),
     MarkedLayout(
@@ -403,6 +407,44 @@ def chunk_digest(values: np.ndarray, rows: int | None = None) -> int:
         padding = np.zeros((rows - len(values), *values.shape[1:]), values.dtype)
         values = np.concatenate([values, padding])
     return zlib.crc32(values.view(np.uint8))
+
+
+SEAL_ATTRIBUTE = "derived_crc32"
+"""The group attribute holding :func:`attribute_seal` of the group's derived attributes."""
+
+ALTERED_ATTRIBUTES = (
+    "has attributes derived from its features ({names}) that fail their checksum: its zarr.json "
+    "was altered"
+)
+
+
+def attribute_seal(attrs: Mapping[str, Any], names: Sequence[str]) -> int | None:
+    """CRC-32 of the attributes ``names`` present in ``attrs`` (canonical JSON), or ``None`` if
+    none is. Zarr's checksums cover chunks, not a group's ``zarr.json``: a flipped digit there
+    (the neighbour cosine ``ρ`` 0.67 read as 0.47) still parses, and the damping rule would read
+    it. The seal is written with those attributes in one metadata write and checked on reads."""
+    values = {name: attrs[name] for name in names if name in attrs}
+    if not values:
+        return None
+    return zlib.crc32(json.dumps(values, sort_keys=True, separators=(",", ":")).encode())
+
+
+def seal_holds(attrs: Mapping[str, Any], names: Sequence[str]) -> bool:
+    """Whether ``attrs``' seal matches its attributes ``names``: true without a seal (nothing
+    derived yet, or a store written before seals)."""
+    seal = attrs.get(SEAL_ATTRIBUTE)
+    return seal is None or seal == attribute_seal(attrs, names)
+
+
+def resealed(attrs: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``attrs`` with its seal of ``names`` recomputed (dropped when none of them is left)."""
+    attrs = dict(attrs)
+    seal = attribute_seal(attrs, names)
+    if seal is None:
+        attrs.pop(SEAL_ATTRIBUTE, None)
+    else:
+        attrs[SEAL_ATTRIBUTE] = seal
+    return attrs
 
 
 def digest_values(name: str, values: np.ndarray) -> np.ndarray:
@@ -556,7 +598,15 @@ class _Verification:
                 if problem != MISSING:
                     self.delete_keys.add(CheckedArray(self.nodes[array_path], "").key(chunk))
             self.delete_keys.add(CheckedArray(done_array, "").key((row,)))
-        if damaged_rows:
+        altered = not seal_holds(group.attrs.asdict(), layout.derived_attrs)
+        if altered:
+            names = ", ".join(name for name in layout.derived_attrs if name in group.attrs)
+            self._problem(
+                path, None, ALTERED_ATTRIBUTES.format(names=names),
+                f"drop them, with {' and '.join(layout.derived)}: the next fit rebuilds them from "
+                "the features",
+            )  # fmt: skip
+        if damaged_rows or altered:
             self.delete_nodes |= {f"{path}/{name}" for name in layout.derived}
             self.drop_attrs |= {(path, name) for name in layout.derived_attrs}
         for name in layout.derived:
@@ -668,9 +718,20 @@ class _Verification:
         for path in sorted(self.delete_nodes):
             if path in self.store.root:
                 del self.store.root[path]
-        for path, name in sorted(self.drop_attrs):
-            if path in self.store.root and name in self.store.root[path].attrs:
-                del self.store.root[path].attrs[name]
+        dropped: dict[str, set[str]] = {}
+        for path, name in self.drop_attrs:
+            dropped.setdefault(path, set()).add(name)
+        for path, names in sorted(dropped.items()):
+            if path not in self.store.root:
+                continue
+            group = self.store.root[path]
+            attrs = group.attrs.asdict()
+            if names.isdisjoint(attrs):
+                continue
+            for name in names:
+                attrs.pop(name, None)
+            layout = self._marked_layout(path)
+            group.attrs.put(resealed(attrs, layout.derived_attrs if layout else ()))
         self.report.repaired = True
 
 
