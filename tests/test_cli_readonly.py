@@ -186,3 +186,22 @@ def test_verify_finds_a_lost_chunk_and_repair_lets_a_refit_recompute_it(tmp_path
     np.testing.assert_array_equal(refitted.score(targets).scores, scores)
     np.testing.assert_array_equal(dt.Attributions.load(str(path), "saved").scores, scores)
     assert runner.invoke(app, ["verify", str(path)]).exit_code == 0
+
+
+def test_repair_exits_1_when_it_leaves_damage_it_cannot_recompute(tmp_path):
+    """A checkpoint's features whose zarr.json was lost cannot be recomputed by verify: --repair
+    drops what it can (the lost gram) and still says that damage is left, with exit code 1."""
+    path = tmp_path / "store"
+    fitted_store(path)
+    (path / "features/0/features/zarr.json").unlink()
+    (path / "features/0/gram/zarr.json").unlink()
+
+    damaged = runner.invoke(app, ["verify", str(path)], env=WIDE)
+    assert damaged.exit_code == 1, damaged.output
+    assert re.search(r"features/0/features\s*│\s*—\s*│\s*has lost its metadata", damaged.stdout)
+
+    repaired = runner.invoke(app, ["verify", "--repair", str(path)], env=WIDE)
+    assert repaired.exit_code == 1, repaired.output
+    assert "damage left" in repaired.stdout and "1 of the" in repaired.stdout, repaired.stdout
+    assert not (path / "features/0/gram").exists()  # dropped: the next fit rebuilds it
+    assert (path / "features/0/features/c").is_dir()  # left as is

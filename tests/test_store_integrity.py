@@ -127,6 +127,7 @@ ARRAYS = [
     ("features/0/out_to_loss", (3,), "features"),
     ("features/0/example_hash", (1,), "features"),
     ("features/0/done", (2,), "features"),
+    ("features/0/digest", (2, 0), "features"),
     ("features/0/gram", (0, 0), "features"),
     (f"scores/{SCORES}/scores", (0, 0), "scores"),
     (f"scores/{SCORES}/out_to_loss", (0,), "scores"),
@@ -308,6 +309,31 @@ def test_an_altered_digit_of_the_kernels_attributes_is_refused_and_repaired(
     assert verify_store(path).clean
 
 
+def test_chunks_finished_before_the_digests_are_not_taken_for_lost_digests(pristine, tmp_path):
+    """A store of an earlier version has no digests; resumed, the chunks it finished have none
+    (the array records that not every chunk has one), and stores whose digest array predates
+    that record are read as before: neither is refused, and the scores are the same."""
+    source, expected = pristine
+    train, _ = make_data()
+    path = tmp_path / "resumed"
+    trak(path).fit(train, shard=(0, 2))
+    del zarr.open_group(str(path), mode="r+")["features/0/digest"]  # as written before digests
+    trak(path).fit(train)
+    digest = zarr.open_array(str(path / "features/0/digest"), mode="r")
+    assert digest.attrs["every_chunk"] is False
+    assert not (path / "features/0/digest/c/0/0").exists()  # finished before: none
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    assert verify_store(path).clean
+
+    path = tmp_path / "unrecorded"
+    shutil.copytree(source, path)
+    digest = zarr.open_array(str(path / "features/0/digest"), mode="r+")
+    digest.attrs.put({})  # a digest array written before the record
+    (path / "features/0/digest/c/2/0").unlink()
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    assert verify_store(path).clean
+
+
 def test_derived_attributes_without_a_seal_are_read_as_before(pristine, tmp_path):
     """A store written before seals: its derived attributes are read unchecked, and the next
     change of them seals them."""
@@ -355,6 +381,44 @@ def test_lost_or_damaged_metadata_is_named_and_nothing_is_written(
     assert raised.value.array == node
     assert "restore the file from a copy" in str(raised.value)
     assert objects(path) == before, "a use of a store with damaged metadata wrote to it"
+
+
+# (node whose zarr.json is lost, whether repair can drop it: what it holds is rebuilt)
+LOST = [
+    ("features/0", False),
+    ("features/0/features", False),
+    ("features/0/digest", False),
+    ("features/0/gram", True),
+    (f"scores/{SCORES}", True),
+    (f"scores/{SCORES}/scores", True),
+    (f"subsets/{toy.NAME}/outputs", False),
+]
+
+
+@pytest.mark.parametrize(("node", "rebuilt"), LOST, ids=[node for node, _ in LOST])
+def test_verify_reports_a_node_whose_metadata_was_lost(pristine, tmp_path, node, rebuilt):
+    """zarr lists no node where ``zarr.json`` is missing, so its chunks are found by listing
+    the objects: verify names the node, and repair drops it only where a run rebuilds it."""
+    source, expected = pristine
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    (path / node / "zarr.json").unlink()
+    before = objects(path)
+    report = verify_store(path)
+    assert [(problem.array, problem.chunk) for problem in report.problems if
+            "lost its metadata" in problem.problem] == [(node, None)]  # fmt: skip
+    assert objects(path) == before, "verify without repair wrote to the store"
+    verify_store(path, repair=True)
+    if not rebuilt:
+        assert objects(path) == before, "repair dropped what no run can rebuild"
+        assert not verify_store(path).clean
+        return
+    assert verify_store(path).clean
+    assert not any(key.startswith(f"{node}/") for key in objects(path))
+    np.testing.assert_array_equal(use_features(path), expected["features"])
+    if node.startswith("scores/"):
+        with pytest.raises(KeyError, match=SCORES):
+            use_scores(path)
 
 
 @pytest.mark.parametrize("reopen", [True, False], ids=["from_store", "fit"])

@@ -28,7 +28,8 @@ def verify(
 
     Checks that every chunk decodes and passes its checksum, that completion marks agree with the
     chunks present, and that finished features are finite. Exit code 0 when the store is sound
-    (or was repaired), 1 when damage is left.
+    (or was repaired), 1 when damage is left (found without ``--repair``, or damage that
+    ``--repair`` cannot recompute).
     """
     from datatrace.store.verify import format_chunk, verify_store
 
@@ -62,12 +63,19 @@ def verify(
                 escape(problem.repair),
             )
         console.print(table)
-        if report.repaired:
+        if report.repaired and not report.left:
             console.print(
                 f"[bold yellow]repaired[/]: {summary}. Run the same fit (or subsets run) again: "
                 "it recomputes only what was dropped"
             )
             return
+        if report.repaired:
+            console.print(
+                f"[bold red]damage left[/]: {summary}. {len(report.left)} of the "
+                f"{len(report.problems)} problems cannot be recomputed and were left as is; the "
+                "rest were dropped"
+            )
+            raise typer.Exit(1)
         console.print(
             f"[bold red]damaged[/]: {summary}. `datatrace verify --repair {escape(store)}` drops "
             "what is damaged so that the next run recomputes it"

@@ -12,7 +12,8 @@ Layout::
         done         (n_chunks,)     uint8, one chunk per row chunk: 1 once its data is written
         digest       (n_chunks, 3)   uint32 CRC-32 of the chunk's features, out-to-loss weights
                                      and partial Gram diagonal (0: none), written before its
-                                     mark: a chunk moved from elsewhere decodes but is refused
+                                     mark: a chunk moved from elsewhere decodes but is refused;
+                                     attribute every_chunk: every chunk marked done has one
         partial_gram (n_chunks, k, k) float64 Φ_chunkᵀΦ_chunk of each row chunk, written with it
                                      (when k ≤ n); its objects deleted once folded into gram
         removed      (n_train,)      uint8 1 for rows that are not (or no longer) training
@@ -67,6 +68,7 @@ from datatrace.store.provenance import json_normalise
 from datatrace.store.verify import (
     ALTERED_ATTRIBUTES,
     DIGEST_COLUMNS,
+    EVERY_CHUNK_DIGESTED,
     FEATURE_DERIVED_ATTRS,
     METADATA_ADVICE,
     MISPLACED,
@@ -543,13 +545,14 @@ class CheckpointFeatures:
         dtype: str,
         marks: bool = False,
         compress: bool = True,
+        attributes: dict[str, Any] | None = None,
     ) -> CheckedArray:
         if name not in self.group:
             self.store.refuse_lost_metadata(f"{self.group.path}/{name}")
             try:
                 create_array(
                     self.group, name, compress, shape=shape, chunks=chunks, dtype=dtype,
-                    fill_value=0,
+                    fill_value=0, attributes=attributes or {},
                 )  # fmt: skip
             except zarr.errors.ContainsArrayError:
                 pass  # another process created it at the same moment
@@ -583,6 +586,11 @@ class CheckpointFeatures:
             for chunk in np.flatnonzero(done):
                 if int(chunk) not in present:
                     array.read(slice(*self.rows(int(chunk))))  # raises, naming the chunk
+        if self.digest is not None and self.digest.attrs.get(EVERY_CHUNK_DIGESTED):
+            present = self.digest.present_rows()
+            for chunk in np.flatnonzero(done):
+                if int(chunk) not in present:  # lost: the chunk could no longer be checked
+                    self.digest.read(slice(int(chunk), int(chunk) + 1))  # raises, naming it
         return done
 
     def pending(self, shard: tuple[int, int] | None = None) -> list[int]:
@@ -650,9 +658,13 @@ class CheckpointFeatures:
                 self.partial_gram = self._partial_gram_array()
             self.partial_gram[chunk] = partial_gram
         if self.digest is None:
+            # Chunks marked done before the digests were written (a store of an earlier
+            # version, resumed) have none; otherwise every chunk marked done has one.
+            every_chunk = not self.done[:].astype(bool).any()
             self.digest = self._array(
-                "digest", (self.n_chunks, len(DIGEST_COLUMNS)), (1, 3), "uint32"
-            )
+                "digest", (self.n_chunks, len(DIGEST_COLUMNS)), (1, 3), "uint32",
+                attributes={EVERY_CHUNK_DIGESTED: every_chunk},
+            )  # fmt: skip
         self.digest[chunk] = np.array(digests, np.uint32)
         self._digests = None
         self.done.set_mark(chunk)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -384,6 +385,10 @@ MARKED_LAYOUTS = (
     ),
 )
 SCORES_SECTION = "scores"
+LEFT_AS_IS = "left as is: verify cannot recompute it"
+RESTORE_METADATA = (
+    "left as is: restore its zarr.json from a copy, or move the store aside and start a new one"
+)
 REBUILD = "delete it: the next fit rebuilds it"
 NOT_FINITE = "holds NaN or infinite values"
 MISPLACED = (
@@ -393,6 +398,9 @@ MISPLACED = (
 # Columns of a row chunk's digests (CheckpointFeatures' "digest" array): which array's chunk each
 # covers; a partial Gram's digest covers its diagonal.
 DIGEST_COLUMNS = ("features", "out_to_loss", "partial_gram")
+# Attribute of the digest array: every chunk marked done has its digest (false where chunks were
+# finished before the array was created, by an earlier version; absent in stores of that time).
+EVERY_CHUNK_DIGESTED = "every_chunk"
 
 
 def chunk_digest(values: np.ndarray, rows: int | None = None) -> int:
@@ -467,12 +475,14 @@ class Problem:
         chunk: grid coordinates of the chunk, or ``None`` for the whole array or group.
         problem: what is wrong.
         repair: what ``repair=True`` does about it.
+        repairable: whether ``repair=True`` drops it (``False``: it is left as is).
     """
 
     array: str
     chunk: tuple[int, ...] | None
     problem: str
     repair: str
+    repairable: bool = True
 
 
 @dataclass
@@ -498,6 +508,11 @@ class VerifyReport:
     @property
     def clean(self) -> bool:
         return not self.problems
+
+    @property
+    def left(self) -> list[Problem]:
+        """The problems that ``repair`` leaves as is (it cannot recompute what they damaged)."""
+        return [problem for problem in self.problems if not problem.repairable]
 
 
 def verify_store(store: Store | str | Path, repair: bool = False) -> VerifyReport:
@@ -533,11 +548,14 @@ class _Verification:
     def __init__(self, store: Store):
         self.store = store
         self.report = VerifyReport(store.where)
-        self.nodes = dict(store.root.members(max_depth=None))
+        with warnings.catch_warnings():  # a directory without zarr.json: reported below
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+            self.nodes = dict(store.root.members(max_depth=None))
         # What repair does, applied once the whole store is read.
         self.delete_keys: set[str] = set()
         self.delete_nodes: set[str] = set()
         self.drop_attrs: set[tuple[str, str]] = set()
+        self.delete_prefixes: set[str] = set()  # directories of lost nodes
 
     def run(self) -> None:
         checked: set[str] = set()
@@ -552,7 +570,52 @@ class _Verification:
         for path, node in self.nodes.items():
             if isinstance(node, zarr.Array) and path not in checked:
                 for chunk, problem in self._check_array(path, node, required=False):
-                    self._problem(path, chunk, problem, "left as is: verify cannot recompute it")
+                    self._problem(path, chunk, problem, LEFT_AS_IS, repairable=False)
+        self._check_lost_metadata()
+
+    def _check_lost_metadata(self) -> None:
+        """Report the directories that hold objects but whose ``zarr.json`` was lost: zarr lists
+        no node there, so nothing else here would look at them (reading one raises, as
+        :meth:`Store.refuse_lost_metadata <datatrace.store.Store.refuse_lost_metadata>` does). A
+        lost kernel or saved score matrix is dropped by ``repair`` (rebuilt from the checked
+        features, or scored again); anything else needs its file back."""
+        from datatrace.store.store import PARTIAL_SUFFIX
+
+        arrays = {path for path, node in self.nodes.items() if isinstance(node, zarr.Array)}
+        groups = {""} | set(self.nodes) - arrays
+        lost: dict[str, int] = {}
+        for key in sync(_list(self.store.zarr_store, "")):
+            parts = key.split("/")
+            if key.endswith(PARTIAL_SUFFIX) or any(part.startswith(".") for part in parts):
+                continue
+            # The deepest node above the object: an array owns it as a chunk; a group with the
+            # object in a directory below it has lost the node of that directory.
+            depth = next(
+                depth
+                for depth in range(len(parts) - 1, -1, -1)
+                if "/".join(parts[:depth]) in arrays | groups
+            )
+            if "/".join(parts[:depth]) in groups and depth < len(parts) - 1:
+                node = "/".join(parts[: depth + 1])
+                lost[node] = lost.get(node, 0) + 1
+        for node, count in sorted(lost.items()):
+            parent, _, name = node.rpartition("/")
+            layout = self._marked_layout(parent)
+            objects = f"{count} object{'s' if count > 1 else ''} remain{'s' if count == 1 else ''}"
+            problem = f"has lost its metadata (its zarr.json is missing; {objects} under it)"
+            if layout is not None and name in layout.derived:
+                repair = f"delete its objects: {REBUILD.split(': ', 1)[1]}"
+                self.delete_nodes |= {f"{parent}/{name}" for name in layout.derived}
+                self.drop_attrs |= {(parent, name) for name in layout.derived_attrs}
+            elif node.startswith(f"{SCORES_SECTION}/"):
+                scores = "/".join(node.split("/")[:2])
+                repair = f"delete {scores}: score again to save it"
+                self.delete_nodes.add(scores)
+            else:
+                self._problem(node, None, problem, RESTORE_METADATA, repairable=False)
+                continue
+            self.delete_prefixes.add(node)
+            self._problem(node, None, problem, repair)
 
     def _marked_layout(self, path: str) -> MarkedLayout | None:
         done = self.nodes.get(f"{path}/done")
@@ -574,7 +637,7 @@ class _Verification:
         for chunk, problem in self._check_array(f"{path}/done", done_array, False, keep_mark):
             damaged_rows.setdefault(chunk[0], []).append((f"{path}/done", chunk, problem))
         checked = {f"{path}/done"}
-        digests = self._digests(path, len(done), damaged_rows, checked)
+        digests = self._digests(path, done, damaged_rows, checked)
         for name in layout.rows:
             array = self.nodes.get(f"{path}/{name}")
             if not isinstance(array, zarr.Array) or array.cdata_shape[:1] != (len(done),):
@@ -625,12 +688,13 @@ class _Verification:
                 self.drop_attrs.add((path, f"{name}_complete"))
         return checked
 
-    def _digests(self, path, n_chunks, damaged_rows, checked) -> np.ndarray | None:
+    def _digests(self, path, done, damaged_rows, checked) -> np.ndarray | None:
         """The ``(n_chunks, 3)`` digests recorded with each row chunk of the group at ``path``
         (0 where none was: a chunk not written, or written before digests), or ``None`` if the
-        group has none; a damaged digest is reported with its row and reads as 0."""
+        group has none; a damaged digest, or a lost one of a chunk marked ``done`` where every
+        chunk has one, is reported with its row and reads as 0."""
         array = self.nodes.get(f"{path}/digest")
-        if not isinstance(array, zarr.Array) or array.shape != (n_chunks, len(DIGEST_COLUMNS)):
+        if not isinstance(array, zarr.Array) or array.shape != (len(done), len(DIGEST_COLUMNS)):
             return None
         checked.add(f"{path}/digest")
         digests = np.zeros(array.shape, np.uint64)
@@ -638,7 +702,8 @@ class _Verification:
         def keep(chunk: tuple[int, ...], block: np.ndarray) -> None:
             digests[chunk[0]] = block
 
-        for chunk, problem in self._check_array(f"{path}/digest", array, False, digests=None,
+        required = done if array.attrs.get(EVERY_CHUNK_DIGESTED) else False
+        for chunk, problem in self._check_array(f"{path}/digest", array, required, digests=None,
                                                 each=keep):  # fmt: skip
             damaged_rows.setdefault(chunk[0], []).append((f"{path}/digest", chunk, problem))
         return digests
@@ -709,12 +774,21 @@ class _Verification:
                 each(chunk, np.asarray(block).reshape(-1))
         return found
 
-    def _problem(self, path: str, chunk: tuple[int, ...] | None, problem: str, repair: str):
-        self.report.problems.append(Problem(path, chunk, problem, repair))
+    def _problem(
+        self,
+        path: str,
+        chunk: tuple[int, ...] | None,
+        problem: str,
+        repair: str,
+        repairable: bool = True,
+    ) -> None:
+        self.report.problems.append(Problem(path, chunk, problem, repair, repairable))
 
     def repair(self) -> None:
         for key in sorted(self.delete_keys):
             sync(self.store.zarr_store.delete(key))
+        for prefix in sorted(self.delete_prefixes):
+            sync(self.store.zarr_store.delete_dir(prefix))
         for path in sorted(self.delete_nodes):
             if path in self.store.root:
                 del self.store.root[path]
