@@ -229,3 +229,59 @@ def test_a_device_name_torch_does_not_know_is_named_by_every_estimator(estimator
         getattr(dt, estimator)(make_model(), dt.Classification(), device="tpu", progress=False).fit(
             make_data()
         )
+
+
+# A seed that is not a non-negative integer: each was taken before, "3" and 2.5 seeding other
+# projections than 3 and 2 (and the masks of a subset experiment silently), None and -1 too.
+BAD_SEEDS = ["3", 2.5, -1, True, None]
+
+
+def _seeded(kind: str, seed, tmp_path):
+    from datatrace.evaluation.lds import lds
+    from datatrace.subsets import SubsetExperiment
+
+    rng = np.random.default_rng(0)
+    if kind == "TRAK":
+        return trak(store=tmp_path / "store", proj_dim=8, seed=seed).fit(make_data())
+    if kind == "SubsetExperiment":
+        return SubsetExperiment(
+            tmp_path / "store", "t", n_train=N_TRAIN, n_outputs=2, n_masks=4, seed=seed
+        )
+    if kind == "Datamodels":
+        masks = rng.random((40, N_TRAIN)) < 0.5
+        return dt.Datamodels(seed=seed, progress=False).fit(masks, rng.normal(size=(40, 2)))
+    if kind == "InfluenceFunctions":
+        estimator = dt.InfluenceFunctions(make_model(), dt.Classification(), seed=seed)
+        return estimator.fit(make_data())
+    masks = rng.random((30, N_TRAIN)) < 0.5
+    return lds(rng.normal(size=(2, N_TRAIN)), masks, rng.normal(size=(30, 2)), seed=seed)
+
+
+@pytest.mark.parametrize("seed", BAD_SEEDS, ids=[repr(seed) for seed in BAD_SEEDS])
+@pytest.mark.parametrize(
+    "kind", ["TRAK", "SubsetExperiment", "Datamodels", "InfluenceFunctions", "lds"]
+)
+def test_a_seed_that_is_not_a_non_negative_integer_is_named_and_nothing_is_stored(
+    kind, seed, tmp_path
+):
+    with pytest.raises(ValueError, match=re.escape("must be a non-negative integer")) as raised:
+        _seeded(kind, seed, tmp_path)
+    assert "seed" in str(raised.value) and repr(seed) in str(raised.value)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "kind", ["TRAK", "SubsetExperiment", "Datamodels", "InfluenceFunctions", "lds"]
+)
+def test_a_numpy_integer_seed_is_the_seed_it_holds(kind, tmp_path):
+    first = _seeded(kind, np.int64(3), tmp_path / "numpy")
+    second = _seeded(kind, 3, tmp_path / "python")
+    if kind == "TRAK":
+        targets = make_data(4)
+        np.testing.assert_array_equal(first.score(targets).scores, second.score(targets).scores)
+    elif kind == "SubsetExperiment":
+        np.testing.assert_array_equal(first.masks[:], second.masks[:])
+    elif kind == "lds":
+        assert first.ci == second.ci
+    else:
+        assert first.seed == second.seed == 3

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from datatrace._arguments import positions, positive_integer
+from datatrace._arguments import non_negative_integer, positions, positive_integer
 from datatrace.attributions import Attributions
 from datatrace.grads.projectors import derive_seed
 from datatrace.store import Store
@@ -231,6 +231,7 @@ def counterfactual_removal(
     targets = _targets(targets, n_targets)
     k = [k] if np.ndim(k) == 0 else k  # one k as a number
     ks = np.asarray(sorted({positive_integer("k", value) for value in k}), dtype=np.int64)
+    non_negative_integer("seed", seed)
     if ks.size == 0 or ks[-1] >= n_train:
         raise ValueError(f"k must be between 1 and n_train - 1 = {n_train - 1}, got {list(k)}")
     cache = RetrainCache(
@@ -388,6 +389,7 @@ def brittleness(
             max_size = max(1, int(DEFAULT_MAX_REMOVED_FRACTION * n_train))
         sizes = geometric_sizes(max_size)
     sizes = sorted({positive_integer("sizes", size) for size in sizes})
+    non_negative_integer("seed", seed)
     if not sizes or sizes[-1] >= n_train:
         raise ValueError(f"sizes must be between 1 and n_train - 1 = {n_train - 1}, got {sizes}")
     cache = RetrainCache(

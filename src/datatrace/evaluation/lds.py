@@ -252,6 +252,7 @@ def lds(
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     check_bootstrap(bootstrap)
+    non_negative_integer("seed", seed, " (of the bootstrap)")
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS} or None, got {protocol!r}")
     mask_array, output_array = subset_data(masks, outputs)

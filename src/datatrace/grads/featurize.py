@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import named_device, positive_integer
+from datatrace._arguments import named_device, non_negative_integer, positive_integer
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint, uncompiled
 from datatrace.grads.factorized import PILOT_EXAMPLES, FactorizedProjector, SplitMismatchError
@@ -177,7 +177,7 @@ class GradientFeatures:
         self.task = task
         self.projector = projector
         self.params = params
-        self.seed = seed
+        self.seed = non_negative_integer("seed", seed)
         self._batch_size = None if batch_size == "auto" else batch_size
         self.memory_budget = memory_budget
         if precision is not None and precision not in PRECISIONS:

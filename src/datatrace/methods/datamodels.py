@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datatrace._arguments import named_device, positions, positive_integer
+from datatrace._arguments import named_device, non_negative_integer, positions, positive_integer
 from datatrace._estimator import NotFittedError
 from datatrace._subset_data import subset_data
 from datatrace.attributions import Attributions
@@ -177,6 +177,7 @@ class Datamodels:
             positive_integer(name, getattr(self, name))
         if self.batch_targets is not None:
             positive_integer("batch_targets", self.batch_targets, " or None")
+        non_negative_integer("seed", self.seed)
         if not self.tol > 0:
             raise ValueError(f"tol must be positive, got {self.tol!r}")
         if not 0 < self.eps < 1:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from datatrace._arguments import non_negative_integer
 from datatrace.attributions import Ranking
 from datatrace.methods.retrieval import (
     DEFAULT_MEMORY_BUDGET,
@@ -87,6 +88,7 @@ class FaissIndex:
         seed: int = 0,
         progress: bool = False,
     ):
+        seed = non_negative_integer("seed", seed)
         if scores.dual:
             raise ValueError(
                 f"the FAISS index folds K⁻¹ (k × k) into the queries, but with k = {scores.dim} > "

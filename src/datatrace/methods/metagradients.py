@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vjp, vmap
 
+from datatrace._arguments import non_negative_integer
 from datatrace.attributions import Attributions
 from datatrace.data import Examples
 from datatrace.methods.training import DeterministicRun, LossFn, TrainingRecipe, TrainState
@@ -146,6 +147,7 @@ class Metagradients:
         Returns:
             ``self``.
         """
+        non_negative_integer("seed", self.seed)
         if self.segment is not None and self.segment < 1:
             raise ValueError(f"segment must be at least 1 (or None for ⌈√T⌉), got {self.segment}")
         if self.target_batch < 1:

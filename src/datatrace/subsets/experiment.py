@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from datatrace._arguments import non_negative_integer, positive_integer
 from datatrace.store import Store, StoreMismatchError
 from datatrace.store.verify import CheckedArray, create_array
 from datatrace.subsets.backends import Backend, EvaluateFn, TrainFn
@@ -131,11 +132,10 @@ class SubsetExperiment:
                 f"invalid experiment name {name!r}: use letters, digits, '_', '.', '-' and '/' "
                 "(no segment starting with a dot)"
             )
-        if n_train < 1 or n_outputs < 1 or n_seeds < 1:
-            raise ValueError(
-                f"n_train, n_outputs and n_seeds must be at least 1, got {n_train}, {n_outputs}, "
-                f"{n_seeds}"
-            )
+        n_train = positive_integer("n_train", n_train)
+        n_outputs = positive_integer("n_outputs", n_outputs)
+        n_seeds = positive_integer("n_seeds", n_seeds)
+        seed = non_negative_integer("seed", seed)
         if masks is not None and n_masks is not None:
             raise ValueError("give either masks (explicit) or n_masks (random), not both")
         self.store = store if isinstance(store, Store) else Store(store)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from datatrace._arguments import non_negative_integer
 from datatrace.data import Examples, batch_to
 from datatrace.grads.checkpoints import Checkpoint, load_checkpoint
 from datatrace.tasks._checks import cast_columns, check_id_columns
@@ -163,6 +164,7 @@ class _Embed(nn.Module):
 
 
 def _pool_batches(data: Any, size: int | None, seed: int, batch_size: int):
+    non_negative_integer("seed", seed, " (of the pool sample)")
     examples = Examples(data)
     if size is None or size >= examples.n:
         indices = np.arange(examples.n)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datatrace._arguments import named_device, positive_integer, real_number
+from datatrace._arguments import named_device, non_negative_integer, positive_integer, real_number
 from datatrace._estimator import check_fitted, checked_examples, checkpoint_list
 from datatrace.attributions import Attributions
 from datatrace.data import Examples, batch_to
@@ -272,6 +272,7 @@ class InfluenceFunctions:
                 "'diagonal' with it (the identity has no curvature to refine)"
             )
         positive_integer("batch_size", self.batch_size)
+        non_negative_integer("seed", self.seed)
         if self.gradients not in GRADIENTS:
             raise ValueError(
                 f"gradients must be one of {GRADIENTS} (layer hooks where they apply, or vmap "
