@@ -60,6 +60,23 @@ def test_numpy_integers_are_taken_as_the_integers_they_are():
     np.testing.assert_array_equal(fitted.score(targets).scores, reference.score(targets).scores)
 
 
+def test_numpy_float_settings_are_recorded_as_the_numbers_they_are(tmp_path):
+    """An ``np.float32`` damping was computed with and then stopped the save of the scores with
+    a raw JSON TypeError; a subset experiment's ``np.float32`` drop fraction, its creation."""
+    from datatrace.subsets import SubsetExperiment
+
+    targets = make_data(4)
+    saved = trak(store=tmp_path / "numpy", damping=np.float32(0.5)).fit(make_data())
+    reference = trak(damping=0.5).fit(make_data()).score(targets).scores
+    np.testing.assert_array_equal(saved.score(targets, name="saved").scores, reference)
+    assert dt.Attributions.load(str(tmp_path / "numpy"), "saved").info["damping"] == 0.5
+    experiment = SubsetExperiment(
+        tmp_path / "subsets", "t", n_train=20, n_outputs=2, n_masks=4,
+        drop_fraction=np.float32(0.25),
+    )  # fmt: skip
+    assert experiment.drop_fraction == 0.25
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_a_cuda_device_on_a_machine_without_one_says_so():
     with pytest.raises(RuntimeError, match="sees no CUDA device"):

@@ -118,5 +118,20 @@ def example_fingerprints(batch: Any, n_rows: int) -> np.ndarray:
 
 
 def json_normalise(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(value))
+    """``value`` as it reads back from JSON (tuples become lists, keys strings, NumPy scalars
+    and arrays the numbers and lists they hold: a setting given as ``np.float32(0.5)`` is
+    recorded as ``0.5``).
+
+    Raises:
+        TypeError: ``value`` holds something JSON cannot record, named by its type.
+    """
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(
+        f"{type(value).__name__} {value!r:.80} cannot be recorded in the store's JSON metadata: "
+        "give settings as numbers, strings, lists or dicts"
+    )
