@@ -98,3 +98,44 @@ def test_attributions_convert_to_a_numpy_array():
     assert np.asarray(attributions, dtype=np.float32).dtype == np.float32
     copied = np.array(attributions, copy=True)
     assert copied is not scores and np.array_equal(copied, scores)
+
+
+class LogitsIn(nn.Module):
+    """The same network returning its logits in a dict, a ModelOutput or a tuple."""
+
+    def __init__(self, network: nn.Module, form: str):
+        super().__init__()
+        self.network = network
+        self.form = form
+
+    def forward(self, x):
+        logits = self.network(x)
+        if self.form == "dict":
+            return {"logits": logits, "hidden": x}
+        if self.form == "ModelOutput":
+            from transformers.modeling_outputs import ImageClassifierOutput
+
+            return ImageClassifierOutput(logits=logits)
+        return logits, x
+
+
+@pytest.mark.parametrize("form", ["dict", "ModelOutput"])
+def test_a_model_returning_its_logits_in_a_field_attributes_as_the_plain_one(digits, form):
+    if form == "ModelOutput":
+        pytest.importorskip("transformers")
+    X, y = digits
+    model = train(make_mlp(), X[:120], y[:120], steps=20)
+    settings = dict(proj_dim=64, progress=False)
+    targets = (X[100:110], y[100:110])
+    want = dt.TRAK(model, Classification(), **settings).fit((X[:100], y[:100])).score(targets)
+    wrapped = LogitsIn(model, form)
+    got = dt.TRAK(wrapped, Classification(), **settings).fit((X[:100], y[:100])).score(targets)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
+
+
+def test_a_model_returning_a_tuple_is_refused_with_the_fix(digits):
+    X, y = digits
+    with pytest.raises(ValueError, match=r"is tuple.*wrap the model so that it returns the logits"):
+        dt.TRAK(LogitsIn(make_mlp(), "tuple"), Classification(), progress=False).fit(
+            (X[:50], y[:50])
+        )

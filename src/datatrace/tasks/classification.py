@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from datatrace.tasks._checks import (
     input_pair,
     run_on_first_example,
 )
-from datatrace.tasks._inputs import model_dtype
+from datatrace.tasks._inputs import model_dtype, output_field
 from datatrace.tasks.base import Task
 
 
@@ -78,10 +79,20 @@ class Classification(Task):
     trained with ``BCEWithLogitsLoss`` (``p(y=1) = σ(z)``): labels are 0 or 1, the margin is
     ``z`` for label 1 and ``−z`` for label 0 and ``out_to_loss`` is ``σ(−margin)``, the
     two-class softmax of the logits ``(0, z)``.
+
+    A model that returns a dict or a Hugging Face ``ModelOutput`` with a ``logits`` field (an
+    image classifier called on ``pixel_values``, say) is read through that field. A tuple is not
+    guessed at (``(features, logits)`` and ``(logits, aux)`` are both common): wrap the model so
+    that it returns the logits.
     """
 
     def _logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        return call_on_inputs(model, inputs)
+        output = call_on_inputs(model, inputs)
+        if not torch.is_tensor(output) and (
+            (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits")
+        ):
+            return output_field(output, "logits")
+        return output
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, labels = batch
@@ -117,6 +128,12 @@ class Classification(Task):
                 f"the model's output on one example is {shape}: {type(self).__name__} "
                 "attributes a margin of (batch_size, n_classes) logits (or (batch_size, 1) for a "
                 "binary classifier's single logit)"
+                + (
+                    ""
+                    if torch.is_tensor(logits)
+                    else "; wrap the model so that it returns the logits tensor (a dict or "
+                    "ModelOutput with a 'logits' field is read through it)"
+                )
             )
         return class_logits(logits).shape[-1]
 
