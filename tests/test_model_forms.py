@@ -135,7 +135,9 @@ def test_a_model_returning_its_logits_in_a_field_attributes_as_the_plain_one(dig
 
 def test_a_model_returning_a_tuple_is_refused_with_the_fix(digits):
     X, y = digits
-    with pytest.raises(ValueError, match=r"is tuple.*wrap the model so that it returns the logits"):
+    with pytest.raises(
+        ValueError, match=r"is tuple.*wrap the model so that it returns that tensor"
+    ):
         dt.TRAK(LogitsIn(make_mlp(), "tuple"), Classification(), progress=False).fit(
             (X[:50], y[:50])
         )

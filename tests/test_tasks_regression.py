@@ -124,3 +124,21 @@ def test_integer_targets_become_the_models_dtype_and_bad_settings_are_refused():
     with pytest.raises(ValueError, match="non-negative"):
         dt.Regression(output=-1)
     assert dt.Regression(output=1).config() == {"name": "Regression", "output": 1}
+
+
+class InADict(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"logits": self.model(x)}
+
+
+def test_predictions_in_a_logits_field_score_as_the_plain_model():
+    X, y, X_test, y_test = (torch.from_numpy(a) for a in linear_problem())
+    model = fitted_linear(X.numpy(), y.numpy())
+    settings = {"projector": "identity", "damping_absolute": 1e-3, "progress": False}
+    plain = dt.TRAK(model, dt.Regression(), **settings).fit((X, y)).score((X_test, y_test))
+    wrapped = dt.TRAK(InADict(model), dt.Regression(), **settings).fit((X, y))
+    np.testing.assert_array_equal(wrapped.score((X_test, y_test)).scores, plain.scores)

@@ -314,10 +314,22 @@ def evaluation(model: nn.Module) -> Iterator[None]:
 
 def call_on_inputs(model: nn.Module, inputs: Any) -> Any:
     """``model(inputs)``, or ``model(*inputs)`` for a tuple or list of inputs: the inputs of
-    the ``(inputs, y)`` batches of ``Classification`` and ``Regression``."""
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    the ``(inputs, y)`` batches of ``Classification`` and ``Regression``. An output that is a
+    dict or a Hugging Face ``ModelOutput`` with a ``logits`` field is read through it; a tuple
+    is returned as it is (which of its elements is meant cannot be told)."""
+    output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    if torch.is_tensor(output):
+        return output
+    if (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits"):
+        return output["logits"] if isinstance(output, Mapping) else output.logits
+    return output
+
+
+# Said where a model's output is neither a tensor nor has a ``logits`` field.
+WRAP_THE_MODEL = (
+    "; wrap the model so that it returns that tensor (a dict or ModelOutput with a 'logits' "
+    "field is read through it)"
+)
 
 
 def input_pair(batch: Any, task: str, second: str, hint: str = "") -> tuple[Any, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,7 @@ from torch import nn
 
 from datatrace.data import batch_size_of
 from datatrace.tasks._checks import (
+    WRAP_THE_MODEL,
     call_on_inputs,
     cast_floating,
     check_label_range,
@@ -18,7 +18,7 @@ from datatrace.tasks._checks import (
     input_pair,
     run_on_first_example,
 )
-from datatrace.tasks._inputs import model_dtype, output_field
+from datatrace.tasks._inputs import model_dtype
 from datatrace.tasks.base import Task
 
 
@@ -87,12 +87,7 @@ class Classification(Task):
     """
 
     def _logits(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        output = call_on_inputs(model, inputs)
-        if not torch.is_tensor(output) and (
-            (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits")
-        ):
-            return output_field(output, "logits")
-        return output
+        return call_on_inputs(model, inputs)
 
     def output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, labels = batch
@@ -128,12 +123,7 @@ class Classification(Task):
                 f"the model's output on one example is {shape}: {type(self).__name__} "
                 "attributes a margin of (batch_size, n_classes) logits (or (batch_size, 1) for a "
                 "binary classifier's single logit)"
-                + (
-                    ""
-                    if torch.is_tensor(logits)
-                    else "; wrap the model so that it returns the logits tensor (a dict or "
-                    "ModelOutput with a 'logits' field is read through it)"
-                )
+                + ("" if torch.is_tensor(logits) else WRAP_THE_MODEL)
             )
         return class_logits(logits).shape[-1]
 

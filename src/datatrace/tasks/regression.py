@@ -9,6 +9,7 @@ from torch import nn
 
 from datatrace.data import batch_size_of
 from datatrace.tasks._checks import (
+    WRAP_THE_MODEL,
     _position,
     as_tensor,
     call_on_inputs,
@@ -139,6 +140,6 @@ class Regression(Task):
             got = shape if shape is not None else f"a {type(predicted).__name__}"
             raise ValueError(
                 f"the model's output on one example is {got}: {type(self).__name__} attributes "
-                "(n,) or (n, d) predictions"
+                "(n,) or (n, d) predictions" + ("" if shape is not None else WRAP_THE_MODEL)
             )
         return 1 if predicted.dim() == 1 else predicted.shape[1]
