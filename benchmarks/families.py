@@ -13,7 +13,8 @@ Families marked ``held_out`` were added to check a rule fitted on the others; ea
 the rule of its time, and the final damping rule was fitted on all families (docs/trak.md tells
 the order). The two shifted-target digits families were added after the per-target damping
 factor, to check it (docs/defaults.md); the three regression families (``dt.Regression``)
-after both, and nothing was changed after them.
+after both, and nothing was changed after them; nor after the patch transformer on the digits
+(``digits-transformer``, 2026-12-04).
 Used by ``damping_study.py``; every builder runs on a CPU in minutes.
 """
 
