@@ -27,7 +27,8 @@ def verify(
     """Check every chunk of a store; with --repair, drop what is damaged to recompute it.
 
     Checks that every chunk decodes and passes its checksum, that completion marks agree with the
-    chunks present, and that finished features are finite. Exit code 0 when the store is sound
+    chunks present, that finished features are finite, and that no group or array has lost its
+    zarr.json while its chunks remain. Exit code 0 when the store is sound
     (or was repaired), 1 when damage is left (found without ``--repair``, or damage that
     ``--repair`` cannot recompute).
     """

@@ -517,13 +517,14 @@ class VerifyReport:
 
 def verify_store(store: Store | str | Path, repair: bool = False) -> VerifyReport:
     """Check a whole store: every chunk of every array decodes, completion marks agree with the
-    chunks present, the features and out-to-loss weights of finished chunks are finite, and
-    saved scores are complete.
+    chunks present, the features and out-to-loss weights of finished chunks are finite, saved
+    scores are complete, and no node has lost its ``zarr.json`` while objects remain under it.
 
     With ``repair``, drop what is damaged so that the next run recomputes only that: the marks of
     damaged feature and subset row chunks (and their damaged objects), the arrays and attributes
-    derived from those rows (``gram``, ``dual_gram``, ``statistics``), and damaged or incomplete
-    saved scores. Damage elsewhere is reported and left as is.
+    derived from those rows (``gram``, ``dual_gram``, ``statistics``), damaged or incomplete
+    saved scores, and a kernel or saved score matrix whose metadata was lost. Damage elsewhere
+    is reported and left as is (:attr:`VerifyReport.left`).
 
     Args:
         store: a :class:`~datatrace.store.Store`, a directory or an fsspec URL (opened read-only
