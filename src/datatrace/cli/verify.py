@@ -29,8 +29,8 @@ def verify(
     Checks that every chunk decodes and passes its checksum, that completion marks agree with the
     chunks present, that finished features are finite, and that no group or array has lost its
     zarr.json while its chunks remain. Exit code 0 when the store is sound
-    (or was repaired), 1 when damage is left (found without ``--repair``, or damage that
-    ``--repair`` cannot recompute).
+    (or was repaired), 1 when damage is left (found without --repair, or damage that
+    --repair cannot recompute).
     """
     from datatrace.store.verify import format_chunk, verify_store
 
