@@ -600,6 +600,8 @@ class _Verification:
                 node = "/".join(parts[: depth + 1])
                 lost[node] = lost.get(node, 0) + 1
         for node, count in sorted(lost.items()):
+            if sync(self.store.zarr_store.exists(f"{node}/zarr.json")):
+                continue  # created by another process since the nodes were listed
             parent, _, name = node.rpartition("/")
             layout = self._marked_layout(parent)
             objects = f"{count} object{'s' if count > 1 else ''} remain{'s' if count == 1 else ''}"
