@@ -608,8 +608,38 @@ class TabularResidualMLP(nn.Module):
         return self.head(self.norm(hidden))
 
 
+class AdamClassifierRecipe:
+    """``train`` and ``evaluate`` of a recipe whose ``data()`` gives ``(x, y, x_test, y_test)``
+    tensors and ``network()`` a fresh classifier: Adam (lr 3e-3, batch 64, weight decay 1e-4)
+    for ``self.epochs``, the network initialised from ``seed``; test margins."""
+
+    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
+        from datatrace.demo.data import Split
+        from datatrace.demo.training import train_classifier
+
+        x, y, _, _ = self.data()
+        rows = torch.as_tensor(indices)
+        torch.manual_seed(seed)
+        return train_classifier(
+            self.network(),
+            Split(x[rows], y[rows]),
+            epochs=self.epochs,
+            lr=3e-3,
+            batch_size=64,
+            weight_decay=1e-4,
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> np.ndarray:
+        from datatrace.tasks import classification_margin
+
+        _, _, x, y = self.data()
+        return classification_margin(model.eval()(x), y).numpy()
+
+
 @dataclass(frozen=True)
-class TabularClasses:
+class TabularClasses(AdamClassifierRecipe):
     """scikit-learn's ``make_classification`` (20 features, 8 informative, 4 classes, 2% of
     labels flipped), standardised; a residual MLP trained with Adam; deterministic."""
 
@@ -634,29 +664,8 @@ class TabularClasses:
         x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
         return x[: self.n_train], y[: self.n_train], x[self.n_train :], y[self.n_train :]
 
-    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
-        from datatrace.demo.data import Split
-        from datatrace.demo.training import train_classifier
-
-        x, y, _, _ = self.data()
-        rows = torch.as_tensor(indices)
-        torch.manual_seed(seed)
-        return train_classifier(
-            TabularResidualMLP(),
-            Split(x[rows], y[rows]),
-            epochs=self.epochs,
-            lr=3e-3,
-            batch_size=64,
-            weight_decay=1e-4,
-            seed=seed,
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> np.ndarray:
-        from datatrace.tasks import classification_margin
-
-        _, _, x, y = self.data()
-        return classification_margin(model.eval()(x), y).numpy()
+    def network(self) -> nn.Module:
+        return TabularResidualMLP()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -913,7 +922,7 @@ class DigitsPatchTransformer(nn.Module):
 
 
 @dataclass(frozen=True)
-class DigitsTransformer:
+class DigitsTransformer(AdamClassifierRecipe):
     """The digits split of ``datatrace.demo`` (1,500 training, 297 test images) and a
     :class:`DigitsPatchTransformer` trained with Adam; deterministic in every seed."""
 
@@ -927,29 +936,8 @@ class DigitsTransformer:
         train, test = _split(0)
         return train.images, train.labels, test.images, test.labels
 
-    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
-        from datatrace.demo.data import Split
-        from datatrace.demo.training import train_classifier
-
-        x, y, _, _ = self.data()
-        rows = torch.as_tensor(indices)
-        torch.manual_seed(seed)
-        return train_classifier(
-            DigitsPatchTransformer(),
-            Split(x[rows], y[rows]),
-            epochs=self.epochs,
-            lr=3e-3,
-            batch_size=64,
-            weight_decay=1e-4,
-            seed=seed,
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> np.ndarray:
-        from datatrace.tasks import classification_margin
-
-        _, _, x, y = self.data()
-        return classification_margin(model.eval()(x), y).numpy()
+    def network(self) -> nn.Module:
+        return DigitsPatchTransformer()
 
 
 # Families whose task has a curvature (Task.curvature: classifiers' margins, language models):
