@@ -483,11 +483,45 @@ def ddpm_lds_family(out: Path, output: str, n_models: int = 40, checkpoints: int
 
 
 # ---------------------------------------------------------------------------------------------
+# Classifier recipes: the training and evaluation they share
+
+
+class AdamClassifierRecipe:
+    """``train`` and ``evaluate`` of a recipe whose ``data()`` gives ``(x, y, x_test, y_test)``
+    tensors and ``network(seed)`` a fresh classifier: Adam (lr 3e-3, batch 64, weight decay 1e-4)
+    for ``self.epochs``, the network initialised from ``seed``; test margins."""
+
+    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
+        from datatrace.demo.data import Split
+        from datatrace.demo.training import train_classifier
+
+        x, y, _, _ = self.data()
+        rows = torch.as_tensor(indices)
+        torch.manual_seed(seed)
+        return train_classifier(
+            self.network(seed),
+            Split(x[rows], y[rows]),
+            epochs=self.epochs,
+            lr=3e-3,
+            batch_size=64,
+            weight_decay=1e-4,
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> np.ndarray:
+        from datatrace.tasks import classification_margin
+
+        _, _, x, y = self.data()
+        return classification_margin(model.eval()(x), y).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
 # A 1-D CNN on generated sequences (a held-out family)
 
 
 @dataclass(frozen=True)
-class MotifSequences:
+class MotifSequences(AdamClassifierRecipe):
     """Sequences of 4 channels × 48 positions: Gaussian noise with one of 5 class motifs (6
     positions long) planted at a random position and amplitude; 5% of labels flipped. Trains
     a two-layer 1-D CNN with Adam; deterministic in every seed."""
@@ -530,28 +564,8 @@ class MotifSequences:
             nn.Linear(32, outputs),
         )
 
-    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
-        from datatrace.demo.data import Split
-        from datatrace.demo.training import train_classifier
-
-        x, y, _, _ = self.data()
-        rows = torch.as_tensor(indices)
-        return train_classifier(
-            self.model(seed),
-            Split(x[rows], y[rows]),
-            epochs=self.epochs,
-            lr=3e-3,
-            batch_size=64,
-            weight_decay=1e-4,
-            seed=seed,
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> np.ndarray:
-        from datatrace.tasks import classification_margin
-
-        _, _, x, y = self.data()
-        return classification_margin(model.eval()(x), y).numpy()
+    def network(self, seed: int) -> nn.Module:
+        return self.model(seed)
 
 
 def generated_family(
@@ -608,36 +622,6 @@ class TabularResidualMLP(nn.Module):
         return self.head(self.norm(hidden))
 
 
-class AdamClassifierRecipe:
-    """``train`` and ``evaluate`` of a recipe whose ``data()`` gives ``(x, y, x_test, y_test)``
-    tensors and ``network()`` a fresh classifier: Adam (lr 3e-3, batch 64, weight decay 1e-4)
-    for ``self.epochs``, the network initialised from ``seed``; test margins."""
-
-    def train(self, indices: np.ndarray, seed: int) -> nn.Module:
-        from datatrace.demo.data import Split
-        from datatrace.demo.training import train_classifier
-
-        x, y, _, _ = self.data()
-        rows = torch.as_tensor(indices)
-        torch.manual_seed(seed)
-        return train_classifier(
-            self.network(),
-            Split(x[rows], y[rows]),
-            epochs=self.epochs,
-            lr=3e-3,
-            batch_size=64,
-            weight_decay=1e-4,
-            seed=seed,
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> np.ndarray:
-        from datatrace.tasks import classification_margin
-
-        _, _, x, y = self.data()
-        return classification_margin(model.eval()(x), y).numpy()
-
-
 @dataclass(frozen=True)
 class TabularClasses(AdamClassifierRecipe):
     """scikit-learn's ``make_classification`` (20 features, 8 informative, 4 classes, 2% of
@@ -664,7 +648,7 @@ class TabularClasses(AdamClassifierRecipe):
         x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
         return x[: self.n_train], y[: self.n_train], x[self.n_train :], y[self.n_train :]
 
-    def network(self) -> nn.Module:
+    def network(self, seed: int) -> nn.Module:
         return TabularResidualMLP()
 
 
@@ -936,7 +920,7 @@ class DigitsTransformer(AdamClassifierRecipe):
         train, test = _split(0)
         return train.images, train.labels, test.images, test.labels
 
-    def network(self) -> nn.Module:
+    def network(self, seed: int) -> nn.Module:
         return DigitsPatchTransformer()
 
 
