@@ -91,7 +91,7 @@ WARMUP_EXAMPLES = 16
 TRAKER_BLOCK_SIZE = 100
 # DenseProjector's default cache: above it the matrix is regenerated for every batch.
 DENSE_CACHE_BYTES = 1 << 30
-GPT2_SEQ_LEN = 64
+GPT2_SEQ_LEN = 128  # the sequence length (the runs before 2026-12-04 used 64)
 RESULT_PREFIX = "RESULT "
 
 
