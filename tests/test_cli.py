@@ -162,3 +162,22 @@ def test_choose_targets_is_deterministic_and_includes_mistakes():
     assert shown == [0, 1, 3, 2]  # the first correct one of each class, then the mistake
     assert choose_targets(labels, labels, 4) == [0, 1, 3, 4]
     assert choose_targets(labels, predictions, 20) == [0, 1, 3, 4, 6, 5, 7, 2]
+
+
+@pytest.mark.parametrize("command", [["fit"], ["verify"], ["subsets", "run"]])
+def test_a_commands_help_wraps_its_paragraphs_to_the_terminal(command):
+    """Each paragraph of a command's docstring is one line for rich to wrap: at 80 columns the
+    docstring's own line breaks (about 95 characters) used to leave a short stub after each."""
+    from datatrace.cli.app import reflowed
+
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    shown = [line.strip() for line in result.output.splitlines()]
+    narrow = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}).output
+    lines = [line.strip() for line in narrow.split("╭")[0].splitlines()]
+    # at 80 columns no line of the description is a stub of a few words between longer ones
+    for before, line, after in zip(lines, lines[1:], lines[2:]):
+        if before and after:
+            assert len(line) > 40 or not line, (line, narrow)
+    assert any(len(line) > 120 for line in shown), "the description was not reflowed"
+    assert reflowed("a\nb\n\n- one\n  two\n- three") == "a b\n\n- one two\n- three"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
@@ -67,7 +68,10 @@ class LazyCommands(TyperGroup):
     ) -> tuple[str | None, click.Command | None, list[str]]:
         if args:
             self.load(args[0])
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            reflow_help(command)  # also those registered before this group was built
+        return name, command, rest
 
     def load(self, name: str) -> None:
         """Import the module of command ``name`` and add its commands to the group."""
@@ -98,6 +102,39 @@ class LazyCommands(TyperGroup):
         # keep the ones this group does not have yet.
         for name, command in typer.main.get_group(app).commands.items():
             self.commands.setdefault(name, command)
+
+
+# A line of a docstring that starts an item of a list (kept on its own line when reflowing).
+LIST_ITEM = re.compile(r"^([-*•]|\d+[.)])\s")
+
+
+def reflowed(text: str | None) -> str | None:
+    """``text`` with each paragraph (and each list item) on one line.
+
+    Typer keeps a docstring's line breaks, and rich then wraps each of those lines to the
+    terminal on its own: at 80 columns every line of a 95-character docstring broke in two,
+    leaving a short stub. As single lines, rich wraps each paragraph to the width it has.
+    """
+    if not text:
+        return text
+    paragraphs = []
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            line = line.strip()
+            if lines and not LIST_ITEM.match(line):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def reflow_help(command: click.Command) -> None:
+    """Reflow the help of ``command`` and, for a group, of its subcommands (:func:`reflowed`)."""
+    command.help = reflowed(command.help)
+    for subcommand in getattr(command, "commands", {}).values():
+        reflow_help(subcommand)
 
 
 app = typer.Typer(
