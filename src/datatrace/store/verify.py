@@ -389,7 +389,8 @@ LEFT_AS_IS = "left as is: verify cannot recompute it"
 RESTORE_METADATA = (
     "left as is: restore its zarr.json from a copy, or move the store aside and start a new one"
 )
-REBUILD = "delete it: the next fit rebuilds it"
+REBUILT = "the next fit rebuilds it"
+REBUILD = f"delete it: {REBUILT}"
 NOT_FINITE = "holds NaN or infinite values"
 MISPLACED = (
     "holds values other than those written there (a chunk moved from another position or another "
@@ -580,10 +581,11 @@ class _Verification:
         :meth:`Store.refuse_lost_metadata <datatrace.store.Store.refuse_lost_metadata>` does). A
         lost kernel or saved score matrix is dropped by ``repair`` (rebuilt from the checked
         features, or scored again); anything else needs its file back."""
-        from datatrace.store.store import PARTIAL_SUFFIX
+        from datatrace.store.store import PARTIAL_SUFFIX, ZARR_METADATA
 
         arrays = {path for path, node in self.nodes.items() if isinstance(node, zarr.Array)}
         groups = {""} | set(self.nodes) - arrays
+        nodes = arrays | groups
         lost: dict[str, int] = {}
         for key in sync(_list(self.store.zarr_store, "")):
             parts = key.split("/")
@@ -592,24 +594,22 @@ class _Verification:
             # The deepest node above the object: an array owns it as a chunk; a group with the
             # object in a directory below it has lost the node of that directory.
             depth = next(
-                depth
-                for depth in range(len(parts) - 1, -1, -1)
-                if "/".join(parts[:depth]) in arrays | groups
+                depth for depth in range(len(parts) - 1, -1, -1) if "/".join(parts[:depth]) in nodes
             )
             if "/".join(parts[:depth]) in groups and depth < len(parts) - 1:
                 node = "/".join(parts[: depth + 1])
                 lost[node] = lost.get(node, 0) + 1
         for node, count in sorted(lost.items()):
-            if sync(self.store.zarr_store.exists(f"{node}/zarr.json")):
+            if sync(self.store.zarr_store.exists(f"{node}/{ZARR_METADATA}")):
                 continue  # created by another process since the nodes were listed
             parent, _, name = node.rpartition("/")
             layout = self._marked_layout(parent)
             objects = f"{count} object{'s' if count > 1 else ''} remain{'s' if count == 1 else ''}"
             problem = f"has lost its metadata (its zarr.json is missing; {objects} under it)"
             if layout is not None and name in layout.derived:
-                repair = f"delete its objects: {REBUILD.split(': ', 1)[1]}"
-                self.delete_nodes |= {f"{parent}/{name}" for name in layout.derived}
-                self.drop_attrs |= {(parent, name) for name in layout.derived_attrs}
+                repair = f"delete its objects: {REBUILT}"
+                self.delete_nodes |= {f"{parent}/{derived}" for derived in layout.derived}
+                self.drop_attrs |= {(parent, attribute) for attribute in layout.derived_attrs}
             elif node.startswith(f"{SCORES_SECTION}/"):
                 scores = "/".join(node.split("/")[:2])
                 repair = f"delete {scores}: score again to save it"
