@@ -205,3 +205,21 @@ def test_repair_exits_1_when_it_leaves_damage_it_cannot_recompute(tmp_path):
     assert "damage left" in repaired.stdout and "1 of the" in repaired.stdout, repaired.stdout
     assert not (path / "features/0/gram").exists()  # dropped: the next fit rebuilds it
     assert (path / "features/0/features/c").is_dir()  # left as is
+
+
+def test_info_names_a_node_whose_metadata_was_lost(tmp_path):
+    """Without its zarr.json a checkpoint's features show as '?' and a saved score matrix not
+    at all: info says why, and points to verify."""
+    path = tmp_path / "store"
+    fitted_store(path)
+    sound = runner.invoke(app, ["info", str(path)], env=WIDE)
+    assert sound.exit_code == 0 and "damaged" not in sound.stdout, sound.output
+    (path / "features/0/features/zarr.json").unlink()
+    (path / "scores/saved/zarr.json").unlink()
+    before = tree(path)
+    shown = runner.invoke(app, ["info", str(path)], env=WIDE)
+    assert shown.exit_code == 0, shown.output
+    for node in ("features/0/features", "scores/saved"):
+        assert re.search(rf"damaged: {node} has lost its metadata", shown.stdout), shown.stdout
+    assert f"datatrace verify {path}" in shown.stdout
+    assert tree(path) == before

@@ -39,9 +39,21 @@ def info(
             _subsets_table(opened),
         ):
             console.print(table)
+        _warn_lost_metadata(opened, store)
         beside = Path(store).parent / "config.json"
         if "://" not in store and beside.is_file():
             console.print(f"config beside it: {escape(str(beside))}")
+
+
+def _warn_lost_metadata(store: Store, given: str) -> None:
+    """Say which nodes have lost their zarr.json (shown above as '?' or not at all)."""
+    from datatrace.store.verify import lost_metadata_problem, lost_nodes
+
+    lost = lost_nodes(store)
+    for node, count in lost.items():
+        console.print(f"[bold red]damaged[/]: {escape(node)} {lost_metadata_problem(count)}")
+    if lost:
+        console.print(f"`datatrace verify {escape(given)}` lists all damage and what to do")
 
 
 def _provenance_table(store: Store) -> Table:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -453,10 +454,13 @@ class Store:
         return CheckedArray(array, self.where, marks)
 
     def groups(self, path: str) -> list[str]:
-        """Names of the subgroups at ``path`` (empty if it does not exist)."""
+        """Names of the subgroups at ``path`` (empty if it does not exist). A directory there
+        without ``zarr.json`` is not one (zarr warns of it; ``verify`` reports it)."""
         if path not in self.root:
             return []
-        return sorted(name for name, _ in self.root[path].groups())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+            return sorted(name for name, _ in self.root[path].groups())
 
 
 class CheckpointFeatures:

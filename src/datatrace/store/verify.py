@@ -546,13 +546,61 @@ def verify_store(store: Store | str | Path, repair: bool = False) -> VerifyRepor
     return check.report
 
 
+def store_nodes(store: Store) -> dict[str, zarr.Group | zarr.Array]:
+    """Every group and array of ``store`` by path (zarr's listing; a directory without
+    ``zarr.json`` is not a node: :func:`lost_nodes` finds those)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        return dict(store.root.members(max_depth=None))
+
+
+def lost_nodes(
+    store: Store, nodes: Mapping[str, zarr.Group | zarr.Array] | None = None
+) -> dict[str, int]:
+    """The nodes of ``store`` whose ``zarr.json`` was lost while objects remain under them, with
+    the number of those objects, in store order. zarr lists no node there, so every object of
+    the store is listed and placed under the deepest node above it: an array owns it as a
+    chunk; a group with it in a directory below has lost the node of that directory. Temporary
+    objects of writes in progress and hidden names do not count, and a node is looked up again
+    before it is reported (another process may have created it since ``nodes`` was listed).
+
+    Args:
+        store: the store.
+        nodes: its groups and arrays by path, if already listed (:func:`store_nodes`).
+    """
+    from datatrace.store.store import PARTIAL_SUFFIX, ZARR_METADATA
+
+    nodes = store_nodes(store) if nodes is None else nodes
+    arrays = {path for path, node in nodes.items() if isinstance(node, zarr.Array)}
+    groups = {""} | set(nodes) - arrays
+    known = arrays | groups
+    lost: dict[str, int] = {}
+    for key in sync(_list(store.zarr_store, "")):
+        parts = key.split("/")
+        if key.endswith(PARTIAL_SUFFIX) or any(part.startswith(".") for part in parts):
+            continue
+        depth = next(d for d in range(len(parts) - 1, -1, -1) if "/".join(parts[:d]) in known)
+        if "/".join(parts[:depth]) in groups and depth < len(parts) - 1:
+            node = "/".join(parts[: depth + 1])
+            lost[node] = lost.get(node, 0) + 1
+    return {
+        node: count
+        for node, count in sorted(lost.items())
+        if not sync(store.zarr_store.exists(f"{node}/{ZARR_METADATA}"))
+    }
+
+
+def lost_metadata_problem(count: int) -> str:
+    """What is wrong with a node whose ``zarr.json`` is missing, ``count`` objects under it."""
+    objects = f"{count} object{'s' if count > 1 else ''} remain{'s' if count == 1 else ''}"
+    return f"has lost its metadata (its zarr.json is missing; {objects} under it)"
+
+
 class _Verification:
     def __init__(self, store: Store):
         self.store = store
         self.report = VerifyReport(store.where)
-        with warnings.catch_warnings():  # a directory without zarr.json: reported below
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
-            self.nodes = dict(store.root.members(max_depth=None))
+        self.nodes = store_nodes(store)
         # What repair does, applied once the whole store is read.
         self.delete_keys: set[str] = set()
         self.delete_nodes: set[str] = set()
@@ -576,36 +624,13 @@ class _Verification:
         self._check_lost_metadata()
 
     def _check_lost_metadata(self) -> None:
-        """Report the directories that hold objects but whose ``zarr.json`` was lost: zarr lists
-        no node there, so nothing else here would look at them (reading one raises, as
-        :meth:`Store.refuse_lost_metadata <datatrace.store.Store.refuse_lost_metadata>` does). A
-        lost kernel or saved score matrix is dropped by ``repair`` (rebuilt from the checked
-        features, or scored again); anything else needs its file back."""
-        from datatrace.store.store import PARTIAL_SUFFIX, ZARR_METADATA
-
-        arrays = {path for path, node in self.nodes.items() if isinstance(node, zarr.Array)}
-        groups = {""} | set(self.nodes) - arrays
-        nodes = arrays | groups
-        lost: dict[str, int] = {}
-        for key in sync(_list(self.store.zarr_store, "")):
-            parts = key.split("/")
-            if key.endswith(PARTIAL_SUFFIX) or any(part.startswith(".") for part in parts):
-                continue
-            # The deepest node above the object: an array owns it as a chunk; a group with the
-            # object in a directory below it has lost the node of that directory.
-            depth = next(
-                depth for depth in range(len(parts) - 1, -1, -1) if "/".join(parts[:depth]) in nodes
-            )
-            if "/".join(parts[:depth]) in groups and depth < len(parts) - 1:
-                node = "/".join(parts[: depth + 1])
-                lost[node] = lost.get(node, 0) + 1
-        for node, count in sorted(lost.items()):
-            if sync(self.store.zarr_store.exists(f"{node}/{ZARR_METADATA}")):
-                continue  # created by another process since the nodes were listed
+        """Report the nodes whose ``zarr.json`` was lost (:func:`lost_nodes`). A lost kernel or
+        saved score matrix is dropped by ``repair`` (rebuilt from the checked features, or
+        scored again); anything else needs its file back."""
+        for node, count in lost_nodes(self.store, self.nodes).items():
             parent, _, name = node.rpartition("/")
             layout = self._marked_layout(parent)
-            objects = f"{count} object{'s' if count > 1 else ''} remain{'s' if count == 1 else ''}"
-            problem = f"has lost its metadata (its zarr.json is missing; {objects} under it)"
+            problem = lost_metadata_problem(count)
             if layout is not None and name in layout.derived:
                 repair = f"delete its objects: {REBUILT}"
                 self.delete_nodes |= {f"{parent}/{derived}" for derived in layout.derived}
