@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +79,7 @@ from datatrace.store.verify import (
     create_array,
     digest_rows,
     digest_values,
+    directories_without_metadata_unlisted,
     resealed,
     seal_holds,
 )
@@ -458,8 +458,7 @@ class Store:
         without ``zarr.json`` is not one (zarr warns of it; ``verify`` reports it)."""
         if path not in self.root:
             return []
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        with directories_without_metadata_unlisted():
             return sorted(name for name, _ in self.root[path].groups())
 
 

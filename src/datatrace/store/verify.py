@@ -546,11 +546,19 @@ def verify_store(store: Store | str | Path, repair: bool = False) -> VerifyRepor
     return check.report
 
 
+@contextlib.contextmanager
+def directories_without_metadata_unlisted() -> Iterator[None]:
+    """Silence zarr's warning about a directory without ``zarr.json`` while listing nodes: it
+    is not a node, and :func:`lost_nodes` reports it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+        yield
+
+
 def store_nodes(store: Store) -> dict[str, zarr.Group | zarr.Array]:
     """Every group and array of ``store`` by path (zarr's listing; a directory without
     ``zarr.json`` is not a node: :func:`lost_nodes` finds those)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Object at .* is not recognized", UserWarning)
+    with directories_without_metadata_unlisted():
         return dict(store.root.members(max_depth=None))
 
 
@@ -633,8 +641,7 @@ class _Verification:
             problem = lost_metadata_problem(count)
             if layout is not None and name in layout.derived:
                 repair = f"delete its objects: {REBUILT}"
-                self.delete_nodes |= {f"{parent}/{derived}" for derived in layout.derived}
-                self.drop_attrs |= {(parent, attribute) for attribute in layout.derived_attrs}
+                self._drop_derived(parent, layout)
             elif node.startswith(f"{SCORES_SECTION}/"):
                 scores = "/".join(node.split("/")[:2])
                 repair = f"delete {scores}: score again to save it"
@@ -644,6 +651,11 @@ class _Verification:
                 continue
             self.delete_prefixes.add(node)
             self._problem(node, None, problem, repair)
+
+    def _drop_derived(self, path: str, layout: MarkedLayout) -> None:
+        """Have ``repair`` drop what the group at ``path`` derived from its rows."""
+        self.delete_nodes |= {f"{path}/{name}" for name in layout.derived}
+        self.drop_attrs |= {(path, name) for name in layout.derived_attrs}
 
     def _marked_layout(self, path: str) -> MarkedLayout | None:
         done = self.nodes.get(f"{path}/done")
@@ -698,8 +710,7 @@ class _Verification:
                 "the features",
             )  # fmt: skip
         if damaged_rows or altered:
-            self.delete_nodes |= {f"{path}/{name}" for name in layout.derived}
-            self.drop_attrs |= {(path, name) for name in layout.derived_attrs}
+            self._drop_derived(path, layout)
         for name in layout.derived:
             complete = bool(group.attrs.get(f"{name}_complete"))
             array = self.nodes.get(f"{path}/{name}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from datatrace.data import map_tensors
+from datatrace.tasks._inputs import output_field
 
 # Columns of token ids (and other integer indices) that models look up in embedding tables.
 ID_COLUMNS = ("input_ids", "decoder_input_ids", "token_type_ids", "position_ids")
@@ -318,10 +319,10 @@ def call_on_inputs(model: nn.Module, inputs: Any) -> Any:
     dict or a Hugging Face ``ModelOutput`` with a ``logits`` field is read through it; a tuple
     is returned as it is (which of its elements is meant cannot be told)."""
     output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    if torch.is_tensor(output):
-        return output
-    if (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits"):
-        return output["logits"] if isinstance(output, Mapping) else output.logits
+    if not torch.is_tensor(output) and (
+        (isinstance(output, Mapping) and "logits" in output) or hasattr(output, "logits")
+    ):
+        return output_field(output, "logits")
     return output
 
 
